@@ -1,0 +1,17 @@
+"""ComfyUI entry point: registers the pack's nodes (V3 schema), nothing else."""
+from comfy_api.latest import ComfyExtension
+
+from .nodes import NODE_LIST, register_model_folders
+
+
+class PreferencePersonalizationExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_model_folders()
+
+    async def get_node_list(self):
+        register_model_folders()  # ComfyUI 0.3.75 does not call on_load yet
+        return NODE_LIST
+
+
+async def comfy_entrypoint() -> PreferencePersonalizationExtension:
+    return PreferencePersonalizationExtension()

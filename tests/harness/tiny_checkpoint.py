@@ -1,0 +1,123 @@
+"""Small random-weight SD1.x checkpoints that ComfyUI's stock loader detects.
+
+No model hub is reachable, so tests and the demo make their own checkpoint at a fixed seed.
+The key set comes from ComfyUI's own module classes, so it is exactly what the loader
+expects:
+
+- UNet: SD1 detection needs ``model_channels=320``, ``context_dim=768`` and a conv ``proj_in``;
+  channel_mult, res blocks and depths are read from the weights, so one level with one res
+  block and one transformer keeps it at ~20 M parameters.
+- VAE: TAESD-shaped weights under ``first_stage_model.taesd_*`` (the KL VAE is 83 M params).
+- CLIP-L text encoder: its config is fixed, so all of its keys are shipped (fp16) or the
+  conditioning comes out NaN.
+
+Weights use small, sane scales (fan-in normal, norms at 1) so fp16 decode never overflows.
+Must be imported with a ComfyUI source tree on ``sys.path``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+
+# Bump when the recipe changes so cached files are rebuilt.
+RECIPE_VERSION = 1
+
+UNET_CONFIG = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[1],
+    channel_mult=[1],
+    transformer_depth=[1],
+    transformer_depth_output=[1, 1],
+    transformer_depth_middle=1,
+    num_heads=8,
+    num_head_channels=-1,
+    context_dim=768,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=False,
+    legacy=False,
+)
+
+
+def _init_like(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A sane random value for a parameter, chosen from its name and shape."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = any(part in name for part in ("norm", "ln_", "layer_norm", "in_layers.0", "out_layers.0"))
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if is_norm and len(shape) == 1:
+        return torch.ones(shape)
+    if len(shape) == 1:
+        return torch.zeros(shape)
+    if "embedding" in name or "embeddings" in name:
+        return torch.randn(shape, generator=generator) * 0.02
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+
+def _state_dict_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict: ``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.*``."""
+    from comfy.cli_args import args
+
+    args.cpu = True  # this process only builds tensors; keep ComfyUI off any GPU probing
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    with torch.device("meta"):
+        unet = UNetModel(**copy.deepcopy(UNET_CONFIG), operations=comfy.ops.disable_weight_init)
+    for name, shape in _state_dict_shapes(unet).items():
+        state[f"model.diffusion_model.{name}"] = _init_like(name, shape, generator)
+
+    with torch.device("meta"):
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    for name, shape in _state_dict_shapes(taesd).items():
+        state[f"first_stage_model.{name}"] = _init_like(name, shape, generator)
+    state["first_stage_model.vae_scale"] = torch.tensor(1.0)
+    state["first_stage_model.vae_shift"] = torch.tensor(0.0)
+
+    with torch.device("meta"):
+        clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+    for name, shape in _state_dict_shapes(clip).items():
+        if name.endswith("position_ids"):
+            continue
+        value = _init_like(name, shape, generator)
+        state[f"cond_stage_model.{name}"] = value.to(torch.float16)
+    return state
+
+
+def write_checkpoint(path: str, seed: int = 0) -> str:
+    """Write the checkpoint atomically to ``path`` (a ``.safetensors`` file) and return it."""
+    import safetensors.torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        safetensors.torch.save_file(build_state_dict(seed), tmp, metadata={"recipe": str(RECIPE_VERSION)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def ensure_checkpoint(cache_dir: str, seed: int = 0) -> str:
+    """Return a cached checkpoint for this recipe and seed, building it on first use."""
+    path = os.path.join(cache_dir, f"tiny_sd15_r{RECIPE_VERSION}_s{seed}.safetensors")
+    if not os.path.exists(path):
+        write_checkpoint(path, seed)
+    return path
