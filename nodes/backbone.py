@@ -103,7 +103,7 @@ class PatchBackboneLoader(io.ComfyNode):
                 raise FileNotFoundError(f"Patch Backbone Loader: '{backbone}' was not found. {WHERE_TO_PUT}")
             try:
                 model = load_dinov2(path)
-            except (OSError, ValueError) as error:
+            except Exception as error:  # safetensors/transformers raise their own error types
                 raise ValueError(f"Patch Backbone Loader: cannot load '{backbone}': {error} {WHERE_TO_PUT}") from error
         return io.NodeOutput(model.to(model_management.unet_offload_device()))
 

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..personalize.heatmap import overlay_heatmap
-from ..personalize.images import to_rgb_channels_first
+from ..personalize.images import check_image_batch, to_rgb_channels_first
 from ..personalize.patch_quality import score_patches
 from .backbone import on_compute_device
 from .types import CATEGORY, PatchBackbone, PatchQuality
@@ -18,13 +18,11 @@ NODE_NAME = "Patch Quality Score"
 
 def image_input_to_rgb(images: torch.Tensor, label: str) -> torch.Tensor:
     """IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]``, with node-named errors for bad input."""
-    if images is None or images.shape[0] == 0:
-        raise ValueError(f"{NODE_NAME}: '{label}' is an empty batch; connect at least one image.")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{NODE_NAME}: '{label}' contains NaN or infinite pixels; check the node that made them.")
+    try:
+        check_image_batch(images, label)
+    except ValueError as error:
+        raise ValueError(f"{NODE_NAME}: {error}") from error
     channels = images.shape[-1]
-    if channels not in (1, 3, 4):
-        raise ValueError(f"{NODE_NAME}: '{label}' has {channels} channels; expected an RGB, grayscale or RGBA image.")
     if channels != 3:
         logging.warning("%s: '%s' has %d channel(s); converted to RGB%s.", NODE_NAME, label, channels,
                         " (alpha applied over black)" if channels == 4 else "")

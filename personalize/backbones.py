@@ -154,7 +154,7 @@ def dinov2_config_from_state_dict(state: dict[str, torch.Tensor]):
     layers = 1 + max(int(m.group(1)) for key in state if (m := _DINOV2_LAYER.match(key)))
     positions = state["embeddings.position_embeddings"].shape[1] - 1
     swiglu = any(".mlp.weights_in." in key for key in state)
-    mlp_ratio = 4 if swiglu else state["encoder.layer.0.mlp.fc1.weight"].shape[0] / hidden
+    mlp_ratio = 4 if swiglu else round(state["encoder.layer.0.mlp.fc1.weight"].shape[0] / hidden)
     common = dict(
         hidden_size=hidden,
         num_hidden_layers=layers,

@@ -35,6 +35,21 @@ def to_rgb_channels_first(images: torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, 1).float()
 
 
+def check_image_batch(images: torch.Tensor, label: str) -> None:
+    """Raise ``ValueError`` with a fix for batches no algorithm here can use.
+
+    Args:
+        images: ``[B, H, W, C]`` ComfyUI IMAGE batch.
+        label: the input's name, used in the message.
+    """
+    if images is None or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"'{label}' is an empty batch; connect at least one image.")
+    if images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"'{label}' has {images.shape[-1]} channels; expected RGB, grayscale or RGBA.")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"'{label}' contains NaN or infinite pixels; check the node that made them.")
+
+
 def resize_to_patch_grid(images: torch.Tensor, short_side: int, patch_size: int) -> torch.Tensor:
     """Resize so the short side is about ``short_side`` and both sides are multiples of
     ``patch_size`` (at least one patch), keeping the aspect ratio as closely as the grid allows.

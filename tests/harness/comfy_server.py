@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 import uuid
 
+from tiny_checkpoint import ensure_checkpoint
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
@@ -80,12 +82,7 @@ class ComfyServer:
 
     def provide_checkpoint(self, name: str, seed: int = 0) -> str:
         """Serve the tiny generated checkpoint under ``name`` in models/checkpoints/."""
-        sys.path.insert(0, comfyui_path())
-        try:
-            from tiny_checkpoint import ensure_checkpoint
-        finally:
-            sys.path.remove(comfyui_path())
-        source = ensure_checkpoint(os.path.join(self.cache_dir, "checkpoints"), seed)
+        source = ensure_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed)
         target = os.path.join(self.base_directory, "models", "checkpoints", name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.lexists(target):

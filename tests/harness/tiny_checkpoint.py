@@ -12,13 +12,16 @@ expects:
   conditioning comes out NaN.
 
 Weights use small, sane scales (fan-in normal, norms at 1) so fp16 decode never overflows.
-Must be imported with a ComfyUI source tree on ``sys.path``.
+Run as a script (``python tiny_checkpoint.py COMFYUI_PATH OUT [SEED]``) so ComfyUI's modules
+load in a process of their own; ``ensure_checkpoint`` does that.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -115,9 +118,16 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-def ensure_checkpoint(cache_dir: str, seed: int = 0) -> str:
-    """Return a cached checkpoint for this recipe and seed, building it on first use."""
+def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
+    """Return a cached checkpoint for this recipe and seed, building it on first use in a
+    subprocess that imports ComfyUI from ``comfyui_path``."""
     path = os.path.join(cache_dir, f"tiny_sd15_r{RECIPE_VERSION}_s{seed}.safetensors")
     if not os.path.exists(path):
-        write_checkpoint(path, seed)
+        subprocess.run([sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed)],
+                       check=True, cwd=comfyui_path)
     return path
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.abspath(sys.argv[1]))
+    write_checkpoint(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

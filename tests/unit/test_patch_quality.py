@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from personalize.backbones import EfficientNetLitePatchBackbone
 from personalize.heatmap import badness_colors, overlay_heatmap
-from personalize.images import masks_to_grid, resize_to_patch_grid, to_rgb_channels_first
+from personalize.images import check_image_batch, masks_to_grid, resize_to_patch_grid, to_rgb_channels_first
 from personalize.patch_quality import best_match_quality, score_patches
 
 
@@ -69,6 +69,18 @@ def test_to_rgb_handles_grayscale_and_rgba():
     torch.testing.assert_close(out, (rgba[..., :3] * rgba[..., 3:]).movedim(-1, 1))
     with pytest.raises(ValueError, match="2"):
         to_rgb_channels_first(torch.rand(1, 5, 7, 2))
+
+
+def test_check_image_batch_messages():
+    check_image_batch(torch.rand(1, 4, 4, 3), "generated")
+    with pytest.raises(ValueError, match="'references' is an empty batch"):
+        check_image_batch(torch.rand(0, 4, 4, 3), "references")
+    nan = torch.rand(1, 4, 4, 3)
+    nan[0, 1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        check_image_batch(nan, "generated")
+    with pytest.raises(ValueError, match="5 channels"):
+        check_image_batch(torch.rand(1, 4, 4, 5), "generated")
 
 
 def test_resize_to_patch_grid_keeps_aspect_on_the_grid():

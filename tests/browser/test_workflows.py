@@ -1,0 +1,49 @@
+"""Every workflow in workflows/ loads in the real ComfyUI frontend (headless Chromium), is
+converted by the frontend's own graphToPrompt, is queued from the page and finishes with
+execution_success on the tiny checkpoint. Screenshots land in test_artifacts/workflows/."""
+import json
+import os
+
+import pytest
+
+from frontend import Frontend
+from workflows import QUICK_RUN_WIDGETS, workflow_paths
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server):
+    with Frontend(comfy_server.url) as page:
+        yield page
+
+
+def test_there_are_workflows():
+    names = [os.path.basename(path) for path in workflow_paths()]
+    assert "patch_quality.json" in names
+
+
+@pytest.mark.parametrize("path", workflow_paths(), ids=os.path.basename)
+def test_workflow_loads_converts_and_runs(path, frontend, comfy_server, artifacts_dir):
+    with open(path, encoding="utf-8") as handle:
+        workflow = json.load(handle)
+    errors_before = len(frontend.console_errors)
+    frontend.load_workflow(workflow)
+    page_errors = [e for e in frontend.console_errors[errors_before:] if e.startswith("pageerror")]
+    assert not page_errors, page_errors
+
+    prompt = frontend.graph_to_prompt()
+    known = comfy_server.object_info()
+    assert prompt, "graphToPrompt produced an empty prompt"
+    assert {node["class_type"] for node in prompt.values()} <= set(known)
+
+    frontend.set_widgets(QUICK_RUN_WIDGETS)
+    entry = frontend.queue_and_wait(comfy_server)
+    shot = os.path.join(artifacts_dir, "workflows", os.path.basename(path).replace(".json", ".png"))
+    frontend.screenshot(shot)
+
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", [])
+             if image.get("type") == "output"]
+    assert saved, "the workflow saved no images"
+    for image in saved:
+        assert os.path.getsize(comfy_server.output_path(image)) > 0
