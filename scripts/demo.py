@@ -1,0 +1,87 @@
+"""`make demo`: run the pack's main workflow end to end in a real ComfyUI, headlessly.
+
+Starts ComfyUI with the pack, loads workflows/patch_quality.json in the real frontend
+(headless Chromium), shrinks only image size/batch/steps so the tiny random-weight checkpoint
+runs in seconds on a CPU, queues it from the page, and copies what it produced (heat maps,
+scores, a screenshot of the graph) into demo_output/<timestamp>/. The folder's path is the
+last line printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "harness"))
+
+from comfy_server import ComfyServer  # noqa: E402
+from frontend import Frontend  # noqa: E402
+from workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
+
+DEMO_WORKFLOWS = ["patch_quality.json"]
+
+
+def node_titles(workflow: dict) -> dict[str, str]:
+    return {str(node["id"]): node.get("title") or node["type"] for node in workflow["nodes"]}
+
+
+def collect_outputs(server: ComfyServer, entry: dict, workflow: dict, folder: str) -> dict:
+    """Copy saved images into ``folder`` and gather text outputs by node title."""
+    titles = node_titles(workflow)
+    previews = {str(node["id"]) for node in workflow["nodes"] if node["type"] == "PreviewAny"}
+    texts = {}
+    for node_id, output in entry["outputs"].items():
+        for image in output.get("images", []):
+            if image.get("type") == "output":
+                target = os.path.join(folder, image.get("subfolder", ""), image["filename"])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copy(server.output_path(image), target)
+        if output.get("text") and node_id not in previews:  # PreviewAny only repeats a score node
+            texts[titles.get(node_id, node_id)] = output["text"][0]
+    return texts
+
+
+def main() -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(REPO_ROOT, "demo_output", stamp)
+    partial = folder + ".partial"
+    os.makedirs(partial)
+    paths = [os.path.join(WORKFLOWS_DIR, name) for name in DEMO_WORKFLOWS]
+    print("Starting ComfyUI with the pack (CPU; random-weight tiny checkpoint, no downloads)...", flush=True)
+    try:
+        with ComfyServer(log_path=os.path.join(partial, "comfyui.log")) as server:
+            for name in checkpoint_names(paths):
+                server.provide_checkpoint(name)
+            with Frontend(server.url) as page:
+                for path in paths:
+                    name = os.path.basename(path)[: -len(".json")]
+                    with open(path, encoding="utf-8") as handle:
+                        workflow = json.load(handle)
+                    print(f"Running workflows/{name}.json in the real frontend "
+                          f"(quick run: {json.dumps(QUICK_RUN_WIDGETS)})...", flush=True)
+                    page.load_workflow(workflow)
+                    page.set_widgets(QUICK_RUN_WIDGETS)
+                    started = time.time()
+                    entry = page.queue_and_wait(server)
+                    page.screenshot(os.path.join(partial, f"{name}_graph.png"))
+                    texts = collect_outputs(server, entry, workflow, partial)
+                    with open(os.path.join(partial, f"{name}_scores.txt"), "w", encoding="utf-8") as handle:
+                        for title, text in texts.items():
+                            handle.write(f"[{title}]\n{text}\n\n")
+                    print(f"  finished in {time.time() - started:.1f} s", flush=True)
+                    for title, text in texts.items():
+                        print(f"  [{title}]\n    " + text.replace("\n", "\n    "), flush=True)
+        os.rename(partial, folder)
+    finally:
+        if os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written demo folder
+    print("Heat maps, scores and a screenshot of the graph are in:")
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
