@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -83,10 +84,12 @@ class PatchQualityScore(io.ComfyNode):
         if subject_mask is not None and float(subject_mask.max()) <= 0:
             subject_mask = None  # an unpainted mask means "no mask", as in core nodes
             logging.warning("%s: the subject mask is empty; scoring against the whole reference images.", NODE_NAME)
+        progress = comfy.utils.ProgressBar(generated_rgb.shape[0] + references_rgb.shape[0])
         with on_compute_device(backbone) as device:
             try:
                 result = score_patches(backbone, generated_rgb.to(device), references_rgb.to(device),
-                                       None if subject_mask is None else subject_mask.to(device), resolution)
+                                       None if subject_mask is None else subject_mask.to(device), resolution,
+                                       on_images=progress.update)  # update() also honours Cancel
             except ValueError as error:
                 raise ValueError(f"{NODE_NAME}: {error}") from error
         result.quality = result.quality.cpu()

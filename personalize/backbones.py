@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ class PatchBackbone(torch.nn.Module):
 
 @torch.no_grad()
 def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolution: int,
-                           chunk_size: int = 8) -> torch.Tensor:
+                           chunk_size: int = 8, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Patch features for a batch, resized so the short side is about ``resolution``.
 
     Args:
@@ -52,6 +53,7 @@ def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolu
         images: ``[B, 3, H, W]`` RGB in 0..1.
         resolution: target short side in pixels (ignored for fixed-size backbones).
         chunk_size: images per forward pass, bounding peak memory.
+        on_chunk: called with the number of images just processed (progress, interrupts).
 
     Returns:
         ``[B, C, h, w]`` float32 features on the images' device.
@@ -62,6 +64,8 @@ def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolu
     for start in range(0, images.shape[0], chunk_size):
         batch = images[start:start + chunk_size].to(backbone.device)
         chunks.append(backbone(batch).float().to(images.device))
+        if on_chunk is not None:
+            on_chunk(batch.shape[0])
     return torch.cat(chunks)
 
 

@@ -12,6 +12,7 @@ content at exactly 1 while pushing unrelated content toward 0 or below (clamped 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,8 @@ def best_match_quality(generated: torch.Tensor, references: torch.Tensor,
 
 
 def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: torch.Tensor,
-                  reference_masks: torch.Tensor | None = None, resolution: int = 448) -> PatchQuality:
+                  reference_masks: torch.Tensor | None = None, resolution: int = 448,
+                  on_images: Callable[[int], None] | None = None) -> PatchQuality:
     """Patch quality of generated images against reference photos.
 
     Args:
@@ -94,6 +96,8 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
         reference_masks: optional ``[1 or R, Hm, Wm]`` subject masks for the references (any
             size; resized to the references' patch grid).
         resolution: short side the images are resized to before feature extraction.
+        on_images: progress callback, called with the number of images just processed
+            (references, then generated); it may raise to interrupt.
 
     Returns:
         A ``PatchQuality`` on the generated images' patch grid.
@@ -102,7 +106,7 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
         raise ValueError("no generated images to score (empty batch)")
     if references.shape[0] == 0:
         raise ValueError("no reference images (empty batch)")
-    reference_features = extract_patch_features(backbone, references, resolution)
+    reference_features = extract_patch_features(backbone, references, resolution, on_chunk=on_images)
     reference_weights = None
     if reference_masks is not None:
         if reference_masks.shape[0] not in (1, references.shape[0]):
@@ -111,7 +115,7 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
                 "images; give one mask for all references or one per reference")
         reference_weights = masks_to_grid(reference_masks, reference_features.shape[-2:])
         reference_weights = reference_weights.expand(references.shape[0], -1, -1)
-    generated_features = extract_patch_features(backbone, generated, resolution)
+    generated_features = extract_patch_features(backbone, generated, resolution, on_chunk=on_images)
     quality = best_match_quality(generated_features, reference_features, reference_weights)
     return PatchQuality(
         quality=quality,

@@ -31,7 +31,7 @@ class FrontendError(AssertionError):
 class Frontend:
     """One headless Chromium page on a ComfyUI server's frontend."""
 
-    def __init__(self, server_url: str, viewport=(1600, 1000)):
+    def __init__(self, server_url: str, viewport=(2400, 1500)):
         self.server_url = server_url
         self.viewport = viewport
         self.console_errors: list[str] = []
@@ -126,7 +126,11 @@ class Frontend:
         """The API-format prompt, as the frontend's own ``graphToPrompt`` makes it."""
         return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
 
-    def screenshot(self, path: str) -> str:
+    def screenshot(self, path: str, fit_view: bool = True) -> str:
+        """Save a PNG of the page, by default zoomed so the whole graph is in view."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if fit_view:
+            self.page.evaluate("async () => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+            self.page.wait_for_timeout(300)
         self.page.screenshot(path=path)
         return path
