@@ -10,7 +10,7 @@ from comfy import model_management
 from comfy_api.latest import io
 
 from ..personalize.backbones import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
-                                     PatchBackbone, load_dinov2)
+                                     PatchBackbone, apply_tuned_head, load_dinov2, read_tuned_head)
 from .types import CATEGORY
 from .types import PatchBackbone as PatchBackboneType
 
@@ -95,17 +95,29 @@ class PatchBackboneLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, backbone) -> io.NodeOutput:
-        if backbone == BUILTIN_BACKBONE:
-            model = EfficientNetLitePatchBackbone.from_package()
-        else:
-            path = backbone_path(backbone)
-            if path is None:
-                raise FileNotFoundError(f"Patch Backbone Loader: '{backbone}' was not found. {WHERE_TO_PUT}")
-            try:
-                model = load_dinov2(path)
-            except Exception as error:  # safetensors/transformers raise their own error types
-                raise ValueError(f"Patch Backbone Loader: cannot load '{backbone}': {error} {WHERE_TO_PUT}") from error
+        model = load_backbone_choice(backbone)
+        model.source_id = backbone
         return io.NodeOutput(model.to(model_management.unet_offload_device()))
+
+
+def load_backbone_choice(choice: str, _depth: int = 0) -> PatchBackbone:
+    """Load a Patch Backbone Loader choice: the built-in backbone, a DINOv2 folder or file, or
+    a tuned head saved by Train Patch Quality Estimator (which names its base choice)."""
+    if choice == BUILTIN_BACKBONE:
+        return EfficientNetLitePatchBackbone.from_package()
+    path = backbone_path(choice)
+    if path is None:
+        raise FileNotFoundError(f"Patch Backbone Loader: '{choice}' was not found. {WHERE_TO_PUT}")
+    try:
+        tuned = read_tuned_head(path) if os.path.isfile(path) else None
+        if tuned is not None:
+            base_id, head_state = tuned
+            if _depth or (base_id != BUILTIN_BACKBONE and backbone_path(base_id) is None):
+                raise FileNotFoundError(f"its base backbone '{base_id}' is not in models/patch_backbones/")
+            return apply_tuned_head(load_backbone_choice(base_id, _depth + 1), base_id, head_state)
+        return load_dinov2(path)
+    except Exception as error:  # safetensors/transformers raise their own error types
+        raise ValueError(f"Patch Backbone Loader: cannot load '{choice}': {error} {WHERE_TO_PUT}") from error
 
 
 class PatchBackboneFromClipVision(io.ComfyNode):

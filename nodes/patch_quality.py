@@ -8,7 +8,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..personalize.heatmap import overlay_heatmap
+from ..personalize.heatmap import overlay_heat
 from ..personalize.images import check_image_batch, to_rgb_channels_first
 from ..personalize.patch_quality import score_patches
 from .backbone import on_compute_device
@@ -94,7 +94,7 @@ class PatchQualityScore(io.ComfyNode):
                 raise ValueError(f"{NODE_NAME}: {error}") from error
         result.quality = result.quality.cpu()
         quality_mask = result.upsampled()
-        heatmap = overlay_heatmap(generated_rgb, quality_mask, overlay_opacity).movedim(1, -1)
+        heatmap = overlay_heat(generated_rgb, 1.0 - quality_mask, overlay_opacity).movedim(1, -1)
         scores = [float(score) for score in result.scores]
         text = format_scores(scores, result.backbone, result.metadata["references"])
         preview = {**ui.PreviewImage(heatmap, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()}

@@ -35,12 +35,20 @@ class PatchBackbone(torch.nn.Module):
     # When set, the backbone resizes inputs itself to this square size (e.g. CLIP vision),
     # so the patch grid is fixed and callers must not resize.
     fixed_input_size: int | None = None
+    # How the Patch Backbone Loader names this backbone (set by the loader), so a head tuned on
+    # it can be saved with a pointer to its base. None for backbones the loader cannot reload.
+    source_id: str | None = None
 
     @property
     def device(self) -> torch.device:
         for parameter in self.parameters():
             return parameter.device
         return torch.device("cpu")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` global image embedding: by default the mean of the L2-normalised patch
+        features (backbones with a class token or projection override this)."""
+        return F.normalize(self(images), dim=1).mean(dim=(2, 3))
 
 
 @torch.no_grad()
@@ -136,9 +144,16 @@ class Dinov2PatchBackbone(PatchBackbone):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        pixels = ((images - self.mean) / self.std).to(self.model.dtype)
-        tokens = self.model(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
+        tokens = self._tokens(images)[:, self.num_prefix_tokens:]
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The class token after the final layer norm (what DINO image similarity uses)."""
+        return self._tokens(images)[:, 0]
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images - self.mean) / self.std).to(self.model.dtype)
+        return self.model(pixel_values=pixels).last_hidden_state
 
 
 _DINOV2_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
@@ -231,9 +246,86 @@ class ClipVisionPatchBackbone(PatchBackbone):
         self.fixed_input_size = image_size
         self.name = name
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The projected image embedding (what CLIP-I compares), center-cropped as CLIP does."""
+        return self.clip_vision.encode_image(images.movedim(1, -1), crop=True)["image_embeds"].float()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.clip_vision.encode_image(images.movedim(1, -1), crop=False)["penultimate_hidden_states"]
         grid = math.isqrt(tokens.shape[1])
         tokens = tokens[:, tokens.shape[1] - grid * grid:]  # drop the class (and register) tokens
         self.patch_size = self.fixed_input_size // grid
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid, grid).float()
+
+
+# --- a backbone tuned for patch matching ---------------------------------------------------------
+
+TUNED_HEAD_FORMAT = "prefp-tuned-patch-head/1"
+
+
+class TunedPatchBackbone(PatchBackbone):
+    """A base backbone followed by a residual 1x1 projection tuned for patch matching.
+
+    ``features = f + head(f)`` with ``f`` the base features; the head starts at zero, so an
+    untrained tuned backbone equals its base exactly. Only the head is trained and saved, so the
+    file is small and the base stays shared. ``base_id`` is how the loader finds the base again
+    (the Patch Backbone Loader's choice string).
+    """
+
+    def __init__(self, base: PatchBackbone, base_id: str, channels: int):
+        super().__init__()
+        self.base = base
+        self.base_id = base_id
+        self.head = torch.nn.Conv2d(channels, channels, kernel_size=1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.name = f"{base.name}, tuned"
+        self.source_id = None  # saved heads are reloaded by file name, not by this id
+        self.patch_size = base.patch_size
+        self.fixed_input_size = base.fixed_input_size
+
+    def base_features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.base(images).float()
+
+    def project(self, base_features: torch.Tensor) -> torch.Tensor:
+        """Apply the tuned head to precomputed base features ``[B, C, h, w]``."""
+        return base_features + self.head(base_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.base_features(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.base.embed(images)
+
+    def save(self, path: str) -> None:
+        """Write the head as safetensors (atomically: a temporary file, then a rename)."""
+        import safetensors.torch
+
+        tmp = f"{path}.partial"
+        state = {key: value.detach().cpu().contiguous() for key, value in self.head.state_dict().items()}
+        try:
+            safetensors.torch.save_file(state, tmp, metadata={"format": TUNED_HEAD_FORMAT, "base": self.base_id})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def read_tuned_head(path: str) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """``(base_id, head state)`` when ``path`` is a tuned-head file, else None."""
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != TUNED_HEAD_FORMAT:
+        return None
+    return metadata["base"], safetensors.torch.load_file(path)
+
+
+def apply_tuned_head(base: PatchBackbone, base_id: str, head_state: dict[str, torch.Tensor]) -> TunedPatchBackbone:
+    channels = head_state["weight"].shape[0]
+    tuned = TunedPatchBackbone(base, base_id, channels)
+    tuned.head.load_state_dict(head_state)
+    return tuned

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from personalize.backbones import EfficientNetLitePatchBackbone
-from personalize.heatmap import badness_colors, overlay_heatmap
+from personalize.heatmap import heat_colors, labelled_strip, overlay_heat
 from personalize.images import check_image_batch, masks_to_grid, resize_to_patch_grid, to_rgb_channels_first
 from personalize.patch_quality import best_match_quality, score_patches
 
@@ -97,13 +97,20 @@ def test_masks_to_grid_is_coverage():
     torch.testing.assert_close(masks_to_grid(mask, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.5]]]))
 
 
-def test_heatmap_colours_bad_red_and_good_blue():
-    colors = badness_colors(torch.tensor([[[0.0, 1.0]]]))
+def test_heat_colours_hot_red_and_cold_blue():
+    colors = heat_colors(torch.tensor([[[1.0, 0.0]]]))
     assert colors.shape == (1, 3, 1, 2)
-    bad, good = colors[0, :, 0, 0], colors[0, :, 0, 1]
-    assert bad[0] > bad[2] and good[2] > good[0]
-    blended = overlay_heatmap(torch.zeros(1, 3, 1, 2), torch.tensor([[[0.0, 1.0]]]), opacity=0.5)
+    hot, cold = colors[0, :, 0, 0], colors[0, :, 0, 1]
+    assert hot[0] > hot[2] and cold[2] > cold[0]
+    blended = overlay_heat(torch.zeros(1, 3, 1, 2), torch.tensor([[[1.0, 0.0]]]), opacity=0.5)
     torch.testing.assert_close(blended, colors * 0.5)
+
+
+def test_labelled_strip_layout():
+    frames = torch.ones(3, 3, 20, 30)
+    strip = labelled_strip(frames, ["a", "b", "c"], gap=4)
+    assert strip.shape == (3, 20 + 14, 3 * 30 + 2 * 4)
+    assert strip[:, 14:, :30].min() == 1.0  # frame pixels are copied under the caption bar
 
 
 # --- real photos, built-in backbone -------------------------------------------------------------

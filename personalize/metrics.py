@@ -1,0 +1,101 @@
+"""DreamBench-style personalization metrics (as used by PatchDPO and JeDi).
+
+- DINO: mean cosine similarity of (generated, reference) image embeddings from a DINO-type
+  backbone, every generated image against every reference; images are resized to 256 and
+  center-cropped to 224 first (the protocol's preprocessing);
+- CLIP-I: the same with CLIP image embeddings;
+- CLIP-T: mean cosine similarity of generated images' CLIP image embeddings with the prompt's
+  CLIP text embedding (both must come from one CLIP pair, e.g. ViT-L/14 vision + CLIP-L text).
+
+These are plain functions on embeddings; where the embeddings come from is the caller's choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+def dreambench_crop(images: torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """Resize the short side to ``resize`` and center-crop ``crop`` x ``crop``.
+
+    Args:
+        images: ``[B, 3, H, W]``.
+
+    Returns:
+        ``[B, 3, crop, crop]``.
+    """
+    height, width = images.shape[-2:]
+    scale = resize / min(height, width)
+    size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return images[..., top:top + crop, left:left + crop]
+
+
+def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over every pair (row of ``a``, row of ``b``).
+
+    Args:
+        a: ``[N, D]``; b: ``[M, D]``.
+    """
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"embedding sizes differ ({a.shape[-1]} vs {b.shape[-1]}): the two models are not a pair")
+    return float((F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T).mean())
+
+
+@dataclass
+class MetricRow:
+    """One metric for the table: its label, value after, optional value before."""
+
+    label: str
+    after: float | None
+    before: float | None = None
+    note: str = ""
+
+    @property
+    def delta(self) -> float | None:
+        if self.after is None or self.before is None:
+            return None
+        return self.after - self.before
+
+
+def format_table(rows: list[MetricRow]) -> str:
+    """A plain-text table: metric, after, before, delta (n/a where not computed)."""
+    def cell(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    with_before = any(row.before is not None for row in rows)
+    header = ["metric", "value"] + (["before", "delta"] if with_before else [])
+    lines = [header]
+    for row in rows:
+        line = [row.label, cell(row.after)]
+        if with_before:
+            delta = row.delta
+            line += [cell(row.before), "n/a" if delta is None else f"{delta:+.4f}"]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in lines)
+    notes = [f"{row.label}: {row.note}" for row in rows if row.note]
+    return text + ("\n" + "\n".join(notes) if notes else "")
+
+
+def render_text_image(text: str, padding: int = 10, scale: int = 2) -> torch.Tensor:
+    """Render monospaced text (e.g. ``format_table``'s output) as a light image.
+
+    Returns:
+        ``[H, W, 3]`` RGB in 0..1.
+    """
+    lines = text.splitlines() or [""]
+    char_w, char_h = 6, 11  # PIL's built-in bitmap font
+    width = padding * 2 + char_w * max(len(line) for line in lines)
+    height = padding * 2 + char_h * len(lines)
+    canvas = Image.new("RGB", (width, height), (250, 250, 248))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((padding, padding + row * char_h), line, fill=(20, 20, 20))
+    canvas = canvas.resize((width * scale, height * scale), Image.NEAREST)
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)

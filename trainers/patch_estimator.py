@@ -1,0 +1,218 @@
+"""PatchDPO's self-supervised step: tune a backbone so its patch features match the same
+point of the subject across views, using only the artist's reference photos.
+
+PatchDPO does not publish this objective (see ALGORITHMS.md); our design:
+
+- views: each reference is resized to a square canvas and warped twice by random affine maps
+  (scale, rotation, translation, horizontal flip) with photometric jitter. Because the maps are
+  known, every patch centre of view A maps to a point of view B: the patch there is its true
+  match (patches whose centre falls outside either view, or outside the photo, are skipped);
+- objective: dense InfoNCE. For every matched patch of A, its feature must be closer (cosine,
+  temperature ``tau``) to its true match than to every other patch of B;
+- parameters: only a residual 1x1 head on top of the frozen backbone (``TunedPatchBackbone``),
+  so tuning is cheap, cannot forget the backbone, and is a small file;
+- evidence: top-1 correspondence accuracy on held-out views (a fixed seed different from
+  training) before and after.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import kornia
+import torch
+import torch.nn.functional as F
+
+from personalize.backbones import PatchBackbone, TunedPatchBackbone
+
+
+@dataclass
+class ViewPair:
+    """Two warped views of one photo and their true patch correspondences.
+
+    Attributes:
+        view_a, view_b: ``[3, S, S]`` RGB in 0..1.
+        source: ``[K]`` flat patch indices in A that have a match.
+        target: ``[K]`` flat patch indices of their matches in B.
+    """
+
+    view_a: torch.Tensor
+    view_b: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+
+
+def random_affine(size: int, generator: torch.Generator, max_rotation: float = 20.0,
+                  scale_range: tuple[float, float] = (0.8, 1.25), max_shift: float = 0.1,
+                  flip: bool = True) -> torch.Tensor:
+    """A random ``[3, 3]`` map from canvas pixels to view pixels, about the canvas centre."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    angle = math.radians(uniform(-max_rotation, max_rotation))
+    scale = uniform(*scale_range)
+    mirror = -1.0 if flip and torch.rand((), generator=generator).item() < 0.5 else 1.0
+    shift_x, shift_y = uniform(-max_shift, max_shift) * size, uniform(-max_shift, max_shift) * size
+    centre = size / 2
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    linear = torch.tensor([[cos * mirror, -sin], [sin * mirror, cos]])
+    offset = torch.tensor([centre + shift_x, centre + shift_y]) - linear @ torch.tensor([centre, centre])
+    matrix = torch.eye(3)
+    matrix[:2, :2], matrix[:2, 2] = linear, offset
+    return matrix
+
+
+def patch_correspondences(map_a: torch.Tensor, map_b: torch.Tensor, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """True matches between the patch grids of two views of one canvas.
+
+    Args:
+        map_a, map_b: ``[3, 3]`` canvas-to-view pixel maps.
+        size: canvas and view side in pixels; ``patch``: patch side.
+
+    Returns:
+        ``(source, target)``: flat patch indices in A and their matches in B.
+    """
+    grid = size // patch
+    coords = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    points_a = torch.stack([xs.flatten(), ys.flatten(), torch.ones(grid * grid)])
+    canvas = torch.linalg.inv(map_a) @ points_a
+    points_b = map_b @ canvas
+    inside_canvas = ((canvas[:2] >= 0) & (canvas[:2] < size)).all(dim=0)
+    inside_b = ((points_b[:2] >= 0) & (points_b[:2] < size)).all(dim=0)
+    keep = inside_canvas & inside_b
+    cells = (points_b[:2, keep] / patch).floor().long()
+    return torch.nonzero(keep).flatten(), cells[1] * grid + cells[0]
+
+
+def make_view_pairs(photos: torch.Tensor, count: int, size: int, patch: int, generator: torch.Generator) -> list[ViewPair]:
+    """``count`` view pairs of randomly chosen photos.
+
+    Args:
+        photos: ``[R, 3, H, W]`` RGB in 0..1.
+        size: square view side (a multiple of ``patch``).
+    """
+    canvases = F.interpolate(photos, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    pairs = []
+    for _ in range(count):
+        canvas = canvases[torch.randint(len(canvases), (), generator=generator)].unsqueeze(0)
+        maps = [random_affine(size, generator) for _ in range(2)]
+        views = []
+        for matrix in maps:
+            view = kornia.geometry.transform.warp_affine(canvas, matrix[:2].unsqueeze(0), (size, size),
+                                                         padding_mode="zeros", align_corners=False)
+            brightness = 0.8 + 0.4 * torch.rand((), generator=generator).item()
+            saturation = 0.7 + 0.6 * torch.rand((), generator=generator).item()
+            view = kornia.enhance.adjust_saturation(view * brightness, saturation).clamp(0, 1)
+            views.append(view[0])
+        source, target = patch_correspondences(maps[0], maps[1], size, patch)
+        pairs.append(ViewPair(views[0], views[1], source, target))
+    return pairs
+
+
+def _flat(features: torch.Tensor) -> torch.Tensor:
+    """``[C, h, w]`` -> ``[h * w, C]``, L2-normalised."""
+    return F.normalize(features.flatten(1).T, dim=1)
+
+
+def dense_info_nce(features_a: torch.Tensor, features_b: torch.Tensor, source: torch.Tensor,
+                   target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Mean cross-entropy of each source patch of A picking its true match among B's patches.
+
+    Args:
+        features_a, features_b: ``[C, h, w]`` features of the two views.
+        source, target: ``[K]`` matched flat indices.
+    """
+    logits = _flat(features_a)[source] @ _flat(features_b).T / temperature
+    return F.cross_entropy(logits, target)
+
+
+@torch.no_grad()
+def correspondence_accuracy(project: Callable[[torch.Tensor], torch.Tensor], base: Callable[[torch.Tensor], torch.Tensor],
+                            pairs: list[ViewPair]) -> float:
+    """Top-1 accuracy of nearest-neighbour patch matching over view pairs.
+
+    Args:
+        project: base features ``[B, C, h, w]`` -> features to match with.
+        base: images ``[B, 3, S, S]`` -> base features.
+    """
+    correct = total = 0
+    for pair in pairs:
+        features = project(base(torch.stack([pair.view_a, pair.view_b])))
+        similarity = _flat(features[0])[pair.source] @ _flat(features[1]).T
+        correct += int((similarity.argmax(dim=1) == pair.target).sum())
+        total += len(pair.source)
+    return correct / max(total, 1)
+
+
+@dataclass
+class EstimatorTrainingResult:
+    backbone: TunedPatchBackbone
+    accuracy_before: float
+    accuracy_after: float
+    losses: list[float] = field(default_factory=list)
+
+
+def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.Tensor, steps: int = 200,
+                          learning_rate: float = 1e-3, resolution: int = 224, pairs_per_step: int = 2,
+                          temperature: float = 0.1, seed: int = 0, held_out_pairs: int = 16,
+                          on_step: Callable[[int, float], None] | None = None) -> EstimatorTrainingResult:
+    """Tune a residual patch head on augmented views of ``photos``.
+
+    Args:
+        backbone: the base backbone (frozen); for a ``TunedPatchBackbone``, a copy of its head
+            is trained further (the input is never modified).
+        base_id: how the loader will find the base again (stored in the saved file).
+        photos: ``[R, 3, H, W]`` RGB in 0..1, on the device to train on.
+        steps: optimisation steps (0 = measure only, return the backbone untuned).
+        resolution: square view side (rounded to the patch grid).
+        on_step: called after every step with ``(step, loss)``; it may raise to interrupt.
+
+    Returns:
+        The tuned backbone and held-out top-1 correspondence accuracy before and after.
+    """
+    if photos.shape[0] == 0:
+        raise ValueError("no reference photos to train on")
+    if backbone.fixed_input_size is not None:
+        raise ValueError("this backbone resizes inputs itself (CLIP vision); use DINOv2 or the built-in backbone")
+    if isinstance(backbone, TunedPatchBackbone):  # continue from a copy; never mutate the input
+        tuned = TunedPatchBackbone(backbone.base, backbone.base_id, backbone.head.out_channels).to(backbone.device)
+        tuned.head.load_state_dict(backbone.head.state_dict())
+    else:
+        probe = 8 * backbone.patch_size  # large enough for every stage's kernels
+        with torch.no_grad():
+            channels = backbone(torch.zeros(1, 3, probe, probe, device=backbone.device)).shape[1]
+        tuned = TunedPatchBackbone(backbone, base_id, channels).to(backbone.device)
+    size = max(1, round(resolution / tuned.patch_size)) * tuned.patch_size
+    device = tuned.device
+    photos = photos.to(device)
+
+    # Held-out views come from their own seed, so training never sees them.
+    held_out = make_view_pairs(photos, held_out_pairs, size, tuned.patch_size, torch.Generator().manual_seed(seed + 1_000_003))
+    accuracy_before = correspondence_accuracy(tuned.project, tuned.base_features, held_out)
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(tuned.head.parameters(), lr=learning_rate, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        pairs = make_view_pairs(photos, pairs_per_step, size, tuned.patch_size, generator)
+        base = tuned.base_features(torch.stack([view for pair in pairs for view in (pair.view_a, pair.view_b)]))
+        features = tuned.project(base)
+        loss = torch.stack([
+            dense_info_nce(features[2 * i], features[2 * i + 1], pair.source, pair.target, temperature)
+            for i, pair in enumerate(pairs) if len(pair.source)
+        ]).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+
+    accuracy_after = correspondence_accuracy(tuned.project, tuned.base_features, held_out)
+    tuned.eval()
+    return EstimatorTrainingResult(tuned, accuracy_before, accuracy_after, losses)
