@@ -9,7 +9,7 @@ import re
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..personalize.backbones import TunedPatchBackbone
 from ..trainers.patch_estimator import train_patch_estimator
@@ -39,6 +39,7 @@ class TrainPatchQualityEstimator(io.ComfyNode):
                 "warped views with known geometry give the true patch matches; a dense contrastive loss "
                 "trains a small head on top of the frozen backbone. Reports patch-matching accuracy on "
                 "held-out views before and after."),
+            is_output_node=True,
             inputs=[
                 PatchBackbone.Input("backbone", tooltip="From Patch Backbone Loader (built-in or DINOv2)."),
                 io.Image.Input("references", tooltip="Reference photos of the subject (one or more)."),
@@ -95,4 +96,4 @@ class TrainPatchQualityEstimator(io.ComfyNode):
             path = os.path.join(folder, f"{stem}.safetensors")
             tuned.save(path)
             report += f"\nsaved {path}"
-        return io.NodeOutput(tuned, report)
+        return io.NodeOutput(tuned, report, ui=ui.PreviewText(report))

@@ -1,12 +1,16 @@
 """Shared test setup: import paths, the real ComfyUI server fixture and artifact folders.
 
-- ``personalize`` (pure torch) is imported from the repository root.
+- the pack's pure-torch code is imported as the package ``pack`` (``pack.personalize``,
+  ``pack.trainers``): the repository root is registered under that name without running its
+  ``__init__.py`` (which needs ComfyUI), so the modules' relative imports work as in ComfyUI.
 - ``tests/harness`` holds the server, frontend and tiny-checkpoint helpers.
 - The ``comfy_server`` fixture starts one real ComfyUI per test session with this pack linked
   into its ``custom_nodes/``; its log is copied to ``test_artifacts/`` at the end.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +23,16 @@ HARNESS = os.path.join(REPO_ROOT, "tests", "harness")
 for path in (REPO_ROOT, HARNESS):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+def _register_pack_package() -> None:
+    spec = importlib.machinery.ModuleSpec("pack", None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [REPO_ROOT]
+    sys.modules.setdefault("pack", package)
+
+
+_register_pack_package()
 
 from comfy_server import ComfyServer, comfyui_path  # noqa: E402
 from workflows import checkpoint_names, workflow_paths  # noqa: E402

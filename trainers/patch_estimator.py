@@ -24,7 +24,7 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-from personalize.backbones import PatchBackbone, TunedPatchBackbone
+from ..personalize.backbones import PatchBackbone, TunedPatchBackbone
 
 
 @dataclass

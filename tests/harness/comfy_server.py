@@ -89,6 +89,15 @@ class ComfyServer:
             os.symlink(source, target)
         return target
 
+    def provide_clip_vision(self, name: str, seed: int = 0) -> str:
+        """Serve a random CLIP ViT-L/14 vision model under ``name`` in models/clip_vision/."""
+        source = ensure_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed, kind="clip_vision")
+        target = os.path.join(self.base_directory, "models", "clip_vision", name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            os.symlink(source, target)
+        return target
+
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         self.prepare()
         command = [

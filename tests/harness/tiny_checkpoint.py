@@ -12,12 +12,16 @@ expects:
   conditioning comes out NaN.
 
 Weights use small, sane scales (fan-in normal, norms at 1) so fp16 decode never overflows.
+``build_clip_vision_state_dict`` makes a random CLIP ViT-L/14 vision tower the same way, for
+the CLIP-I / CLIP-T metrics.
+
 Run as a script (``python tiny_checkpoint.py COMFYUI_PATH OUT [SEED]``) so ComfyUI's modules
 load in a process of their own; ``ensure_checkpoint`` does that.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -103,14 +107,35 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_checkpoint(path: str, seed: int = 0) -> str:
+def build_clip_vision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random CLIP ViT-L/14 vision tower (+ projection) that ComfyUI's CLIP vision loader
+    detects (its config is fixed by the layer count, so it is full size: ~300 M params, fp16)."""
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.clip_model
+    import comfy.clip_vision
+    import comfy.ops
+
+    config_path = os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.disable_weight_init)
+    generator = torch.Generator().manual_seed(seed)
+    return {name: _init_like(name, shape, generator).to(torch.float16)
+            for name, shape in _state_dict_shapes(model).items() if not name.endswith("position_ids")}
+
+
+def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
     """Write the checkpoint atomically to ``path`` (a ``.safetensors`` file) and return it."""
     import safetensors.torch
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        safetensors.torch.save_file(build_state_dict(seed), tmp, metadata={"recipe": str(RECIPE_VERSION)})
+        state = build_state_dict(seed) if kind == "sd15" else build_clip_vision_state_dict(seed)
+        safetensors.torch.save_file(state, tmp, metadata={"recipe": str(RECIPE_VERSION)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -118,16 +143,17 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
-    """Return a cached checkpoint for this recipe and seed, building it on first use in a
-    subprocess that imports ComfyUI from ``comfyui_path``."""
-    path = os.path.join(cache_dir, f"tiny_sd15_r{RECIPE_VERSION}_s{seed}.safetensors")
+def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: str = "sd15") -> str:
+    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint or "clip_vision"),
+    building it on first use in a subprocess that imports ComfyUI from ``comfyui_path``."""
+    stem = "tiny_sd15" if kind == "sd15" else "random_clip_vision_vitl"
+    path = os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
     if not os.path.exists(path):
-        subprocess.run([sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed)],
+        subprocess.run([sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed), kind],
                        check=True, cwd=comfyui_path)
     return path
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.abspath(sys.argv[1]))
-    write_checkpoint(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    write_checkpoint(sys.argv[2], int(sys.argv[3]), sys.argv[4])

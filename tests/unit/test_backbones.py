@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from personalize.backbones import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
+from pack.personalize.backbones import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
                                    dinov2_config_from_state_dict, extract_patch_features, load_dinov2)
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from personalize.backbones import EfficientNetLitePatchBackbone
-from personalize.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine, render_text_image
+from pack.personalize.backbones import EfficientNetLitePatchBackbone
+from pack.personalize.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine, render_text_image
 
 
 def test_mean_pairwise_cosine_hand_computed():

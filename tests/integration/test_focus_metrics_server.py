@@ -1,0 +1,157 @@
+"""Focus Regions, Train Patch Quality Estimator and Personalization Metrics inside a real
+ComfyUI server, through /prompt."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_server import PromptError
+
+pytestmark = pytest.mark.server
+
+BUILTIN = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
+
+
+def base_nodes():
+    return {
+        "1": {"class_type": "PrefP_ExampleSubjectPhoto", "inputs": {"photo": "chelsea.png"}},
+        "2": {"class_type": "PrefP_ExampleSubjectPhoto", "inputs": {"photo": "coffee.png"}},
+        "3": {"class_type": "ImageFlip", "inputs": {"image": ["1", 0], "flip_method": "y-axis: horizontally"}},
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["2", 0]}},  # [cat, coffee]
+        "5": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": BUILTIN}},
+    }
+
+
+def focus_node(**overrides):
+    inputs = {"backbone": ["5", 0], "generated": ["4", 0], "references": ["1", 0], "percent": 0.0,
+              "gate_start": 0.3, "gate_end": 0.7, "complexity_weight": 1.0, "strip_frames": 4,
+              "resolution": 192, "overlay_opacity": 0.5}
+    inputs.update(overrides)
+    return {"class_type": "PrefP_FocusRegions", "inputs": inputs}
+
+
+def saved_pixels(server, entry, node_id):
+    return [np.asarray(Image.open(server.output_path(image)), dtype=np.float32) / 255.0
+            for image in entry["outputs"][node_id]["images"]]
+
+
+def test_focus_regions_mismatch_and_strip(comfy_server):
+    prompt = {
+        **base_nodes(),
+        "10": focus_node(),
+        "11": {"class_type": "MaskToImage", "inputs": {"mask": ["10", 0]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "focus_test/focus"}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/strip"}},
+        "14": {"class_type": "MaskToImage", "inputs": {"mask": ["10", 4]}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "focus_test/complexity"}},
+    }
+    entry = comfy_server.run(prompt)
+    cat_focus, coffee_focus = (image.mean() for image in saved_pixels(comfy_server, entry, "12"))
+    assert coffee_focus > cat_focus + 0.3  # the unrelated image is all mismatch at noisy steps
+    strips = saved_pixels(comfy_server, entry, "13")
+    assert len(strips) == 2 and strips[0].shape[1] > 3 * strips[0].shape[0] // 2  # 4 frames side by side
+    complexity = saved_pixels(comfy_server, entry, "15")
+    assert all(0.0 < image.mean() < 1.0 for image in complexity)
+
+
+def test_focus_regions_with_scheduler_sigmas_and_model(comfy_server):
+    prompt = {
+        **base_nodes(),
+        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "21": {"class_type": "BasicScheduler", "inputs": {"model": ["20", 0], "scheduler": "normal", "steps": 8,
+                                                           "denoise": 1.0}},
+        "10": focus_node(sigmas=["21", 0], model=["20", 0], strip_frames=3),
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/sigma_strip"}},
+    }
+    entry = comfy_server.run(prompt)
+    assert len(entry["outputs"]["13"]["images"]) == 2
+
+
+def test_focus_regions_bad_masks(comfy_server):
+    prompt = {
+        **base_nodes(),
+        "30": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "10": focus_node(subject_masks=["30", 0]),
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/bad"}},
+    }
+    with pytest.raises(PromptError, match="Focus Regions: the subject mask covers no reference patch"):
+        comfy_server.run(prompt)
+    prompt["10"]["inputs"]["gate_end"] = 0.1
+    with pytest.raises(PromptError, match="gate_end"):
+        comfy_server.run(prompt)
+    assert comfy_server.object_info("PrefP_FocusRegions")
+
+
+def test_train_estimator_saves_a_loadable_backbone(comfy_server):
+    name = "chelsea_tuned_test"
+    prompt = {
+        **base_nodes(),
+        "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
+            "backbone": ["5", 0], "references": ["4", 0], "steps": 15, "learning_rate": 0.002,
+            "resolution": 160, "seed": 0, "save_name": f"../{name}"}},
+    }
+    entry = comfy_server.run(prompt)
+    report = entry["outputs"]["40"]["text"][0]
+    assert "held-out views" in report and "15 steps" in report
+    path = os.path.join(comfy_server.base_directory, "models", "patch_backbones", f"{name}.safetensors")
+    assert os.path.isfile(path) and f"saved {path}" in report
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".partial")]
+
+    listed = comfy_server.object_info("PrefP_PatchBackboneLoader")["PrefP_PatchBackboneLoader"]
+    assert f"{name}.safetensors" in listed["input"]["required"]["backbone"][1]["options"]
+    scoring = {
+        **base_nodes(),
+        "5": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": f"{name}.safetensors"}},
+        "41": {"class_type": "PrefP_PatchQualityScore", "inputs": {
+            "backbone": ["5", 0], "generated": ["1", 0], "references": ["1", 0], "resolution": 128,
+            "overlay_opacity": 0.5}},
+    }
+    text = comfy_server.run(scoring)["outputs"]["41"]["text"][0]
+    assert "tuned" in text and float(text.splitlines()[0].split(": ")[1]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_train_estimator_zero_steps_is_well_defined(comfy_server):
+    prompt = {
+        **base_nodes(),
+        "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
+            "backbone": ["5", 0], "references": ["1", 0], "steps": 0, "learning_rate": 0.001,
+            "resolution": 128, "seed": 0, "save_name": ""}},
+    }
+    report = comfy_server.run(prompt)["outputs"]["40"]["text"][0]
+    before, after = (float(x) for x in report.split(": ")[1].split(" (")[0].split(" -> "))
+    assert before == after
+
+
+def metrics_node(**extra):
+    inputs = {"generated": ["4", 0], "references": ["1", 0], "prompt": "a photo of a cat"}
+    inputs.update(extra)
+    return {"class_type": "PrefP_PersonalizationMetrics", "inputs": inputs}
+
+
+def test_metrics_dino_clip_i_clip_t_and_delta(comfy_server):
+    comfy_server.provide_clip_vision("clip_vit_l14_random.safetensors")
+    prompt = {
+        **base_nodes(),
+        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "50": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vit_l14_random.safetensors"}},
+        "51": metrics_node(generated=["1", 0], backbone=["5", 0], clip_vision=["50", 0], clip=["20", 1],
+                           generated_before=["2", 0]),
+        "52": {"class_type": "SaveImage", "inputs": {"images": ["51", 4], "filename_prefix": "metrics_test/table"}},
+    }
+    entry = comfy_server.run(prompt)
+    report = entry["outputs"]["51"]["text"][0]
+    rows = {line.split()[0]: line.split() for line in report.splitlines()[1:4]}
+    assert rows["DINO*"][1] == "1.0000" and rows["CLIP-I"][1] == "1.0000"  # identical images
+    assert float(rows["DINO*"][3]) > 0 and float(rows["CLIP-I"][3]) > 0  # after (cat) beats before (coffee)
+    assert rows["CLIP-T"][1] != "n/a"
+    assert "approximate" in report
+    assert len(entry["outputs"]["52"]["images"]) == 1
+
+
+def test_metrics_missing_models_are_reported_or_refused(comfy_server):
+    entry = comfy_server.run({**base_nodes(), "51": metrics_node(backbone=["5", 0])})
+    report = entry["outputs"]["51"]["text"][0]
+    assert "CLIP-I: connect Load CLIP Vision" in report
+    with pytest.raises(PromptError, match="Personalization Metrics: connect a backbone"):
+        comfy_server.run({**base_nodes(), "51": metrics_node()})
