@@ -40,7 +40,7 @@ class PersonalizationMetrics(io.ComfyNode):
             inputs=[
                 io.Image.Input("generated", tooltip="Generated images to evaluate (after)."),
                 io.Image.Input("references", tooltip="Reference photos of the subject."),
-                io.String.Input("prompt", default="", multiline=True,
+                io.String.Input("prompt_text", default="", multiline=True,
                                 tooltip="The prompt the images were generated from (for CLIP-T)."),
                 PatchBackbone.Input("backbone", optional=True,
                                     tooltip="For DINO: a DINOv2 from Patch Backbone Loader (the built-in one "
@@ -63,7 +63,7 @@ class PersonalizationMetrics(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, generated, references, prompt, backbone=None, clip_vision=None, clip=None,
+    def execute(cls, generated, references, prompt_text, backbone=None, clip_vision=None, clip=None,
                 generated_before=None) -> io.NodeOutput:
         if backbone is None and clip_vision is None:
             raise ValueError(f"{NODE_NAME}: connect a backbone (DINO) and/or a CLIP_VISION (CLIP-I, CLIP-T); "
@@ -87,7 +87,7 @@ class PersonalizationMetrics(io.ComfyNode):
             with torch.no_grad():
                 embeddings = {key: encoder.embed(images) for key, images in sets.items()}
             rows.append(MetricRow("CLIP-I", *cls._scores(embeddings, embeddings["references"])))
-            rows.append(cls._clip_t(embeddings, clip, prompt))
+            rows.append(cls._clip_t(embeddings, clip, prompt_text))
         else:
             missing = "connect Load CLIP Vision (a CLIP ViT-B/32 or ViT-L/14 in models/clip_vision/)"
             rows += [MetricRow("CLIP-I", None, note=missing), MetricRow("CLIP-T", None, note=missing)]

@@ -14,6 +14,7 @@ WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 QUICK_RUN_WIDGETS = {
     "EmptyLatentImage": {"width": 128, "height": 128, "batch_size": 2},
     "KSampler": {"steps": 4},
+    "PrefP_TrainPatchQualityEstimator": {"steps": 10},
 }
 
 

@@ -124,7 +124,7 @@ def test_train_estimator_zero_steps_is_well_defined(comfy_server):
 
 
 def metrics_node(**extra):
-    inputs = {"generated": ["4", 0], "references": ["1", 0], "prompt": "a photo of a cat"}
+    inputs = {"generated": ["4", 0], "references": ["1", 0], "prompt_text": "a photo of a cat"}
     inputs.update(extra)
     return {"class_type": "PrefP_PersonalizationMetrics", "inputs": inputs}
 
