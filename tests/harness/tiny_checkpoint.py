@@ -30,7 +30,7 @@ import sys
 import torch
 
 # Bump when the recipe changes so cached files are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 UNET_CONFIG = dict(
     image_size=32,
@@ -54,13 +54,12 @@ UNET_CONFIG = dict(
 def _init_like(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     """A sane random value for a parameter, chosen from its name and shape."""
     leaf = name.rsplit(".", 1)[-1]
-    is_norm = any(part in name for part in ("norm", "ln_", "layer_norm", "in_layers.0", "out_layers.0"))
     if leaf == "bias":
         return torch.zeros(shape)
-    if is_norm and len(shape) == 1:
-        return torch.ones(shape)
     if len(shape) == 1:
-        return torch.zeros(shape)
+        # Every 1-D weight here is a norm's scale (GroupNorm/LayerNorm): 1, or the layer's output
+        # (e.g. the UNet's final norm) is constant and the model ignores its input.
+        return torch.ones(shape)
     if "embedding" in name or "embeddings" in name:
         return torch.randn(shape, generator=generator) * 0.02
     fan_in = math.prod(shape[1:])

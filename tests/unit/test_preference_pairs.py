@@ -1,0 +1,90 @@
+"""Preference-pair sets: ranking rules, merging, validation and atomic storage."""
+import os
+
+import pytest
+import torch
+
+from pack.trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
+                                            to_latent_grid)
+
+
+def make_pairs(count=2, size=(4, 6), channels=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    maps = lambda: torch.rand(count, *size, generator=generator)  # noqa: E731
+    cond = torch.randn(1, 5, 8, generator=generator)
+    return PreferencePairs(
+        winners=torch.randn(count, channels, *size, generator=generator),
+        losers=torch.randn(count, channels, *size, generator=generator),
+        conditionings=[[[cond, {"pooled_output": torch.randn(1, 8, generator=generator), "area": (1, 1)}]]],
+        condition_index=torch.zeros(count, dtype=torch.long),
+        winner_weights=maps(), loser_weights=maps(), winner_quality=maps(), loser_quality=maps(),
+        winner_complexity=maps(), loser_complexity=maps(),
+        thumbnails_winner=torch.rand(count, 3, 16, 24), thumbnails_loser=torch.rand(count, 3, 16, 24),
+        metadata=[{"source": "ranked", "difficulty": "easy", "winner_score": 0.9, "loser_score": 0.2}] * count,
+        latent_channels=channels,
+    )
+
+
+def test_rank_pairs_best_vs_worst_and_margin():
+    assert rank_pairs([0.2, 0.9, 0.5]) == [(1, 0, "easy")]
+    all_pairs = rank_pairs([0.2, 0.9, 0.5], "all_above_margin", margin=0.25)
+    assert sorted(all_pairs) == [(1, 0, "easy"), (1, 2, "normal"), (2, 0, "normal")]
+    # gaps: 0.7 (1 vs 0), 0.4 (1 vs 2), 0.3 (2 vs 0)
+    assert sorted(rank_pairs([0.2, 0.9, 0.5], "all_above_margin", margin=0.35)) == [(1, 0, "easy"), (1, 2, "normal")]
+    with pytest.raises(ValueError, match="at least 2"):
+        rank_pairs([0.5])
+    with pytest.raises(ValueError, match="margin"):
+        rank_pairs([0.5, 0.51], margin=0.1)
+
+
+def test_to_latent_grid_area_pools():
+    maps = torch.zeros(1, 8, 8)
+    maps[:, :4, :4] = 1
+    torch.testing.assert_close(to_latent_grid(maps, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+    assert to_latent_grid(torch.ones(1, 2, 2), (4, 4)).shape == (1, 4, 4)
+
+
+def test_merge_offsets_conditioning_and_checks_sizes():
+    merged = merge_pairs(make_pairs(2, seed=0), make_pairs(3, seed=1))
+    assert len(merged) == 5 and len(merged.conditionings) == 2
+    assert merged.condition_index.tolist() == [0, 0, 1, 1, 1]
+    merged.validate()
+    with pytest.raises(ValueError, match="different latent sizes"):
+        merge_pairs(make_pairs(2), make_pairs(2, size=(4, 4)))
+
+
+def test_validate_names_problems():
+    pairs = make_pairs()
+    pairs.losers = pairs.losers[..., :3]
+    with pytest.raises(ValueError, match="differ in size"):
+        pairs.validate()
+    pairs = make_pairs()
+    pairs.winners[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pairs.validate()
+    empty = make_pairs(0)
+    with pytest.raises(ValueError, match="empty"):
+        empty.validate()
+
+
+def test_save_load_roundtrip_is_atomic(tmp_path):
+    pairs = make_pairs(3)
+    tensor_path, json_path = save_pairs(pairs, str(tmp_path / "sub" / "set"))
+    assert os.path.isfile(tensor_path) and os.path.isfile(json_path)
+    assert not [name for name in os.listdir(tmp_path / "sub") if name.endswith(".partial")]
+    loaded = load_pairs(tensor_path)
+    for name in ("winners", "losers", "winner_weights", "loser_quality", "thumbnails_loser"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(pairs, name))
+    torch.testing.assert_close(loaded.conditionings[0][0][0], pairs.conditionings[0][0][0])
+    torch.testing.assert_close(loaded.conditionings[0][0][1]["pooled_output"], pairs.conditionings[0][0][1]["pooled_output"])
+    assert loaded.metadata == pairs.metadata and loaded.latent_channels == 4
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    pairs = make_pairs(2)
+    pairs.winners[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError):
+        save_pairs(pairs, str(tmp_path / "bad"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="json"):
+        load_pairs(str(tmp_path / "missing.safetensors"))

@@ -1,0 +1,109 @@
+"""Diffusion-DPO losses, plain and patch-weighted (no ComfyUI here).
+
+Notation (ALGORITHMS.md): for a pair, winner x_w and loser x_l are noised with the same
+timestep and noise; ``e_*`` are the policy's (model + LoRA) squared errors in the model's target
+space, ``r_*`` the reference's (LoRA off). Errors come in as per-element tensors
+``[B, C, h, w]`` so every mode can weight them per latent cell before the mean.
+
+Modes:
+- ``dpo`` (Diffusion-DPO): L_w = mean_chw(e_w), likewise L_l, R_w, R_l;
+  inside = -0.5 * beta * ((L_w - L_l) - (R_w - R_l)); loss = -mean(logsigmoid(inside)).
+- ``patch_dpo`` (ours, generalising PatchDPO): the same, with every mean replaced by a
+  weighted mean ``sum(W * e) / sum(W)`` over (c, h, w), W the pair's winner or loser map
+  broadcast over channels. With all-ones maps it equals ``dpo`` exactly.
+- ``patchdpo_paper`` (PatchDPO's released ``train_patchdpo.py``): no reference, no beta:
+  L = mean(cat(W_w * e_w, W_l * e_l)) over all elements of both images.
+- ``focus_dpo`` is ``patch_dpo`` with focus maps as W (the caller gates them by timestep).
+- ``hg_dpo`` is ``dpo`` on real winners plus ``stats_weight`` times a colour-statistics term
+  (``channel_stats_loss``); the curriculum is the caller's sampling.
+
+Diagnostics: implicit accuracy = mean(inside > 0); reward margin = mean(inside), the logit of
+the preference (beta is inside it, so compare margins only at one beta).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_MODES = ("dpo", "patch_dpo", "patchdpo_paper", "focus_dpo", "hg_dpo")
+
+
+def weighted_mean(errors: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of ``errors`` over (c, h, w), weighted per latent cell.
+
+    Args:
+        errors: ``[B, C, h, w]``.
+        weights: ``[B, h, w]`` (or None for the plain mean); broadcast over channels.
+
+    Returns:
+        ``[B]``: ``sum(W * e) / sum(W)`` with W repeated over C (plain mean when W is None).
+    """
+    if weights is None:
+        return errors.mean(dim=(1, 2, 3))
+    weights = weights.to(errors.dtype).unsqueeze(1).expand_as(errors)
+    return (weights * errors).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-8)
+
+
+@dataclass
+class DPOTerms:
+    """Loss and the diagnostics worth logging (each a scalar tensor, the loss has a graph)."""
+
+    loss: torch.Tensor
+    model_winner: torch.Tensor
+    model_loser: torch.Tensor
+    reference_winner: torch.Tensor
+    reference_loser: torch.Tensor
+    margin: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def dpo_loss(model_winner: torch.Tensor, model_loser: torch.Tensor, reference_winner: torch.Tensor,
+             reference_loser: torch.Tensor, beta: float, winner_weights: torch.Tensor | None = None,
+             loser_weights: torch.Tensor | None = None) -> DPOTerms:
+    """Diffusion-DPO on per-element squared errors, optionally patch-weighted.
+
+    Args:
+        model_winner, model_loser: ``[B, C, h, w]`` policy errors.
+        reference_winner, reference_loser: ``[B, C, h, w]`` reference errors (no graph needed).
+        beta: DPO temperature (5000 for SD1.5/SDXL eps models with the 0.5 kept, as here).
+        winner_weights, loser_weights: optional ``[B, h, w]`` maps (``patch_dpo``/``focus_dpo``).
+    """
+    l_w, l_l = weighted_mean(model_winner, winner_weights), weighted_mean(model_loser, loser_weights)
+    r_w, r_l = weighted_mean(reference_winner, winner_weights), weighted_mean(reference_loser, loser_weights)
+    inside = -0.5 * beta * ((l_w - l_l) - (r_w - r_l).detach())
+    return DPOTerms(
+        loss=-F.logsigmoid(inside).mean(),
+        model_winner=l_w.mean().detach(), model_loser=l_l.mean().detach(),
+        reference_winner=r_w.mean().detach(), reference_loser=r_l.mean().detach(),
+        margin=inside.mean().detach(), accuracy=(inside > 0).float().mean().detach(),
+    )
+
+
+def patchdpo_paper_loss(model_winner: torch.Tensor, model_loser: torch.Tensor,
+                        winner_weights: torch.Tensor | None = None,
+                        loser_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """PatchDPO's released weighted MSE: ``mean(cat(W_w * e_w, W_l * e_l))``.
+
+    Args:
+        model_winner, model_loser: ``[B, C, h, w]`` policy errors.
+        winner_weights, loser_weights: ``[B, h, w]`` maps (ones when None).
+    """
+    def weighted(errors, weights):
+        return errors if weights is None else errors * weights.to(errors.dtype).unsqueeze(1)
+
+    return torch.cat([weighted(model_winner, winner_weights).flatten(),
+                      weighted(model_loser, loser_weights).flatten()]).mean()
+
+
+def channel_stats_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """HG-DPO's colour-statistics matching, on latents: squared differences of per-channel
+    means and standard deviations over (h, w), averaged over batch and channels.
+
+    Args:
+        predicted, target: ``[B, C, h, w]``.
+    """
+    mean_p, mean_t = predicted.mean(dim=(2, 3)), target.mean(dim=(2, 3))
+    std_p, std_t = predicted.std(dim=(2, 3)), target.std(dim=(2, 3))
+    return ((mean_p - mean_t) ** 2 + (std_p - std_t) ** 2).mean()

@@ -1,0 +1,235 @@
+"""Preference pairs: what the DPO trainer learns from, and how they are built, merged and stored.
+
+A ``PreferencePairs`` set holds N pairs of same-size latents (unscaled, as the VAE returns
+them), the conditioning of each pair, per-pair maps on the latent grid, optional reference
+latents and metadata. Building from images is done by the nodes (they own the VAE); the rules
+that turn quality maps into weights live here so they are tested on tensors:
+
+- ``loser_weights`` = 1 - loser quality: the loser's bad patches are where the preference is
+  decided, so they count most; ``winner_weights`` = winner quality for generated winners, 1 for
+  real photos. Artist masks replace these (bad regions of the loser, good regions of the
+  winner). A map is 1 where nothing is known;
+- quality and complexity maps are kept too: ``patchdpo_paper`` weights the loser by its quality
+  (PatchDPO's released form) and ``focus_dpo`` rebuilds FocusDPO focus maps per timestep.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DIFFICULTIES = ("easy", "normal", "hard")
+FORMAT = "prefp-preference-pairs/1"
+
+
+def to_latent_grid(maps: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Area-pool (or bilinearly upsample) ``[N, H, W]`` maps to the latent grid ``[N, h, w]``."""
+    if maps.shape[-2] >= grid_size[0] and maps.shape[-1] >= grid_size[1]:
+        return F.adaptive_avg_pool2d(maps.float().unsqueeze(1), grid_size).squeeze(1)
+    return F.interpolate(maps.float().unsqueeze(1), size=grid_size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+@dataclass
+class PreferencePairs:
+    """N preference pairs.
+
+    Attributes:
+        winners, losers: ``[N, C, h, w]`` latents as the VAE returns them (unscaled).
+        conditionings: the distinct ComfyUI CONDITIONING lists used by the pairs.
+        condition_index: ``[N]`` index into ``conditionings`` for each pair.
+        winner_weights, loser_weights: ``[N, h, w]`` loss weights (1 where unknown).
+        winner_quality, loser_quality: ``[N, h, w]`` patch quality in [0, 1] (1 where unknown).
+        winner_complexity, loser_complexity: ``[N, h, w]`` local entropy in [0, 1].
+        thumbnails_winner, thumbnails_loser: ``[N, 3, th, tw]`` small RGB previews in 0..1.
+        references: optional ``[R, C, h, w]`` reference latents (joint-set training).
+        metadata: per pair: ``source``, ``difficulty`` (easy/normal/hard), scores, sizes.
+        latent_channels: channel count of the VAE that made the latents (family check).
+    """
+
+    winners: torch.Tensor
+    losers: torch.Tensor
+    conditionings: list
+    condition_index: torch.Tensor
+    winner_weights: torch.Tensor
+    loser_weights: torch.Tensor
+    winner_quality: torch.Tensor
+    loser_quality: torch.Tensor
+    winner_complexity: torch.Tensor
+    loser_complexity: torch.Tensor
+    thumbnails_winner: torch.Tensor
+    thumbnails_loser: torch.Tensor
+    metadata: list[dict]
+    latent_channels: int
+    references: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.winners.shape[0]
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return tuple(self.winners.shape[-2:])
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming what is inconsistent."""
+        n = len(self)
+        if n == 0:
+            raise ValueError("the pair set is empty")
+        if self.losers.shape != self.winners.shape:
+            raise ValueError(f"winner latents {tuple(self.winners.shape)} and loser latents "
+                             f"{tuple(self.losers.shape)} differ in size")
+        for name in ("winner_weights", "loser_weights", "winner_quality", "loser_quality",
+                     "winner_complexity", "loser_complexity"):
+            value = getattr(self, name)
+            if tuple(value.shape) != (n, *self.latent_size):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
+        if not (torch.isfinite(self.winners).all() and torch.isfinite(self.losers).all()):
+            raise ValueError("the latents contain NaN or infinite values")
+        if len(self.metadata) != n or self.condition_index.shape[0] != n:
+            raise ValueError("metadata or conditioning count does not match the number of pairs")
+
+    def difficulty_indices(self) -> dict[str, list[int]]:
+        groups = {name: [] for name in DIFFICULTIES}
+        for index, meta in enumerate(self.metadata):
+            groups.setdefault(meta.get("difficulty", "normal"), []).append(index)
+        return groups
+
+
+def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePairs:
+    """Concatenate two pair sets of the same latent size and VAE family."""
+    if first.latent_size != second.latent_size or first.winners.shape[1] != second.winners.shape[1]:
+        raise ValueError(f"pair sets have different latent sizes ({tuple(first.winners.shape[1:])} vs "
+                         f"{tuple(second.winners.shape[1:])}); build them at one image size, or train separately")
+    if first.latent_channels != second.latent_channels:
+        raise ValueError("pair sets were built with VAEs of different families")
+    thumb_size = first.thumbnails_winner.shape[-2:]
+
+    def thumbs(tensor):
+        return tensor if tensor.shape[-2:] == thumb_size else F.interpolate(tensor, size=thumb_size, mode="area")
+
+    references = first.references
+    if second.references is not None:
+        references = second.references if references is None else torch.cat([references, second.references])
+    cat = torch.cat
+    return PreferencePairs(
+        winners=cat([first.winners, second.winners]), losers=cat([first.losers, second.losers]),
+        conditionings=first.conditionings + second.conditionings,
+        condition_index=cat([first.condition_index, second.condition_index + len(first.conditionings)]),
+        winner_weights=cat([first.winner_weights, second.winner_weights]),
+        loser_weights=cat([first.loser_weights, second.loser_weights]),
+        winner_quality=cat([first.winner_quality, second.winner_quality]),
+        loser_quality=cat([first.loser_quality, second.loser_quality]),
+        winner_complexity=cat([first.winner_complexity, second.winner_complexity]),
+        loser_complexity=cat([first.loser_complexity, second.loser_complexity]),
+        thumbnails_winner=cat([first.thumbnails_winner, thumbs(second.thumbnails_winner)]),
+        thumbnails_loser=cat([first.thumbnails_loser, thumbs(second.thumbnails_loser)]),
+        metadata=first.metadata + second.metadata,
+        latent_channels=first.latent_channels,
+        references=references,
+    )
+
+
+def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: float = 0.0) -> list[tuple[int, int, str]]:
+    """Choose (winner, loser, difficulty) index pairs from candidate scores.
+
+    Args:
+        scores: one score per candidate (higher is better).
+        pairing: ``best_vs_worst`` (one pair, "easy") or ``all_above_margin`` (every pair whose
+            score gap exceeds ``margin``; the best-vs-worst pair is "easy", the rest "normal").
+        margin: minimum score gap for a pair.
+
+    Raises:
+        ValueError: fewer than two candidates, or no gap above the margin.
+    """
+    if len(scores) < 2:
+        raise ValueError(f"need at least 2 candidates to rank, got {len(scores)}")
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    best, worst = order[0], order[-1]
+    if pairing == "best_vs_worst":
+        candidates = [(best, worst)]
+    elif pairing == "all_above_margin":
+        candidates = [(w, l) for a, w in enumerate(order) for l in order[a + 1:]]
+    else:
+        raise ValueError(f"unknown pairing '{pairing}'")
+    pairs = [(w, l, "easy" if (w, l) == (best, worst) else "normal")
+             for w, l in candidates if scores[w] - scores[l] > margin]
+    if not pairs:
+        raise ValueError(f"no two candidates differ by more than the margin {margin:.3f} "
+                         f"(scores {min(scores):.3f}..{max(scores):.3f}); lower the margin or add candidates")
+    return pairs
+
+
+# --- storage: safetensors for tensors, JSON for the rest -------------------------------------------
+
+_TENSORS = ("winners", "losers", "condition_index", "winner_weights", "loser_weights", "winner_quality",
+            "loser_quality", "winner_complexity", "loser_complexity", "thumbnails_winner", "thumbnails_loser")
+
+
+def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically (temporary files, then
+    renames; nothing half-written is left on failure). Conditioning keeps each entry's tensor
+    and ``pooled_output``; other conditioning keys are not stored (listed in the JSON)."""
+    import safetensors.torch
+
+    pairs.validate()
+    tensors = {name: getattr(pairs, name).contiguous() for name in _TENSORS}
+    if pairs.references is not None:
+        tensors["references"] = pairs.references.contiguous()
+    dropped = set()
+    conditioning_layout = []
+    for c_index, conditioning in enumerate(pairs.conditionings):
+        entries = []
+        for e_index, (cond, options) in enumerate(conditioning):
+            tensors[f"cond.{c_index}.{e_index}"] = cond.contiguous()
+            has_pooled = options.get("pooled_output") is not None
+            if has_pooled:
+                tensors[f"pooled.{c_index}.{e_index}"] = options["pooled_output"].contiguous()
+            dropped |= {key for key in options if key != "pooled_output"}
+            entries.append({"pooled": has_pooled})
+        conditioning_layout.append(entries)
+    info = {"format": FORMAT, "pairs": len(pairs), "latent_channels": pairs.latent_channels,
+            "latent_size": list(pairs.latent_size), "conditionings": conditioning_layout,
+            "dropped_conditioning_keys": sorted(dropped), "metadata": pairs.metadata}
+    tensor_path, json_path = f"{path_stem}.safetensors", f"{path_stem}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(tensor_path)), exist_ok=True)
+    temporary = [f"{tensor_path}.partial", f"{json_path}.partial"]
+    try:
+        safetensors.torch.save_file(tensors, temporary[0], metadata={"format": FORMAT})
+        with open(temporary[1], "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=1)
+        os.replace(temporary[0], tensor_path)
+        os.replace(temporary[1], json_path)
+    finally:
+        for path in temporary:
+            if os.path.exists(path):
+                os.remove(path)
+    return tensor_path, json_path
+
+
+def load_pairs(tensor_path: str) -> PreferencePairs:
+    """Read a pair set written by ``save_pairs`` (the ``.json`` beside the ``.safetensors``)."""
+    import safetensors.torch
+
+    json_path = tensor_path[: -len(".safetensors")] + ".json"
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f"{json_path} is missing; it is written next to the .safetensors by Save Preference Pairs")
+    with open(json_path, encoding="utf-8") as handle:
+        info = json.load(handle)
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{json_path} is not a preference-pair file (format {info.get('format')!r})")
+    tensors = safetensors.torch.load_file(tensor_path)
+    conditionings = []
+    for c_index, entries in enumerate(info["conditionings"]):
+        conditioning = []
+        for e_index, entry in enumerate(entries):
+            options = {"pooled_output": tensors[f"pooled.{c_index}.{e_index}"]} if entry["pooled"] else {}
+            conditioning.append([tensors[f"cond.{c_index}.{e_index}"], options])
+        conditionings.append(conditioning)
+    pairs = PreferencePairs(conditionings=conditionings, metadata=info["metadata"],
+                            latent_channels=int(info["latent_channels"]), references=tensors.get("references"),
+                            **{name: tensors[name] for name in _TENSORS})
+    pairs.validate()
+    return pairs
