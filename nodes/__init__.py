@@ -4,7 +4,10 @@ from .estimator import TrainPatchQualityEstimator
 from .examples import ExampleSubjectPhoto
 from .focus import FocusRegions
 from .metrics import PersonalizationMetrics
+from .pairs import (LoadPreferencePairs, MergePreferencePairs, PairsFromArtistChoice, PairsFromRankedCandidates,
+                    PairsFromRealPhotos, PreviewPreferencePairs, SavePreferencePairs)
 from .patch_quality import PatchQualityScore
+from .trainer import DPOLoraTrainer
 
 NODE_LIST = [
     PatchBackboneLoader,
@@ -14,6 +17,14 @@ NODE_LIST = [
     FocusRegions,
     TrainPatchQualityEstimator,
     PersonalizationMetrics,
+    PairsFromRankedCandidates,
+    PairsFromRealPhotos,
+    PairsFromArtistChoice,
+    MergePreferencePairs,
+    PreviewPreferencePairs,
+    SavePreferencePairs,
+    LoadPreferencePairs,
+    DPOLoraTrainer,
 ]
 
 __all__ = ["NODE_LIST", "register_model_folders"]

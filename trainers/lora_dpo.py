@@ -1,0 +1,405 @@
+"""DPO training of a LoRA on a ComfyUI MODEL, in the graph.
+
+The mechanics follow core ``TrainLoraNode`` (ComfyUI's weight-adapter / weight-wrapper path),
+so every model family ComfyUI loads trains the same way:
+
+- the incoming ModelPatcher is cloned; every layer with a ``weight_function`` and a 2-D+ weight
+  gets a trainable ``comfy.weight_adapter`` LoRA registered with ``add_weight_wrapper``;
+  ``comfy.ops`` applies it on every forward, so the forward is differentiable;
+- the reference prediction is the same network with the adapters switched off (a flag read by
+  the wrappers): no second copy of the model in memory;
+- winner and loser share timestep and noise; latents are scaled with the model's own
+  ``process_latent_in`` and noised with ``model_sampling.noise_scaling``; the model's x0
+  prediction is compared in the model's own target space: x0 errors are scaled per sample by
+  1/sigma for eps and flow models (the eps / velocity error) and by sqrt(sigma^2+s^2)/(sigma s)
+  for v-prediction (s = sigma_data), 1 for x0 models;
+- conditioning goes through ComfyUI's ``convert_cond`` / ``encode_model_conds`` / ``cond_cat``
+  like sampling does, so SDXL's pooled/size conditioning is handled by the model itself.
+
+Importing this module needs ComfyUI on the path; the losses themselves are in ``dpo_losses``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+
+from ..personalize.focus import blend_focus
+from .dpo_losses import channel_stats_loss, dpo_loss, patchdpo_paper_loss
+from .preference_pairs import PreferencePairs
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
+
+
+class AdapterSwitch:
+    """On/off flag shared by a training run's adapter wrappers (off = reference model)."""
+
+    def __init__(self):
+        self.enabled = True
+
+
+class SwitchedAdapter(torch.nn.Module):
+    """A weight wrapper that applies ``adapter`` only while ``switch.enabled``."""
+
+    def __init__(self, adapter: torch.nn.Module, switch: AdapterSwitch):
+        super().__init__()
+        self.adapter = adapter
+        self.switch = switch
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.adapter(weight) if self.switch.enabled else weight
+
+    def passive_memory_usage(self) -> int:
+        return self.adapter.passive_memory_usage()
+
+    def move_to(self, device) -> int:
+        return self.adapter.move_to(device)
+
+
+@dataclass
+class LoraOnModel:
+    """A cloned ModelPatcher carrying trainable LoRA wrappers."""
+
+    patcher: object
+    parameters: dict[str, torch.nn.Parameter]
+    switch: AdapterSwitch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached copies in ComfyUI's LORA_MODEL layout (``<module>.lora_up.weight``, ...)."""
+        return {key: value.detach().to("cpu", copy=True) for key, value in self.parameters.items()}
+
+
+def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.Tensor] | None = None,
+                seed: int = 0) -> LoraOnModel:
+    """Clone ``model_patcher`` and register a trainable LoRA on every adaptable layer.
+
+    New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
+    no-op) with the up matrices drawn from ``seed``, so training is reproducible.
+
+    Raises:
+        ValueError: ``rank`` larger than a layer allows, or a ``resume`` LoRA that matches no
+            layer (or a layer of another shape) of this model.
+    """
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    patcher = model_patcher.clone()
+    switch = AdapterSwitch()
+    parameters: dict[str, torch.nn.Parameter] = {}
+    matched = 0
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in patcher.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "weight_function") or weight is None or weight.ndim < 2:
+            continue
+        adapter = None
+        if resume is not None:
+            try:
+                loaded = LoRAAdapter.load(name, resume, float(resume.get(f"{name}.alpha", alpha)), None)
+            except Exception as error:
+                raise ValueError(f"the resume LoRA does not fit layer {name}: {error}") from error
+            if loaded is not None:
+                up, down = loaded.weights[0], loaded.weights[1]
+                if up.shape[0] != weight.shape[0] or down.numel() != down.shape[0] * math.prod(weight.shape[1:]):
+                    raise ValueError(f"the resume LoRA's layer {name} has another shape than this model's")
+                adapter = loaded.to_train()
+                matched += 1
+        if adapter is None:
+            limit = min(weight.shape[0], math.prod(weight.shape[1:]))
+            if rank > limit:
+                raise ValueError(f"rank {rank} is larger than layer {name} allows ({limit}); use rank <= {limit}")
+            adapter = LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+            up = torch.empty(adapter.lora_up.weight.shape)
+            torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)
+            adapter.lora_up.weight.data.copy_(up)
+        adapter = adapter.float()
+        for parameter_name, parameter in adapter.named_parameters():
+            parameters[f"{name}.{parameter_name}"] = parameter
+        patcher.add_weight_wrapper(f"{name}.weight", SwitchedAdapter(adapter, switch))
+    if resume is not None and matched == 0:
+        raise ValueError("the resume LoRA matches no layer of this model (made for another model family?)")
+    for key, parameter in parameters.items():
+        parameter.requires_grad_(not key.endswith(".alpha"))
+    return LoraOnModel(patcher, parameters, switch)
+
+
+def target_space_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample factor turning x0 errors into errors of what the model predicts."""
+    import comfy.model_sampling as sampling
+
+    sigma = sigma.clamp(min=1e-4)
+    if isinstance(model_sampling, sampling.V_PREDICTION):
+        data = float(getattr(model_sampling, "sigma_data", 1.0))
+        return (sigma ** 2 + data ** 2).sqrt() / (sigma * data)
+    if isinstance(model_sampling, sampling.X0):
+        return torch.ones_like(sigma)
+    return 1.0 / sigma  # eps and flow (velocity) models
+
+
+def conditioning_batches(model, conditionings: list, latent_shape, device) -> list[dict]:
+    """Per conditioning, ComfyUI's processed model conds for a batch of one."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    processed = []
+    noise = torch.zeros((1, *latent_shape), device=device)
+    for conditioning in conditionings:
+        conds = comfy.sampler_helpers.convert_cond(conditioning)[:1]  # area/multi-entry conds: first entry
+        conds = comfy.samplers.encode_model_conds(model.extra_conds, conds, noise, device, "positive",
+                                                  latent_image=noise, denoise_mask=None, seed=0)
+        processed.append({key: value.process_cond(batch_size=1, area=None)
+                          for key, value in conds[0]["model_conds"].items()})
+    return processed
+
+
+def batch_kwargs(processed: list[dict], indices: list[int], device) -> dict[str, torch.Tensor]:
+    import comfy.samplers
+
+    joined = comfy.samplers.cond_cat([processed[i] for i in indices])
+    # clone(): conditioning made under ComfyUI's inference mode cannot be saved for backward.
+    return {key: value.to(device).clone() if torch.is_tensor(value) else value for key, value in joined.items()}
+
+
+class PairBatcher:
+    """Turns pair indices into model inputs: scaled latents noised with shared noise and sigma,
+    processed conditioning, and the target-space error scale. ``patcher`` must be loaded."""
+
+    def __init__(self, patcher, pairs: PreferencePairs):
+        self.model = patcher.model
+        self.device = patcher.load_device
+        self.sampling = self.model.model_sampling
+        self.transformer_options = patcher.model_options.get("transformer_options", {})
+        self.pairs = pairs
+        self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
+        self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
+        self.conds = conditioning_batches(self.model, pairs.conditionings, tuple(self.winners.shape[1:]), self.device)
+
+    def batch(self, indices: list[int], percents: torch.Tensor, generator: torch.Generator):
+        """``(x_t, sigma, kwargs, x0, scale)`` for winners then losers of ``indices``."""
+        sigma = torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], device=self.device)
+        noise = torch.randn((len(indices), *self.winners.shape[1:]), generator=generator).to(self.device)
+        x0 = torch.cat([self.winners[indices], self.losers[indices]])
+        sigma2 = torch.cat([sigma, sigma])
+        x_t = self.sampling.noise_scaling(sigma2.view(-1, 1, 1, 1), torch.cat([noise, noise]), x0)
+        kwargs = batch_kwargs(self.conds, [int(self.pairs.condition_index[i]) for i in indices] * 2, self.device)
+        scale = target_space_scale(self.sampling, sigma2).view(-1, 1, 1, 1) ** 2
+        return x_t, sigma2, kwargs, x0, scale
+
+    def predict(self, x_t, sigma, kwargs) -> torch.Tensor:
+        return self.model.apply_model(x_t, sigma, transformer_options=self.transformer_options, **kwargs).float()
+
+
+@torch.no_grad()
+def implicit_accuracy(lora: LoraOnModel, pairs: PreferencePairs, seed: int = 0, repeats: int = 4,
+                      timestep_start: float = 0.0, timestep_end: float = 1.0) -> float:
+    """Share of (pair, timestep, noise) draws where the LoRA model prefers the winner more than
+    the reference does (DPO's implicit reward: inside > 0; exact ties count one half).
+
+    Uses plain (unweighted) errors, so numbers are comparable across loss modes.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([lora.patcher], force_full_load=True)
+    batcher = PairBatcher(lora.patcher, pairs)
+    generator = torch.Generator().manual_seed(seed)
+    config = DPOTrainingConfig(timestep_start=timestep_start, timestep_end=timestep_end)
+    score = total = 0.0
+    indices = list(range(len(pairs)))
+    with torch.inference_mode(False):
+        for _ in range(repeats):
+            x_t, sigma2, kwargs, x0, scale = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
+            lora.switch.enabled = False
+            try:
+                reference = ((batcher.predict(x_t, sigma2, kwargs) - x0) ** 2 * scale).mean(dim=(1, 2, 3))
+            finally:
+                lora.switch.enabled = True
+            policy = ((batcher.predict(x_t, sigma2, kwargs) - x0) ** 2 * scale).mean(dim=(1, 2, 3))
+            count = len(indices)
+            inside = -((policy[:count] - policy[count:]) - (reference[:count] - reference[count:]))
+            score += float((inside > 0).sum() + 0.5 * (inside == 0).sum())
+            total += count
+    return score / total
+
+
+@dataclass
+class DPOTrainingConfig:
+    loss_mode: str = "patch_dpo"
+    beta: float = 5000.0
+    steps: int = 100
+    learning_rate: float = 1e-4
+    rank: int = 8
+    alpha: float = 8.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seed: int = 0
+    timestep_start: float = 0.0  # ComfyUI percent: 0 = noisiest
+    timestep_end: float = 1.0
+    timestep_sampling: str = "uniform"
+    dtype: torch.dtype = torch.float32
+    gradient_checkpointing: bool = False
+    stats_weight: float = 0.1  # hg_dpo colour-statistics term
+    focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
+
+
+@dataclass
+class DPOTrainingResult:
+    lora: LoraOnModel
+    history: dict[str, list[float]] = field(default_factory=dict)
+    steps_done: int = 0
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def sample_percents(count: int, config: DPOTrainingConfig, generator: torch.Generator) -> torch.Tensor:
+    """Timestep percents in [start, end) (0 = noisiest), uniform or logit-normal."""
+    start, end = config.timestep_start, min(config.timestep_end, 0.999)
+    if config.timestep_sampling == "logit_normal":
+        unit = torch.sigmoid(torch.randn(count, generator=generator))
+    else:
+        unit = torch.rand(count, generator=generator)
+    return start + (end - start) * unit
+
+
+def curriculum_pool(pairs: PreferencePairs, mode: str, step: int, steps: int) -> list[int]:
+    """Pair indices to draw from at ``step``: HG-DPO goes easy -> normal -> hard in equal thirds
+    of the run (a stage with no pairs falls back to all pairs); other modes use every pair."""
+    everything = list(range(len(pairs)))
+    if mode != "hg_dpo":
+        return everything
+    stage = ("easy", "normal", "hard")[min(2, 3 * step // max(steps, 1))]
+    return pairs.difficulty_indices().get(stage) or everything
+
+
+def train_dpo_lora(model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
+                   resume: dict[str, torch.Tensor] | None = None,
+                   on_step: Callable[[int, dict[str, float], LoraOnModel], None] | None = None) -> DPOTrainingResult:
+    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs``.
+
+    ``on_step(step, metrics, lora)`` runs after every optimiser step (progress, previews,
+    checkpoints, interrupts: it may raise). Raises ``NonFiniteLoss`` on a NaN/inf loss, before
+    the bad update is applied.
+    """
+    pairs.validate()
+    latent_format = model_patcher.model.latent_format
+    if pairs.latent_channels != latent_format.latent_channels or pairs.winners.shape[1] != latent_format.latent_channels:
+        raise ValueError(f"the pairs were encoded by a VAE with {pairs.latent_channels}-channel latents but this "
+                         f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE")
+    # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(model_patcher, pairs, config, resume, on_step)
+
+
+def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
+    import comfy.model_management
+
+    lora = attach_lora(model_patcher, config.rank, config.alpha, resume, seed=config.seed)
+    patcher = lora.patcher
+    if config.dtype != torch.float32:
+        patcher.set_model_compute_dtype(config.dtype)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    device = patcher.load_device
+
+    batcher = PairBatcher(patcher, pairs)
+    grid = pairs.latent_size
+
+    trainable = [p for p in lora.parameters.values() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = {name: [] for name in METRICS}
+    autocast = torch.autocast(device_type=device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
+    predict = batcher.predict
+
+    def policy(x_t, sigma, kwargs):
+        if not config.gradient_checkpointing:
+            return predict(x_t, sigma, kwargs)
+        # Winner and loser halves are recomputed one at a time in backward, so only one image's
+        # activations are alive at once (one extra forward of compute).
+        half = x_t.shape[0] // 2
+        outputs = []
+        for part in (slice(0, half), slice(half, None)):
+            part_kwargs = {k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v for k, v in kwargs.items()}
+            outputs.append(torch.utils.checkpoint.checkpoint(
+                lambda x, s, kw=part_kwargs: predict(x, s, kw), x_t[part], sigma[part], use_reentrant=False))
+        return torch.cat(outputs)
+
+    steps_done = 0
+    for step in range(config.steps):
+        pool = curriculum_pool(pairs, config.loss_mode, step, config.steps)
+        totals = {name: 0.0 for name in METRICS}
+        for _ in range(config.grad_accumulation):
+            picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
+            indices = [pool[i] for i in picks.tolist()]
+            percents = sample_percents(len(indices), config, generator)
+            x_t, sigma2, kwargs, x0, scale = batcher.batch(indices, percents, generator)
+            terms = _loss_terms(config, pairs, indices, percents, grid, x_t, sigma2, kwargs, x0, scale,
+                                lora.switch, predict, policy, autocast, device)
+            loss = terms.pop("loss")
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
+            (loss / config.grad_accumulation).backward()
+            totals["loss"] += float(loss.detach()) / config.grad_accumulation
+            for name, value in terms.items():
+                totals[name] += float(value) / config.grad_accumulation
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1
+        for name in METRICS:
+            history[name].append(totals[name])
+        if on_step is not None:
+            on_step(steps_done, totals, lora)
+    for parameter in lora.parameters.values():
+        parameter.requires_grad_(False)
+    del optimizer
+    comfy.model_management.soft_empty_cache()
+    return DPOTrainingResult(lora=lora, history=history, steps_done=steps_done)
+
+
+def _loss_terms(config, pairs, indices, percents, grid, x_t, sigma2, kwargs, x0, scale, switch,
+                predict, policy, autocast, device) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss and diagnostics for the configured mode."""
+    batch = len(indices)
+    mode = config.loss_mode
+    with autocast:
+        if mode == "patchdpo_paper":
+            reference = None
+        else:
+            switch.enabled = False
+            try:
+                with torch.no_grad():
+                    reference = predict(x_t, sigma2, kwargs)
+            finally:
+                switch.enabled = True
+        prediction = policy(x_t, sigma2, kwargs)
+    errors = (prediction - x0) ** 2 * scale
+    model_w, model_l = errors[:batch], errors[batch:]
+    zero = torch.zeros((), device=device)
+    if mode == "patchdpo_paper":
+        loss = patchdpo_paper_loss(model_w, model_l, pairs.winner_weights[indices].to(device),
+                                   pairs.loser_quality[indices].to(device))
+        return {"loss": loss, "accuracy": zero, "margin": zero, "model_winner": model_w.mean().detach(),
+                "model_loser": model_l.mean().detach(), "reference_winner": zero, "reference_loser": zero}
+    reference_errors = (reference - x0) ** 2 * scale
+    weights_w = weights_l = None
+    if mode == "patch_dpo":
+        weights_w, weights_l = pairs.winner_weights[indices].to(device), pairs.loser_weights[indices].to(device)
+    elif mode == "focus_dpo":
+        # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
+        gate_start, gate_end, weight = config.focus_gate
+        focus = blend_focus(1.0 - pairs.loser_quality[indices], pairs.loser_complexity[indices],
+                            percents, gate_start, gate_end, weight).to(device)
+        weights_w = weights_l = focus + 1e-3
+    terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
+                     weights_w, weights_l)
+    loss = terms.loss
+    if mode == "hg_dpo" and config.stats_weight > 0:
+        # What the policy makes of the generated (loser) image should carry the real photo's
+        # colour statistics.
+        loss = loss + config.stats_weight * channel_stats_loss(prediction[batch:], x0[:batch])
+    return {"loss": loss, "accuracy": terms.accuracy, "margin": terms.margin,
+            "model_winner": terms.model_winner, "model_loser": terms.model_loser,
+            "reference_winner": terms.reference_winner, "reference_loser": terms.reference_loser}
