@@ -20,6 +20,7 @@ Importing this module needs ComfyUI on the path; the losses themselves are in ``
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,6 +61,24 @@ class SwitchedAdapter(torch.nn.Module):
         return self.adapter.move_to(device)
 
 
+class AutogradSafeWeight:
+    """Wrapper for weights without an adapter (norm scales) and biases: returns a normal copy.
+
+    Models loaded by a node in ComfyUI hold inference-mode tensors, which autograd refuses to
+    save for backward (norm layers save their weight); a copy made outside inference mode is
+    allowed. The copies are 1-D and small; other weights pass through their LoRA, whose sum is
+    already a normal tensor."""
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.clone() if torch.is_inference(weight) else weight
+
+    def passive_memory_usage(self) -> int:
+        return 0
+
+    def move_to(self, device) -> int:
+        return 0
+
+
 @dataclass
 class LoraOnModel:
     """A cloned ModelPatcher carrying trainable LoRA wrappers."""
@@ -80,9 +99,12 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
     no-op) with the up matrices drawn from ``seed``, so training is reproducible.
 
+    A layer too small for ``rank`` (e.g. the UNet's 4-channel output conv) gets its largest
+    possible rank, with alpha scaled so its alpha/rank scale stays the same, and a warning.
+
     Raises:
-        ValueError: ``rank`` larger than a layer allows, or a ``resume`` LoRA that matches no
-            layer (or a layer of another shape) of this model.
+        ValueError: ``rank`` larger than every layer allows, or a ``resume`` LoRA that matches
+            no layer (or a layer of another shape) of this model.
     """
     from comfy.weight_adapter.lora import LoRAAdapter
 
@@ -91,10 +113,19 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
     parameters: dict[str, torch.nn.Parameter] = {}
     matched = 0
     generator = torch.Generator().manual_seed(seed)
+    clamped: list[str] = []
+    layers = 0
+    safe_weight = AutogradSafeWeight()
     for name, module in patcher.model.named_modules():
         weight = getattr(module, "weight", None)
-        if not hasattr(module, "weight_function") or weight is None or weight.ndim < 2:
+        if not hasattr(module, "weight_function") or weight is None:
             continue
+        if getattr(module, "bias", None) is not None:
+            patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
+        if weight.ndim < 2:
+            patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
+            continue
+        layers += 1
         adapter = None
         if resume is not None:
             try:
@@ -110,8 +141,8 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
         if adapter is None:
             limit = min(weight.shape[0], math.prod(weight.shape[1:]))
             if rank > limit:
-                raise ValueError(f"rank {rank} is larger than layer {name} allows ({limit}); use rank <= {limit}")
-            adapter = LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+                clamped.append(f"{name} ({limit})")
+            adapter = LoRAAdapter.create_train(weight, rank=min(rank, limit), alpha=alpha * min(rank, limit) / rank)
             up = torch.empty(adapter.lora_up.weight.shape)
             torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)
             adapter.lora_up.weight.data.copy_(up)
@@ -121,6 +152,11 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
         patcher.add_weight_wrapper(f"{name}.weight", SwitchedAdapter(adapter, switch))
     if resume is not None and matched == 0:
         raise ValueError("the resume LoRA matches no layer of this model (made for another model family?)")
+    if clamped and len(clamped) == layers:
+        raise ValueError(f"rank {rank} is larger than every layer of this model allows; use a smaller rank")
+    if clamped:
+        logging.warning("LoRA rank %d is larger than %d layer(s) allow; they use their largest rank instead: %s",
+                        rank, len(clamped), ", ".join(clamped[:5]) + (" ..." if len(clamped) > 5 else ""))
     for key, parameter in parameters.items():
         parameter.requires_grad_(not key.endswith(".alpha"))
     return LoraOnModel(patcher, parameters, switch)

@@ -15,6 +15,7 @@ QUICK_RUN_WIDGETS = {
     "EmptyLatentImage": {"width": 128, "height": 128, "batch_size": 2},
     "KSampler": {"steps": 4},
     "PrefP_TrainPatchQualityEstimator": {"steps": 10},
+    "PrefP_DPOLoraTrainer": {"steps": 3},
 }
 
 

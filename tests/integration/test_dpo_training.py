@@ -141,13 +141,23 @@ def test_every_mode_runs_and_logs(tiny, mode):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result.history.values())
 
 
+def test_rank_above_a_small_layer_is_clamped_there(tiny):
+    from pack.trainers.lora_dpo import attach_lora
+
+    model, _ = tiny
+    lora = attach_lora(model, rank=8, alpha=8.0)
+    assert lora.parameters["diffusion_model.out.2.lora_up.weight"].shape == (4, 4)  # 4 output channels
+    assert lora.parameters["diffusion_model.out.2.alpha"].item() == pytest.approx(4.0)  # same alpha/rank
+    assert lora.parameters["diffusion_model.input_blocks.0.0.lora_up.weight"].shape[1] == 8
+
+
 def test_bad_training_input_is_refused(tiny):
     from pack.trainers.lora_dpo import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 2, seed=8)
-    with pytest.raises(ValueError, match="rank 999 is larger than layer"):
-        train_dpo_lora(model, pairs, config(rank=999, steps=1))
+    with pytest.raises(ValueError, match="rank 5000 is larger than every layer"):
+        train_dpo_lora(model, pairs, config(rank=5000, steps=1))
     wrong_family = synthetic_pairs(conditioning, 2, seed=8)
     wrong_family.winners = torch.randn(2, 16, 8, 8)
     wrong_family.losers = torch.randn(2, 16, 8, 8)
