@@ -1,0 +1,129 @@
+"""Preference pairs and the DPO LoRA Trainer inside a real ComfyUI server: the saved LoRA
+loads with the stock LoraLoaderModelOnly and changes the model like the trainer's MODEL does;
+pairs save and load; Cancel mid-training stops cleanly and keeps the last good LoRA."""
+import glob
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import safetensors.torch
+
+from comfy_server import PromptError
+
+pytestmark = pytest.mark.server
+
+BUILTIN = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
+
+
+def candidates_and_pairs():
+    """Nodes 1-10: tiny checkpoint, 3 candidates at 64 px, patch quality, ranked pairs."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 5, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PrefP_ExampleSubjectPhoto", "inputs": {"photo": "chelsea.png"}},
+        "8": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": BUILTIN}},
+        "9": {"class_type": "PrefP_PatchQualityScore", "inputs": {
+            "backbone": ["8", 0], "generated": ["6", 0], "references": ["7", 0], "resolution": 128,
+            "overlay_opacity": 0.5}},
+        "10": {"class_type": "PrefP_PairsFromRankedCandidates", "inputs": {
+            "vae": ["1", 2], "positive": ["2", 0], "candidates": ["6", 0], "patch_quality": ["9", 0],
+            "pairing": "all_above_margin", "margin": 0.0}},
+    }
+
+
+def trainer(steps=4, **overrides):
+    inputs = {"model": ["1", 0], "pairs": ["10", 0], "loss_mode": "patch_dpo", "beta": 2000.0, "steps": steps,
+              "learning_rate": 2e-3, "rank": 4, "alpha": 4.0, "batch_size": 1, "grad_accumulation": 1, "seed": 0,
+              "timestep_start": 0.0, "timestep_end": 1.0, "timestep_sampling": "uniform", "training_dtype": "auto",
+              "gradient_checkpointing": False, "stats_weight": 0.1, "save_every": 0, "save_prefix": "test_lora"}
+    inputs.update(overrides)
+    return {"class_type": "PrefP_DPOLoraTrainer", "inputs": inputs}
+
+
+def sample_and_save(model_ref, prefix, node_base):
+    a, b = str(node_base), str(node_base + 1)
+    return {
+        a: {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 9, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        b: {"class_type": "SaveLatent", "inputs": {"samples": [a, 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_latent(server, entry, node_id):
+    info = entry["outputs"][node_id]["latents"][0]
+    return safetensors.torch.load_file(server.output_path(info))["latent_tensor"]
+
+
+def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server):
+    prompt = {**candidates_and_pairs(), "11": trainer(),
+              "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/server_test"}},
+              "13": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 4}},
+              "14": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "server test"}},
+              **sample_and_save(["11", 0], "trained", 20), **sample_and_save(["1", 0], "base", 22)}
+    entry = comfy_server.run(prompt)
+    assert len(entry["outputs"]["13"]["images"]) == 1
+    assert "saved 3 pairs" in entry["outputs"]["14"]["text"][0]  # 3 candidates, all gaps > 0
+    trained, base = saved_latent(comfy_server, entry, "21"), saved_latent(comfy_server, entry, "23")
+    assert (trained - base).abs().max() > 1e-3
+
+    saved = glob.glob(os.path.join(comfy_server.base_directory, "output", "loras", "server_test*.safetensors"))
+    assert len(saved) == 1
+    loras = os.path.join(comfy_server.base_directory, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    shutil.copy(saved[0], os.path.join(loras, "server_test.safetensors"))
+    reload = {**candidates_and_pairs(),
+              "30": {"class_type": "LoraLoaderModelOnly", "inputs": {
+                  "model": ["1", 0], "lora_name": "server_test.safetensors", "strength_model": 1.0}},
+              **sample_and_save(["30", 0], "reloaded", 31)}
+    reloaded = saved_latent(comfy_server, comfy_server.run(reload), "32")
+    assert (reloaded - trained).abs().max() < 1e-3, (reloaded - trained).abs().max()
+
+
+def test_pairs_reload_and_train(comfy_server):
+    saved = sorted(os.listdir(os.path.join(comfy_server.base_directory, "output", "preference_pairs")))
+    assert "server_test.safetensors" in saved and "server_test.json" in saved
+    info = comfy_server.object_info("PrefP_LoadPreferencePairs")["PrefP_LoadPreferencePairs"]
+    assert "server_test.safetensors" in info["input"]["required"]["file"][1]["options"]
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+              "10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "server_test.safetensors"}},
+              "11": trainer(steps=2, loss_mode="focus_dpo")}
+    entry = comfy_server.run(prompt)
+    assert len(entry["outputs"]["11"]["images"]) == 1  # the plot preview
+
+
+def test_bad_trainer_input_is_reported(comfy_server):
+    with pytest.raises(PromptError, match="timestep_end"):
+        comfy_server.run({**candidates_and_pairs(), "11": trainer(timestep_start=0.8, timestep_end=0.2)})
+    with pytest.raises(PromptError) as error:
+        comfy_server.queue({"10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "nope.safetensors"}},
+                            "11": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0],
+                                                                                            "max_pairs": 2}}})
+    assert "nope.safetensors" in str(error.value.payload)
+    assert comfy_server.object_info("PrefP_DPOLoraTrainer")
+
+
+def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
+    prompt_id = comfy_server.queue({**candidates_and_pairs(), "11": trainer(steps=2000, save_prefix="cancelled")})
+    deadline = time.time() + 300
+    loras = os.path.join(comfy_server.base_directory, "output", "loras")
+    while time.time() < deadline:  # wait until training has made a step
+        running = comfy_server.get("/queue")["queue_running"]
+        if running and comfy_server.log_tail(5).count("DPO LoRA Trainer: step"):
+            break
+        time.sleep(0.5)
+    comfy_server.post("/interrupt", {})
+    with pytest.raises(PromptError):
+        comfy_server.wait(prompt_id, timeout=300)
+    files = glob.glob(os.path.join(loras, "cancelled_interrupted_step*.safetensors"))
+    assert len(files) == 1 and not glob.glob(os.path.join(loras, "*.partial"))
+    assert safetensors.torch.load_file(files[0])
+    assert comfy_server.object_info("PrefP_DPOLoraTrainer")  # still serving
