@@ -1,0 +1,137 @@
+"""DPO LoRA Trainer step cost against core TrainLoraNode on the same model and images.
+
+    .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 6]
+        [--rank 8] [--checkpoint PATH] [--devices cpu,cuda] [--dtype fp32|bf16]
+
+One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
+batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
+our step is one optimiser step on ``pairs`` pairs: a reference forward without gradients plus a
+policy forward + backward on the same 2 * pairs images. Ideal ratio: about 1.33x (two extra
+forwards without gradients). Each device runs in a worker process of its own; per method it
+reports the median seconds per step after one warm-up step (``steps`` timed) and the peak memory
+the training adds over what was resident before it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PeakMemory, load_comfyui, run_per_device, tiny_checkpoint  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--pairs", type=int, default=1, help="pairs per step (images = 2 x pairs)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--checkpoint", default=None, help="an SD1.x checkpoint (default: the tiny one)")
+    parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def worker(args) -> dict:
+    device = args.worker
+    comfy = load_comfyui(device)
+    import comfy.sd
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    from pack.trainers.lora_dpo import DPOTrainingConfig, train_dpo_lora
+    from pack.trainers.preference_pairs import PreferencePairs
+
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    checkpoint = args.checkpoint or tiny_checkpoint(comfy)
+    model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
+    positive = [[cond, {"pooled_output": pooled}]]
+    grid = args.size // 8
+    generator = torch.Generator().manual_seed(0)
+    count = args.pairs
+    latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
+    ones = torch.ones(count, grid, grid)
+    pairs = PreferencePairs(
+        winners=latents[:count], losers=latents[count:], conditionings=[positive],
+        condition_index=torch.zeros(count, dtype=torch.long), winner_weights=ones, loser_weights=ones,
+        winner_quality=ones, loser_quality=ones, winner_complexity=ones, loser_complexity=ones,
+        thumbnails_winner=torch.zeros(count, 3, 8, 8), thumbnails_loser=torch.zeros(count, 3, 8, 8),
+        metadata=[{}] * count, latent_channels=4)
+
+    def time_ours(steps):
+        marks = []
+        config = DPOTrainingConfig(loss_mode="patch_dpo", steps=steps, rank=args.rank, alpha=args.rank,
+                                   batch_size=count, dtype=dtype)
+
+        def on_step(step, metrics, lora):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        marks.append(time.perf_counter())
+        train_dpo_lora(model, pairs, config, on_step=on_step)
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    def time_core(steps):
+        # TrainLoraNode reports no per-step hook: time whole runs of 1 and 1 + steps steps.
+        def run(n):
+            start = time.perf_counter()
+            TrainLoraNode.execute(
+                model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(2 * count)],
+                positive=[positive], batch_size=[2 * count], grad_accumulation_steps=[1], steps=[n],
+                learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                training_dtype=[dtype_name], lora_dtype=["fp32"], algorithm=["LoRA"],
+                gradient_checkpointing=[False], existing_lora=["[None]"])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        single, full = run(1), run(1 + steps)
+        return [(full - single) / steps]
+
+    results = {}
+    for name, timer in (("TrainLoraNode (2 x pairs images)", time_core), ("DPO LoRA Trainer", time_ours)):
+        timer(1)  # warm-up: weights, allocator, kernels
+        with PeakMemory(device) as peak:
+            seconds = timer(args.steps)
+        results[name] = {"seconds": statistics.median(seconds[1:] if len(seconds) > 2 else seconds),
+                         "peak_mib": peak.added_mib}
+    return {"device": device if device == "cpu" else torch.cuda.get_device_name(0),
+            "threads": torch.get_num_threads(), "dtype": dtype_name,
+            "checkpoint": os.path.basename(checkpoint), "results": results}
+
+
+def report(result: dict, args) -> str:
+    results = result["results"]
+    base = results["TrainLoraNode (2 x pairs images)"]
+    lines = [f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, checkpoint "
+             f"{result['checkpoint']}, {args.size}x{args.size} px, {args.pairs} pair(s) = {2 * args.pairs} "
+             f"images per step, rank {args.rank}",
+             f"{'method':34s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}"]
+    for name, values in results.items():
+        lines.append(f"{name:34s} {values['seconds']:8.3f} {values['seconds'] / base['seconds']:7.2f} "
+                     f"{values['peak_mib']:10.1f} {values['peak_mib'] / max(base['peak_mib'], 1e-9):7.2f}")
+    lines.append("targets: time <= 1.5x (ideal ~1.33x), peak memory <= 1.1x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        import json
+
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    run_per_device(__file__, forwarded, args.devices, lambda result: report(result, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Shared benchmark plumbing: peak-memory measurement, loading ComfyUI and the pack in a
+worker process, and running one worker subprocess per device."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(REPO_ROOT, "tests", "harness")
+
+
+class PeakMemory:
+    """Peak memory a block adds over what was in use when it started, in MiB (CPU: peak RSS,
+    reset through /proc/self/clear_refs after malloc_trim; CUDA: max_memory_allocated)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.added_mib = 0.0
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+            with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+                handle.write("5")
+            self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.added_mib = (torch.cuda.max_memory_allocated() - self.start) / 2 ** 20
+        else:
+            self.added_mib = (self._status("VmHWM") - self.start) / 2 ** 20
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def load_comfyui(device: str) -> str:
+    """Put ComfyUI and the pack (as package ``pack``, without its ComfyUI entry point) on the
+    path, select the device, and return ComfyUI's path. Call once, in a worker process."""
+    sys.path.insert(0, HARNESS)
+    from comfy_server import comfyui_path
+
+    comfy = comfyui_path()
+    sys.path.insert(0, comfy)
+    spec = importlib.machinery.ModuleSpec("pack", None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [REPO_ROOT]
+    sys.modules.setdefault("pack", package)
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = device == "cpu"
+    import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    return comfy
+
+
+def tiny_checkpoint(comfy: str) -> str:
+    from tiny_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint(comfy, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
+
+
+def run_per_device(script: str, argv: list[str], devices: str | None, report) -> None:
+    """Run ``script --worker DEVICE`` for CPU (and CUDA when available) and print ``report``
+    of each worker's ``RESULT {json}`` line."""
+    chosen = devices.split(",") if devices else ["cpu"]
+    if devices is None:
+        import torch
+
+        if torch.cuda.is_available():
+            chosen.append("cuda")
+    for device in chosen:
+        process = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", device],
+                                 capture_output=True, text=True)
+        results = [line[len("RESULT "):] for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        if process.returncode != 0 or not results:
+            print(f"[{device}] failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
+            continue
+        print(report(json.loads(results[0])))
+        print()
