@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
+from ..personalize.files import write_atomically
 from ..personalize.plots import training_plot
 from ..trainers.dpo_losses import LOSS_MODES
 from ..trainers.lora_dpo import TIMESTEP_SAMPLING, DPOTrainingConfig, NonFiniteLoss, train_dpo_lora
@@ -33,17 +34,9 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
     """Write a LoRA to output/loras/<stem>.safetensors atomically; returns the path."""
-    folder = os.path.join(folder_paths.get_output_directory(), "loras")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{stem}.safetensors")
-    temporary = f"{path}.partial"
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    path = os.path.join(folder_paths.get_output_directory(), "loras", f"{stem}.safetensors")
+    tensors = {key: value.contiguous() for key, value in state.items()}
+    return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
 
 
 class DPOLoraTrainer(io.ComfyNode):

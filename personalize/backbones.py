@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .files import write_atomically
 from .images import resize_to_patch_grid
 
 
@@ -302,14 +303,9 @@ class TunedPatchBackbone(PatchBackbone):
         """Write the head as safetensors (atomically: a temporary file, then a rename)."""
         import safetensors.torch
 
-        tmp = f"{path}.partial"
         state = {key: value.detach().cpu().contiguous() for key, value in self.head.state_dict().items()}
-        try:
-            safetensors.torch.save_file(state, tmp, metadata={"format": TUNED_HEAD_FORMAT, "base": self.base_id})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        metadata = {"format": TUNED_HEAD_FORMAT, "base": self.base_id}
+        write_atomically(path, lambda temporary: safetensors.torch.save_file(state, temporary, metadata=metadata))
 
 
 def read_tuned_head(path: str) -> tuple[str, dict[str, torch.Tensor]] | None:
