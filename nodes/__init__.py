@@ -3,6 +3,7 @@ from .backbone import PatchBackboneFromClipVision, PatchBackboneLoader, register
 from .estimator import TrainPatchQualityEstimator
 from .examples import ExampleSubjectPhoto
 from .focus import FocusRegions
+from .joint import JointAttention, JointSampler
 from .metrics import PersonalizationMetrics
 from .pairs import (LoadPreferencePairs, MergePreferencePairs, PairsFromArtistChoice, PairsFromRankedCandidates,
                     PairsFromRealPhotos, PreviewPreferencePairs, SavePreferencePairs)
@@ -25,6 +26,8 @@ NODE_LIST = [
     SavePreferencePairs,
     LoadPreferencePairs,
     DPOLoraTrainer,
+    JointAttention,
+    JointSampler,
 ]
 
 __all__ = ["NODE_LIST", "register_model_folders"]

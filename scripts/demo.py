@@ -21,7 +21,7 @@ from comfy_server import ComfyServer  # noqa: E402
 from frontend import Frontend  # noqa: E402
 from workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
 
-DEMO_WORKFLOWS = ["patch_quality.json"]
+DEMO_WORKFLOWS = ["patch_quality.json", "joint_sampling.json"]
 
 
 def node_titles(workflow: dict) -> dict[str, str]:

@@ -16,6 +16,7 @@ QUICK_RUN_WIDGETS = {
     "KSampler": {"steps": 4},
     "PrefP_TrainPatchQualityEstimator": {"steps": 10},
     "PrefP_DPOLoraTrainer": {"steps": 3},
+    "PrefP_JointSampler": {"width": 128, "height": 128, "steps": 4, "new_images": 2},
 }
 
 

@@ -1,0 +1,357 @@
+"""JeDi-style joint attention, training-free: targets' self-attention also sees the references.
+
+JeDi (arXiv 2407.06187) trains a model whose images of one subject attend to each other
+("coupled self-attention") and personalizes by inpainting the missing members of the set. On
+a stock model we approximate that at sampling time (reference-only ControlNet, StyleAligned,
+RefDrop): reference images sit in the same batch as the images being generated, and in every
+self-attention layer the targets' keys and values are extended with the references'.
+
+The joint batch layout (our design, the one contract between sampler and attention patch):
+
+- The model is called with one or more *chunks* of equal size, one per entry of
+  ``extra_options["cond_or_uncond"]`` (ComfyUI batches cond and uncond, and several conds,
+  that way). Every chunk holds the same latent batch: ``references`` reference images first,
+  then the targets. So entry ``c * per_chunk + i`` is a reference iff ``i < references``.
+- Targets attend to their own tokens plus the tokens of the references **of the same chunk**
+  (cond targets to cond-pass references, uncond to uncond), so CFG keeps its meaning.
+- References attend only to themselves: their features are what the model computes for the
+  reference alone, whatever the targets are.
+- The count (and optional subject masks, strength override, an on/off switch) travels in
+  ``transformer_options[LAYOUT_KEY]`` (see ``joint_layout``): the Joint Sampler writes it; with
+  stock samplers the patch's own ``reference_count`` applies (the first images of the batch act
+  as references, StyleAligned style).
+
+Strength (0 = off, bit-identical to the unpatched model):
+
+- ``"joint"``: one softmax over [own keys; reference keys], with ``log(strength)`` added to the
+  reference logits (StyleAligned's score scaling): 1 = plain joint attention, < 1 leans on the
+  target itself, > 1 on the references.
+- ``"blend"`` (RefDrop): ``(1 - c) * Attn(q, K, V) + c * Attn(q, K_ref, V_ref)``, c in [-1, 1];
+  negative c pushes away from the references.
+
+Optional AdaIN (StyleAligned) normalises the targets' queries and keys to the per-channel mean
+and std of the references' keys/queries (over their tokens) before the joint attention.
+
+Nothing here imports ComfyUI: the attention kernels are passed in, so the node can hand over
+ComfyUI's ``optimized_attention`` and the tests a plain PyTorch one. The targets' attention over
+their own plus the reference tokens may use a kernel of its own (``joint_kernel``): the node
+uses PyTorch's fused SDPA there when ComfyUI runs one of its unfused fallbacks (CPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Key in ``transformer_options`` (and so in the patch's ``extra_options``) holding the layout.
+LAYOUT_KEY = "prefp_joint_layout"
+
+MODES = ("joint", "blend")
+BLOCK_NAMES = ("input", "middle", "output")
+
+# ``kernel(q, k, v, heads, extra_options) -> out``, all ``[B, T, heads * dim_head]``.
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, T, H * D]`` -> ``[B, H, T, D]``."""
+    batch, tokens, channels = x.shape
+    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, T, H * D]``."""
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   key_bias: torch.Tensor | None = None, upcast: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention with an optional additive bias per key.
+
+    Args:
+        q: ``[B, Tq, H * D]``.
+        k, v: ``[B, Tk, H * D]``.
+        heads: H.
+        key_bias: optional ``[Tk]`` added to every query's logits for that key.
+        upcast: compute in float32 (ComfyUI's ``attn_precision``), return in q's dtype.
+
+    Returns:
+        ``[B, Tq, H * D]``.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    mask = None if key_bias is None else key_bias.to(device=q.device, dtype=q.dtype).view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                                         attn_mask=mask)
+    return merge_heads(out).to(dtype)
+
+
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict | None = None):
+    """An ``AttentionKernel`` over plain PyTorch SDPA (used by the tests and as a default)."""
+    upcast = (extra_options or {}).get("attn_precision") == torch.float32
+    return sdpa_attention(q, k, v, heads, upcast=upcast)
+
+
+def adain(x: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Adaptive instance norm over tokens: give ``x`` the per-channel mean and std of ``style``.
+
+    Args:
+        x: ``[..., T, C]``.
+        style: ``[..., Ts, C]`` broadcastable to ``x`` except in the token dimension.
+
+    Returns:
+        ``[..., T, C]``: ``(x - mean_x) / std_x * std_style + mean_style``.
+    """
+    x_mean, x_std = x.mean(dim=-2, keepdim=True), x.std(dim=-2, keepdim=True, correction=0)
+    s_mean, s_std = style.mean(dim=-2, keepdim=True), style.std(dim=-2, keepdim=True, correction=0)
+    return (x - x_mean) / (x_std + eps) * s_std + s_mean
+
+
+def masks_to_tokens(masks: torch.Tensor, grid: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Which tokens of each reference are subject, on a transformer block's token grid.
+
+    Args:
+        masks: ``[R, H, W]`` subject masks in 0..1 (any resolution).
+        grid: ``(h, w)`` of the block's activations (``h * w`` tokens, row-major).
+        threshold: a token is kept when at least this fraction of it is covered.
+
+    Returns:
+        ``[R, h * w]`` bool; a reference whose mask covers no token keeps its best-covered one.
+    """
+    coverage = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), grid).flatten(1)
+    keep = coverage >= threshold
+    empty = ~keep.any(dim=1)
+    if empty.any():
+        best = coverage.argmax(dim=1)
+        keep[empty, best[empty]] = True
+    return keep
+
+
+def joint_layout(references: int, strength: float | None = None, reference_masks: torch.Tensor | None = None,
+                 enabled: bool = True) -> dict:
+    """The ``transformer_options[LAYOUT_KEY]`` entry a joint sampler writes.
+
+    Args:
+        references: how many entries at the start of every cond/uncond chunk are references.
+        strength: overrides the patch's strength when given.
+        reference_masks: optional ``[references, H, W]`` subject masks (1 = subject).
+        enabled: False turns the patch off for this call (the "without references" pass of
+            image guidance).
+    """
+    if references < 0:
+        raise ValueError(f"the reference count must be >= 0, got {references}")
+    if reference_masks is not None and reference_masks.shape[0] != references:
+        raise ValueError(f"got {reference_masks.shape[0]} reference masks for {references} references")
+    layout = {"references": int(references), "enabled": bool(enabled)}
+    if strength is not None:
+        layout["strength"] = float(strength)
+    if reference_masks is not None:
+        layout["reference_masks"] = reference_masks
+    return layout
+
+
+def check_strength(mode: str, strength: float) -> None:
+    """Raise ``ValueError`` with the fix when ``strength`` is outside ``mode``'s range."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+    if mode == "joint" and strength < 0:
+        raise ValueError(f"strength {strength} is negative; negative strength (pushing away from the references) "
+                         "needs mode 'blend'")
+    if mode == "blend" and not -1.0 <= strength <= 1.0:
+        raise ValueError(f"strength {strength} is outside [-1, 1], the range of mode 'blend'")
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, references: int, chunks: int,
+                    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                    strength: float = 1.0, mode: str = "joint", plain: torch.Tensor | None = None,
+                    adain_queries: bool = False, adain_keys: bool = False,
+                    reference_keep: torch.Tensor | None = None, upcast: bool = False,
+                    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """Self-attention of a joint batch in which targets also attend to the references.
+
+    Args:
+        q: ``[B, Tq, H * D]`` projected queries, B = ``chunks * (references + targets)``.
+        k, v: ``[B, Tk, H * D]`` projected keys and values (Tk may differ from Tq, e.g. with
+            token merging on the queries).
+        heads: H.
+        references: references at the start of every chunk (>= 1, < chunk size).
+        chunks: number of cond/uncond chunks in the batch.
+        attention: ``(q, k, v) -> out``, the plain attention kernel.
+        strength: see the module docstring.
+        mode: ``"joint"`` or ``"blend"``.
+        plain: optional ``[B, Tq, H * D]`` already computed plain attention of the whole batch
+            (when another attention patch computes it); else computed with ``attention``.
+        adain_queries, adain_keys: AdaIN the targets' queries / keys to the references'.
+        reference_keep: optional ``[references, Tk]`` bool, the reference tokens targets may
+            attend to (subject masks); default all.
+        upcast: float32 attention for the scaled joint mode.
+        joint: ``(q, k, v) -> out`` for the targets' attention to the references (default
+            ``attention``); lets a caller use a faster kernel for the longer key sets.
+
+    Returns:
+        ``[B, Tq, H * D]``; reference rows equal plain attention.
+    """
+    batch, tokens_q, channels = q.shape
+    joint = joint or attention
+    per_chunk = batch // chunks
+    targets = per_chunk - references
+    if batch % chunks or references < 1 or targets < 1:
+        raise ValueError(f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) "
+                         "and at least one target")
+
+    def chunked(x):  # [B, T, C] -> [chunks, per_chunk, T, C]
+        return x.view(chunks, per_chunk, x.shape[1], channels)
+
+    q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
+    q_t, k_t, v_t = q_c[:, references:], k_c[:, references:], v_c[:, references:]
+    k_r, v_r, q_r = k_c[:, :references], v_c[:, :references], q_c[:, :references]
+    if reference_keep is not None:
+        k_r, v_r = k_r[:, reference_keep], v_r[:, reference_keep]  # [chunks, kept tokens, C]
+    else:
+        k_r, v_r = k_r.reshape(chunks, -1, channels), v_r.reshape(chunks, -1, channels)
+
+    if adain_queries:
+        q_t = adain(q_t, q_r.reshape(chunks, 1, -1, channels))
+    if adain_keys:
+        k_t = adain(k_t, k_r.unsqueeze(1))
+
+    def flat(x):  # [chunks, targets, T, C] -> [chunks * targets, T, C]
+        return x.reshape(chunks * targets, x.shape[2], channels)
+
+    def per_target(x):  # [chunks, T, C] -> [chunks * targets, T, C], one copy per target
+        return x.unsqueeze(1).expand(-1, targets, -1, -1).reshape(chunks * targets, x.shape[1], channels)
+
+    if plain is None:
+        rows = torch.arange(batch, device=q.device).view(chunks, per_chunk)
+        ref_rows = rows[:, :references].reshape(-1)
+        out = torch.empty_like(q)
+        out[ref_rows] = attention(q[ref_rows], k[ref_rows], v[ref_rows])
+        if mode == "blend" and not (adain_queries or adain_keys):
+            target_rows = rows[:, references:].reshape(-1)
+            out[target_rows] = attention(q[target_rows], k[target_rows], v[target_rows])
+    else:
+        out = plain.clone()
+    out_t = out.view(chunks, per_chunk, tokens_q, channels)[:, references:]
+
+    if mode == "joint":
+        keys = torch.cat([flat(k_t), per_target(k_r)], dim=1)
+        values = torch.cat([flat(v_t), per_target(v_r)], dim=1)
+        if strength == 1.0:
+            attended = joint(flat(q_t), keys, values)
+        else:
+            bias = torch.zeros(keys.shape[1], device=q.device)
+            bias[k_t.shape[2]:] = math.log(strength)
+            attended = sdpa_attention(flat(q_t), keys, values, heads, key_bias=bias, upcast=upcast)
+        out_t.copy_(attended.view_as(out_t))
+    elif mode == "blend":
+        own = flat(out_t) if not (adain_queries or adain_keys) else attention(flat(q_t), flat(k_t), flat(v_t))
+        to_refs = joint(flat(q_t), per_target(k_r), per_target(v_r))
+        out_t.copy_(((1.0 - strength) * own + strength * to_refs).view_as(out_t))
+    else:
+        raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+    return out
+
+
+@dataclass(frozen=True)
+class JointAttentionSettings:
+    """What a Joint Attention patch does when the layout does not override it.
+
+    Attributes:
+        strength: see the module docstring; 0 = off.
+        mode: ``"joint"`` or ``"blend"``.
+        sigma_start, sigma_end: active while ``sigma_end <= sigma <= sigma_start``.
+        blocks: UNet block names (``input``, ``middle``, ``output``) where it is active.
+        adain_queries, adain_keys: StyleAligned AdaIN of the targets' queries / keys.
+        reference_count: references at the start of each chunk when no layout says otherwise.
+    """
+
+    strength: float = 1.0
+    mode: str = "joint"
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    blocks: frozenset = field(default_factory=lambda: frozenset(BLOCK_NAMES))
+    adain_queries: bool = False
+    adain_keys: bool = False
+    reference_count: int = 1
+
+
+class JointAttentionPatch:
+    """A self-attention replacement (ComfyUI ``attn1_replace`` signature) doing joint attention.
+
+    ``patch(q, k, v, extra_options) -> out`` with projected ``[B, T, H * D]`` tensors. Reads
+    ``n_heads``, ``cond_or_uncond``, ``sigmas``, ``block``, ``activations_shape``,
+    ``attn_precision`` and ``LAYOUT_KEY`` from ``extra_options``.
+
+    Args:
+        settings: the defaults (strength, mode, schedule, blocks, AdaIN, reference count).
+        kernel: the plain attention kernel, ``kernel(q, k, v, heads, extra_options)``.
+        previous: an attention replacement that was already on this block; it keeps computing
+            the plain attention (references, and everything while the patch is inactive), so
+            patches compose instead of replacing each other.
+        joint_kernel: kernel for the targets' attention over own + reference tokens (default
+            ``kernel``).
+    """
+
+    def __init__(self, settings: JointAttentionSettings, kernel: AttentionKernel = sdpa_kernel,
+                 previous: Callable | None = None, joint_kernel: AttentionKernel | None = None):
+        self.settings = settings
+        self.kernel = kernel
+        self.previous = previous
+        self.joint_kernel = joint_kernel or kernel
+
+    def plain(self, q, k, v, extra_options):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return self.kernel(q, k, v, extra_options["n_heads"], extra_options)
+
+    def active_references(self, batch: int, extra_options: dict) -> tuple[int, int, float]:
+        """``(references, chunks, strength)`` for this call; references = 0 means inactive."""
+        settings = self.settings
+        layout = extra_options.get(LAYOUT_KEY) or {}
+        references = int(layout.get("references", settings.reference_count))
+        strength = float(layout.get("strength", settings.strength))
+        chunks = max(1, len(extra_options.get("cond_or_uncond") or [0]))
+        if not layout.get("enabled", True) or strength == 0 or references < 1:
+            return 0, chunks, strength
+        block = extra_options.get("block")
+        if block is not None and block[0] not in settings.blocks:
+            return 0, chunks, strength
+        sigmas = extra_options.get("sigmas")
+        if sigmas is not None:
+            sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
+            if not settings.sigma_end <= sigma <= settings.sigma_start:
+                return 0, chunks, strength
+        if batch % chunks or batch // chunks <= references:
+            return 0, chunks, strength
+        return references, chunks, strength
+
+    def reference_keep(self, extra_options: dict, tokens: int, references: int) -> torch.Tensor | None:
+        masks = (extra_options.get(LAYOUT_KEY) or {}).get("reference_masks")
+        shape = extra_options.get("activations_shape")
+        if masks is None or shape is None or shape[-2] * shape[-1] != tokens or masks.shape[0] != references:
+            return None
+        return masks_to_tokens(masks, (shape[-2], shape[-1]))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        references, chunks, strength = self.active_references(q.shape[0], extra_options)
+        if references == 0:
+            return self.plain(q, k, v, extra_options)
+        settings = self.settings
+        heads = extra_options["n_heads"]
+        plain = self.plain(q, k, v, extra_options) if self.previous is not None else None
+        keep = self.reference_keep(extra_options, k.shape[1], references)
+        if keep is not None:
+            keep = keep.to(q.device)
+        return joint_attention(
+            q, k, v, heads, references, chunks,
+            attention=lambda q_, k_, v_: self.kernel(q_, k_, v_, heads, extra_options),
+            joint=lambda q_, k_, v_: self.joint_kernel(q_, k_, v_, heads, extra_options),
+            strength=strength, mode=settings.mode, plain=plain,
+            adain_queries=settings.adain_queries, adain_keys=settings.adain_keys,
+            reference_keep=keep, upcast=extra_options.get("attn_precision") == torch.float32)

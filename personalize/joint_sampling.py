@@ -1,0 +1,102 @@
+"""The joint batch of JeDi-style sampling: references and new images denoised as one set.
+
+Layout (see ``joint_attention``): ``[reference_1 .. reference_R, target_1 .. target_N]`` along
+the batch. The reference slots are "inpainted": every step they are replaced by the reference
+latent noised to the current sigma (a denoise mask of 0 on them, 1 on the targets, which is
+exactly what ComfyUI's inpainting sampler does with a noise mask), so at the end they equal
+the reference latents and only the targets are generated.
+
+Image guidance (our choice, InstructPix2Pix-style two-condition guidance; JeDi's exact form
+is not public). With predictions ``e(text, refs)``:
+
+    e = e(-, none) + s * (e(-, refs) - e(-, none)) + cfg * (e(text, refs) - e(-, refs))
+
+The text direction is measured with the references present in both terms, the image direction
+on the unconditional branch; s = 1 is plain joint sampling (no extra pass), s = 0 removes the
+references' pull from the unconditional branch, s > 1 strengthens it. It needs one extra
+model pass (unconditional, references switched off) instead of the two a per-branch
+``e_noref + s * (e_ref - e_noref)`` would need. ``image_guided_pair`` rewrites the (cond,
+uncond) pair so that any CFG rule applied afterwards gives this formula for plain CFG.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fit_to_size(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop to the aspect ratio of ``size``, then resize to ``size`` (antialiased bilinear).
+
+    Args:
+        images: ``[B, C, H, W]`` (images or masks with C = 1).
+        size: ``(height, width)``.
+
+    Returns:
+        ``[B, C, height, width]``.
+    """
+    height, width = images.shape[-2:]
+    target_h, target_w = size
+    if (height, width) == (target_h, target_w):
+        return images
+    if height * target_w > width * target_h:  # too tall: crop rows
+        crop = max(1, round(width * target_h / target_w))
+        top = (height - crop) // 2
+        images = images[..., top:top + crop, :]
+    elif height * target_w < width * target_h:  # too wide: crop columns
+        crop = max(1, round(height * target_w / target_h))
+        left = (width - crop) // 2
+        images = images[..., :, left:left + crop]
+    if tuple(images.shape[-2:]) == (target_h, target_w):
+        return images
+    return F.interpolate(images, size=(target_h, target_w), mode="bilinear", antialias=True, align_corners=False)
+
+
+def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
+                reference_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latent, noise and denoise mask of a joint batch, references first.
+
+    Args:
+        reference_latents: ``[R, C, h, w]`` encoded references.
+        target_noise: ``[N, C, h, w]`` noise of the new images (N >= 1).
+        reference_noise: ``[R, C, h, w]`` noise the references are noised with at every step.
+
+    Returns:
+        ``latent [R + N, C, h, w]`` (references, then zeros), ``noise [R + N, C, h, w]`` and
+        ``denoise_mask [R + N, 1, h, w]`` (0 = keep the reference, 1 = generate).
+    """
+    if target_noise.shape[0] < 1:
+        raise ValueError("no new images to generate; ask for at least 1")
+    if reference_latents.shape[1:] != target_noise.shape[1:] or reference_noise.shape != reference_latents.shape:
+        raise ValueError(f"references {tuple(reference_latents.shape)} and targets {tuple(target_noise.shape)} "
+                         "must share channels and latent size")
+    references, targets = reference_latents.shape[0], target_noise.shape[0]
+    latent = torch.cat([reference_latents, torch.zeros_like(target_noise)])
+    noise = torch.cat([reference_noise.to(target_noise.dtype), target_noise])
+    mask = torch.cat([torch.zeros(references, 1, *latent.shape[2:]), torch.ones(targets, 1, *latent.shape[2:])])
+    return latent, noise, mask
+
+
+def image_guided_pair(cond_refs: torch.Tensor, uncond_refs: torch.Tensor | None,
+                      without_refs: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewrite the model's (cond, uncond) predictions for image guidance.
+
+    Predictions are ComfyUI's denoised outputs; they are affine in the noise prediction with
+    the same input, so the formula holds for eps, v and flow models alike.
+
+    Args:
+        cond_refs: ``[B, ...]`` prediction with the text and the references.
+        uncond_refs: ``[B, ...]`` unconditional prediction with the references, or None when
+            CFG is off (cfg = 1).
+        without_refs: ``[B, ...]`` the same branch (uncond, or cond when CFG is off) with the
+            references switched off.
+        scale: image guidance s.
+
+    Returns:
+        ``(cond, uncond)`` such that ``uncond + cfg * (cond - uncond)`` equals
+        ``u + cfg * (cond_refs - uncond_refs)`` with ``u = without + s * (uncond_refs - without)``;
+        with CFG off, ``(without + s * (cond_refs - without), None)``.
+    """
+    if uncond_refs is None:
+        return without_refs + scale * (cond_refs - without_refs), None
+    uncond = without_refs + scale * (uncond_refs - without_refs)
+    return uncond + (cond_refs - uncond_refs), uncond
