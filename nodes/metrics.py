@@ -89,7 +89,7 @@ class PersonalizationMetrics(io.ComfyNode):
             rows.append(MetricRow("CLIP-I", *cls._scores(embeddings, embeddings["references"])))
             rows.append(cls._clip_t(embeddings, clip, prompt_text))
         else:
-            missing = "connect Load CLIP Vision (a CLIP ViT-B/32 or ViT-L/14 in models/clip_vision/)"
+            missing = "connect Load CLIP Vision (e.g. CLIP ViT-L/14 in models/clip_vision/)"
             rows += [MetricRow("CLIP-I", None, note=missing), MetricRow("CLIP-T", None, note=missing)]
 
         report = format_table(rows)

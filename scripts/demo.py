@@ -1,10 +1,10 @@
-"""`make demo`: run the pack's main workflow end to end in a real ComfyUI, headlessly.
+"""`make demo`: run the pack's workflows end to end in a real ComfyUI, headlessly.
 
-Starts ComfyUI with the pack, loads workflows/patch_quality.json in the real frontend
+Starts ComfyUI with the pack, loads each workflow of DEMO_WORKFLOWS in the real frontend
 (headless Chromium), shrinks only image size/batch/steps so the tiny random-weight checkpoint
-runs in seconds on a CPU, queues it from the page, and copies what it produced (heat maps,
-scores, a screenshot of the graph) into demo_output/<timestamp>/. The folder's path is the
-last line printed.
+runs in seconds on a CPU, queues it from the page, and copies what they produced (heat maps,
+scores, focus strips, metrics, new images, the trained LoRA, a screenshot of each graph) into
+demo_output/<timestamp>/. The folder's path is the last line printed.
 """
 from __future__ import annotations
 
@@ -21,27 +21,19 @@ from comfy_server import ComfyServer  # noqa: E402
 from frontend import Frontend  # noqa: E402
 from workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
 
-DEMO_WORKFLOWS = ["patch_quality.json", "joint_sampling.json"]
+DEMO_WORKFLOWS = ["patch_quality.json", "focus_and_metrics.json", "joint_sampling.json", "build_pairs_and_train.json"]
 
 
 def node_titles(workflow: dict) -> dict[str, str]:
     return {str(node["id"]): node.get("title") or node["type"] for node in workflow["nodes"]}
 
 
-def collect_outputs(server: ComfyServer, entry: dict, workflow: dict, folder: str) -> dict:
-    """Copy saved images into ``folder`` and gather text outputs by node title."""
+def text_outputs(entry: dict, workflow: dict) -> dict:
+    """Text outputs of a finished prompt (scores, reports), by node title."""
     titles = node_titles(workflow)
     previews = {str(node["id"]) for node in workflow["nodes"] if node["type"] == "PreviewAny"}
-    texts = {}
-    for node_id, output in entry["outputs"].items():
-        for image in output.get("images", []):
-            if image.get("type") == "output":
-                target = os.path.join(folder, image.get("subfolder", ""), image["filename"])
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copy(server.output_path(image), target)
-        if output.get("text") and node_id not in previews:  # PreviewAny only repeats a score node
-            texts[titles.get(node_id, node_id)] = output["text"][0]
-    return texts
+    return {titles.get(node_id, node_id): output["text"][0] for node_id, output in entry["outputs"].items()
+            if output.get("text") and node_id not in previews}  # PreviewAny only repeats a node's text
 
 
 def main() -> int:
@@ -67,18 +59,20 @@ def main() -> int:
                     started = time.time()
                     entry = page.queue_and_wait(server)
                     page.screenshot(os.path.join(partial, f"{name}_graph.png"))
-                    texts = collect_outputs(server, entry, workflow, partial)
+                    texts = text_outputs(entry, workflow)
                     with open(os.path.join(partial, f"{name}_scores.txt"), "w", encoding="utf-8") as handle:
                         for title, text in texts.items():
                             handle.write(f"[{title}]\n{text}\n\n")
                     print(f"  finished in {time.time() - started:.1f} s", flush=True)
                     for title, text in texts.items():
                         print(f"  [{title}]\n    " + text.replace("\n", "\n    "), flush=True)
+            # Everything the workflows saved: images, the trained LoRA, preference pairs.
+            shutil.copytree(os.path.join(server.base_directory, "output"), partial, dirs_exist_ok=True)
         os.rename(partial, folder)
     finally:
         if os.path.isdir(partial):
             shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written demo folder
-    print("Heat maps, scores and a screenshot of the graph are in:")
+    print("Heat maps, scores, focus strips, metrics, new images, the DPO LoRA and graph screenshots are in:")
     print(folder)
     return 0
 
