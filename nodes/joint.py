@@ -31,7 +31,8 @@ from comfy_api.latest import io
 from ..personalize.images import check_image_batch, to_rgb_channels_first
 from ..personalize.joint_attention import (BLOCK_NAMES, LAYOUT_KEY, MODES, JointAttentionPatch,
                                            JointAttentionSettings, check_strength, joint_layout, sdpa_kernel)
-from ..personalize.joint_sampling import fit_to_size, image_guided_pair, joint_batch
+from ..personalize.images import fit_to_size
+from ..personalize.joint_sampling import image_guided_pair, joint_batch
 from .types import CATEGORY
 
 ATTENTION_NODE = "Joint Attention"

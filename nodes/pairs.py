@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..personalize.focus import local_entropy
 from ..personalize.heatmap import labelled_strip, overlay_heat
+from ..personalize.images import fit_to_size
 from ..trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
                                          to_latent_grid)
 from .estimator import sanitize_file_stem
@@ -42,22 +43,6 @@ def thumbnails(images_rgb: torch.Tensor) -> torch.Tensor:
     height, width = images_rgb.shape[-2:]
     size = (THUMBNAIL_HEIGHT, max(1, round(width * THUMBNAIL_HEIGHT / height)))
     return F.interpolate(images_rgb, size=size, mode="area").cpu()
-
-
-def fit_to(images_rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Center-crop to the target aspect, then resize to ``size`` (documented behaviour for
-    winners whose size differs from the losers')."""
-    height, width = images_rgb.shape[-2:]
-    if (height, width) == tuple(size):
-        return images_rgb
-    target_aspect = size[1] / size[0]
-    if width / height > target_aspect:
-        crop = round(height * target_aspect)
-        images_rgb = images_rgb[..., :, (width - crop) // 2:(width - crop) // 2 + crop]
-    else:
-        crop = round(width / target_aspect)
-        images_rgb = images_rgb[..., (height - crop) // 2:(height - crop) // 2 + crop, :]
-    return F.interpolate(images_rgb, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def make_pairs(vae, positive, winners_rgb, losers_rgb, winner_quality, loser_quality, winner_weights,
@@ -156,7 +141,7 @@ class PairsFromRealPhotos(io.ComfyNode):
     def execute(cls, vae, positive, real_photos, generated, patch_quality=None) -> io.NodeOutput:
         name = "Preference Pairs from Real Photos"
         losers = image_input_to_rgb(generated, "generated")
-        photos = fit_to(image_input_to_rgb(real_photos, "real_photos"), tuple(losers.shape[-2:]))
+        photos = fit_to_size(image_input_to_rgb(real_photos, "real_photos"), tuple(losers.shape[-2:]))
         winners = photos[torch.arange(losers.shape[0]) % photos.shape[0]]
         loser_quality = None
         if patch_quality is not None:
@@ -197,7 +182,7 @@ class PairsFromArtistChoice(io.ComfyNode):
     def execute(cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None) -> io.NodeOutput:
         name = "Preference Pairs from Artist Choice"
         losers = image_input_to_rgb(loser, "loser")
-        winners = fit_to(image_input_to_rgb(winner, "winner"), tuple(losers.shape[-2:]))
+        winners = fit_to_size(image_input_to_rgb(winner, "winner"), tuple(losers.shape[-2:]))
         count = max(winners.shape[0], losers.shape[0])
         if winners.shape[0] not in (1, count) or losers.shape[0] not in (1, count):
             raise ValueError(f"{name}: {winners.shape[0]} winners and {losers.shape[0]} losers cannot be paired; "

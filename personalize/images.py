@@ -70,6 +70,33 @@ def resize_to_patch_grid(images: torch.Tensor, short_side: int, patch_size: int)
     return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+def fit_to_size(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop to the aspect ratio of ``size``, then resize to ``size`` (antialiased bilinear).
+
+    Args:
+        images: ``[B, C, H, W]`` (images or masks with C = 1).
+        size: ``(height, width)``.
+
+    Returns:
+        ``[B, C, height, width]``.
+    """
+    height, width = images.shape[-2:]
+    target_h, target_w = size
+    if (height, width) == (target_h, target_w):
+        return images
+    if height * target_w > width * target_h:  # too tall: crop rows
+        crop = max(1, round(width * target_h / target_w))
+        top = (height - crop) // 2
+        images = images[..., top:top + crop, :]
+    elif height * target_w < width * target_h:  # too wide: crop columns
+        crop = max(1, round(height * target_w / target_h))
+        left = (width - crop) // 2
+        images = images[..., :, left:left + crop]
+    if tuple(images.shape[-2:]) == (target_h, target_w):
+        return images
+    return F.interpolate(images, size=(target_h, target_w), mode="bilinear", antialias=True, align_corners=False)
+
+
 def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """Area-average masks onto a patch grid.
 

@@ -9,7 +9,8 @@ import torch
 from pack.personalize.joint_attention import (LAYOUT_KEY, JointAttentionPatch, JointAttentionSettings, adain,
                                          check_strength, joint_attention, joint_layout, masks_to_tokens,
                                          merge_heads, sdpa_attention, sdpa_kernel, split_heads)
-from pack.personalize.joint_sampling import fit_to_size, image_guided_pair, joint_batch
+from pack.personalize.images import fit_to_size
+from pack.personalize.joint_sampling import image_guided_pair, joint_batch
 
 
 def naive_attention(q, k, v, heads, key_bias=None):
