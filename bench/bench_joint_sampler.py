@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, load_comfyui, run_per_device, tiny_checkpoint  # noqa: E402
+from common import PeakMemory, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -120,15 +119,5 @@ def report(result: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
-        return 0
-    forwarded = list(argv if argv is not None else sys.argv[1:])
-    run_per_device(__file__, forwarded, args.devices, lambda result: report(result, args))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(__file__, parse_args, worker, report))

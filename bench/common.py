@@ -88,6 +88,18 @@ def tiny_checkpoint(comfy: str) -> str:
     return ensure_checkpoint(comfy, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
 
 
+def bench_main(script: str, parse_args, worker, report, argv=None) -> int:
+    """A benchmark's entry point: as ``--worker DEVICE`` run ``worker(args)`` and print its
+    result; otherwise run one worker per device and print ``report(result, args)``."""
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    run_per_device(script, forwarded, args.devices, lambda result: report(result, args))
+    return 0
+
+
 def run_per_device(script: str, argv: list[str], devices: str | None, report) -> None:
     """Run ``script --worker DEVICE`` for CPU (and CUDA when available) and print ``report``
     of each worker's ``RESULT {json}`` line."""
