@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 from ..personalize.backbones import TunedPatchBackbone
 from ..trainers.patch_estimator import train_patch_estimator
 from .backbone import MODELS_FOLDER, on_compute_device, register_model_folders
-from .patch_quality import image_input_to_rgb
+from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
 NODE_NAME = "Train Patch Quality Estimator"
@@ -63,7 +63,7 @@ class TrainPatchQualityEstimator(io.ComfyNode):
 
     @classmethod
     def execute(cls, backbone, references, steps, learning_rate, resolution, seed, save_name) -> io.NodeOutput:
-        photos = image_input_to_rgb(references, "references")
+        photos = image_input_to_rgb(references, "references", NODE_NAME)
         stem = sanitize_file_stem(save_name) if save_name.strip() else ""
         if save_name.strip() and not stem:
             raise ValueError(f"{NODE_NAME}: save_name '{save_name}' has no usable characters; use letters and digits.")

@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 from ..personalize.focus import blend_focus, compute_focus_maps, percent_for_sigma
 from ..personalize.heatmap import labelled_strip, overlay_heat
 from .backbone import on_compute_device
-from .patch_quality import image_input_to_rgb
+from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
 NODE_NAME = "Focus Regions"
@@ -84,8 +84,8 @@ class FocusRegions(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, generated, references, percent, gate_start, gate_end, complexity_weight,
                 strip_frames, resolution, overlay_opacity, subject_masks=None, sigmas=None, model=None) -> io.NodeOutput:
-        generated_rgb = image_input_to_rgb(generated, "generated")
-        references_rgb = image_input_to_rgb(references, "references")
+        generated_rgb = image_input_to_rgb(generated, "generated", NODE_NAME)
+        references_rgb = image_input_to_rgb(references, "references", NODE_NAME)
         if gate_end < gate_start:
             raise ValueError(f"{NODE_NAME}: gate_end ({gate_end}) is below gate_start ({gate_start}); swap them.")
         if subject_masks is not None and subject_masks.ndim == 2:

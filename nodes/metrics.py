@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from ..personalize.backbones import ClipVisionPatchBackbone, Dinov2PatchBackbone, TunedPatchBackbone
 from ..personalize.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine, render_text_image
 from .backbone import on_compute_device
-from .patch_quality import image_input_to_rgb
+from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
 NODE_NAME = "Personalization Metrics"
@@ -68,10 +68,10 @@ class PersonalizationMetrics(io.ComfyNode):
         if backbone is None and clip_vision is None:
             raise ValueError(f"{NODE_NAME}: connect a backbone (DINO) and/or a CLIP_VISION (CLIP-I, CLIP-T); "
                              "with neither there is nothing to measure.")
-        sets = {"after": image_input_to_rgb(generated, "generated"),
-                "references": image_input_to_rgb(references, "references")}
+        sets = {"after": image_input_to_rgb(generated, "generated", NODE_NAME),
+                "references": image_input_to_rgb(references, "references", NODE_NAME)}
         if generated_before is not None:
-            sets["before"] = image_input_to_rgb(generated_before, "generated_before")
+            sets["before"] = image_input_to_rgb(generated_before, "generated_before", NODE_NAME)
 
         rows = []
         if backbone is not None:

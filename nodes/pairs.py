@@ -16,7 +16,7 @@ from ..personalize.images import fit_to_size
 from ..trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
                                          to_latent_grid)
 from .estimator import sanitize_file_stem
-from .patch_quality import image_input_to_rgb
+from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchQuality, PreferencePairsType
 
 PAIRS_SUBFOLDER = "preference_pairs"
@@ -94,7 +94,7 @@ class PairsFromRankedCandidates(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, candidates, patch_quality, pairing, margin) -> io.NodeOutput:
         name = "Preference Pairs from Ranked Candidates"
-        images = image_input_to_rgb(candidates, "candidates")
+        images = image_input_to_rgb(candidates, "candidates", name)
         quality = patch_quality.quality
         if quality.shape[0] != images.shape[0] or tuple(patch_quality.image_size) != tuple(images.shape[-2:]):
             raise ValueError(f"{name}: patch_quality scores {quality.shape[0]} images of size "
@@ -140,8 +140,8 @@ class PairsFromRealPhotos(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, real_photos, generated, patch_quality=None) -> io.NodeOutput:
         name = "Preference Pairs from Real Photos"
-        losers = image_input_to_rgb(generated, "generated")
-        photos = fit_to_size(image_input_to_rgb(real_photos, "real_photos"), tuple(losers.shape[-2:]))
+        losers = image_input_to_rgb(generated, "generated", name)
+        photos = fit_to_size(image_input_to_rgb(real_photos, "real_photos", name), tuple(losers.shape[-2:]))
         winners = photos[torch.arange(losers.shape[0]) % photos.shape[0]]
         loser_quality = None
         if patch_quality is not None:
@@ -181,8 +181,8 @@ class PairsFromArtistChoice(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None) -> io.NodeOutput:
         name = "Preference Pairs from Artist Choice"
-        losers = image_input_to_rgb(loser, "loser")
-        winners = fit_to_size(image_input_to_rgb(winner, "winner"), tuple(losers.shape[-2:]))
+        losers = image_input_to_rgb(loser, "loser", name)
+        winners = fit_to_size(image_input_to_rgb(winner, "winner", name), tuple(losers.shape[-2:]))
         count = max(winners.shape[0], losers.shape[0])
         if winners.shape[0] not in (1, count) or losers.shape[0] not in (1, count):
             raise ValueError(f"{name}: {winners.shape[0]} winners and {losers.shape[0]} losers cannot be paired; "

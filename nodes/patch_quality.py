@@ -9,25 +9,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..personalize.heatmap import overlay_heat
-from ..personalize.images import check_image_batch, to_rgb_channels_first
 from ..personalize.patch_quality import score_patches
 from .backbone import on_compute_device
+from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone, PatchQuality
 
 NODE_NAME = "Patch Quality Score"
-
-
-def image_input_to_rgb(images: torch.Tensor, label: str) -> torch.Tensor:
-    """IMAGE ``[B, H, W, C]`` -> ``[B, 3, H, W]``, with node-named errors for bad input."""
-    try:
-        check_image_batch(images, label)
-    except ValueError as error:
-        raise ValueError(f"{NODE_NAME}: {error}") from error
-    channels = images.shape[-1]
-    if channels != 3:
-        logging.warning("%s: '%s' has %d channel(s); converted to RGB%s.", NODE_NAME, label, channels,
-                        " (alpha applied over black)" if channels == 4 else "")
-    return to_rgb_channels_first(images)
 
 
 def format_scores(scores: list[float], backbone: str, references: int) -> str:
@@ -77,8 +64,8 @@ class PatchQualityScore(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, generated, references, resolution, overlay_opacity,
                 subject_mask=None) -> io.NodeOutput:
-        generated_rgb = image_input_to_rgb(generated, "generated")
-        references_rgb = image_input_to_rgb(references, "references")
+        generated_rgb = image_input_to_rgb(generated, "generated", NODE_NAME)
+        references_rgb = image_input_to_rgb(references, "references", NODE_NAME)
         if subject_mask is not None and subject_mask.ndim == 2:
             subject_mask = subject_mask.unsqueeze(0)
         if subject_mask is not None and float(subject_mask.max()) <= 0:

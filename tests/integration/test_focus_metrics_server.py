@@ -155,3 +155,14 @@ def test_metrics_missing_models_are_reported_or_refused(comfy_server):
     assert "CLIP-I: connect Load CLIP Vision" in report
     with pytest.raises(PromptError, match="Personalization Metrics: connect a backbone"):
         comfy_server.run({**base_nodes(), "51": metrics_node()})
+
+
+def test_image_warnings_name_the_node_they_come_from(comfy_server):
+    prompt = {
+        **base_nodes(),
+        "60": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 451, "height": 300}},
+        "61": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["1", 0], "alpha": ["60", 0]}},
+        "10": focus_node(references=["61", 0]),
+    }
+    comfy_server.run(prompt)
+    assert "Focus Regions: 'references' has 4 channel(s); converted to RGB" in comfy_server.log_tail(400)
