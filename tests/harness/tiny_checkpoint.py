@@ -15,6 +15,11 @@ Weights use small, sane scales (fan-in normal, norms at 1) so fp16 decode never 
 ``build_clip_vision_state_dict`` makes a random CLIP ViT-L/14 vision tower the same way, for
 the CLIP-I / CLIP-T metrics.
 
+``build_denoiser_state_dict`` is the same checkpoint after a short denoising pre-training of its
+UNet on ``synthetic_latents`` (half of them carrying ``with_property``): a model that makes
+sane samples of a known distribution, so tests can check what preference training does to full
+generations (a random-weight UNet is no denoiser: its samples have no stable statistics).
+
 Run as a script (``python tiny_checkpoint.py COMFYUI_PATH OUT [SEED]``) so ComfyUI's modules
 load in a process of their own; ``ensure_checkpoint`` does that.
 """
@@ -31,6 +36,13 @@ import torch
 
 # Bump when the recipe changes so cached files are rebuilt.
 RECIPE_VERSION = 2
+DENOISER_RECIPE_VERSION = 1
+
+# The prompt the denoiser is pre-trained with (tests condition on it too).
+DENOISER_PROMPT = "a photo"
+LATENT_SHAPE = (4, 8, 8)  # 64 px
+CONTENT_STD = 2.0  # unscaled latent units, as a VAE returns them (SD1.5 scales by 0.18215)
+PROPERTY_CHANNEL, PROPERTY_SHIFT = 0, 8.0
 
 UNET_CONFIG = dict(
     image_size=32,
@@ -126,6 +138,59 @@ def build_clip_vision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             for name, shape in _state_dict_shapes(model).items() if not name.endswith("position_ids")}
 
 
+def synthetic_latents(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Unscaled ``[count, 4, 8, 8]`` latents: i.i.d. content, ``CONTENT_STD`` per element."""
+    return torch.randn(count, *LATENT_SHAPE, generator=generator) * CONTENT_STD
+
+
+def with_property(latents: torch.Tensor, region: torch.Tensor | None = None,
+                  channel: int = PROPERTY_CHANNEL) -> torch.Tensor:
+    """``latents`` plus the synthetic visual property: ``PROPERTY_SHIFT`` on ``channel``,
+    inside ``region`` (an ``[h, w]`` 0/1 map; everywhere when None)."""
+    shifted = latents.clone()
+    shifted[:, channel] += PROPERTY_SHIFT * (1.0 if region is None else region)
+    return shifted
+
+
+def pretrain_denoiser(state: dict[str, torch.Tensor], steps: int = 100, batch: int = 8,
+                      learning_rate: float = 3e-4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Train the UNet of ``state`` to denoise ``synthetic_latents``, half of them with the
+    property, conditioned on ``DENOISER_PROMPT``: the eps-prediction MSE SD1.5 is trained with,
+    sigmas log-uniform over the model's range. Returns the state with the trained UNet."""
+    import comfy.sd
+
+    model, clip, _, _ = comfy.sd.load_state_dict_guess_config(dict(state))
+    context = clip.encode_from_tokens(clip.tokenize(DENOISER_PROMPT))
+    base = model.model
+    unet = base.diffusion_model
+    unet.train()
+    for parameter in unet.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    log_min, log_max = math.log(float(base.model_sampling.sigma_min)), math.log(float(base.model_sampling.sigma_max))
+    for _ in range(steps):
+        clean = synthetic_latents(batch, generator)
+        carriers = torch.rand(batch, generator=generator) < 0.5
+        clean[carriers] = with_property(clean[carriers])
+        clean = base.process_latent_in(clean)
+        sigma = torch.exp(log_min + (log_max - log_min) * torch.rand(batch, generator=generator))
+        noisy = clean + sigma.view(-1, 1, 1, 1) * torch.randn(clean.shape, generator=generator)
+        denoised = base.apply_model(noisy, sigma, c_crossattn=context.expand(batch, -1, -1))
+        loss = (((denoised - clean) / sigma.view(-1, 1, 1, 1)) ** 2).mean()  # = eps MSE
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    trained = dict(state)
+    for name, value in unet.state_dict().items():
+        trained[f"model.diffusion_model.{name}"] = value.detach().clone()
+    return trained
+
+
+def build_denoiser_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    return pretrain_denoiser(build_state_dict(seed), seed=seed)
+
+
 def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
     """Write the checkpoint atomically to ``path`` (a ``.safetensors`` file) and return it."""
     import safetensors.torch
@@ -133,7 +198,9 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        state = build_state_dict(seed) if kind == "sd15" else build_clip_vision_state_dict(seed)
+        builders = {"sd15": build_state_dict, "sd15_denoiser": build_denoiser_state_dict,
+                     "clip_vision": build_clip_vision_state_dict}
+        state = builders[kind](seed)
         safetensors.torch.save_file(state, tmp, metadata={"recipe": str(RECIPE_VERSION)})
         os.replace(tmp, path)
     finally:
@@ -143,9 +210,11 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
 
 
 def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: str = "sd15") -> str:
-    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint or "clip_vision"),
-    building it on first use in a subprocess that imports ComfyUI from ``comfyui_path``."""
-    stem = "tiny_sd15" if kind == "sd15" else "random_clip_vision_vitl"
+    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser"
+    or "clip_vision"), building it on first use in a subprocess that imports ComfyUI from
+    ``comfyui_path``."""
+    stem = {"sd15": "tiny_sd15", "sd15_denoiser": f"tiny_sd15_denoiser_d{DENOISER_RECIPE_VERSION}",
+            "clip_vision": "random_clip_vision_vitl"}[kind]
     path = os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
     if not os.path.exists(path):
         subprocess.run([sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed), kind],

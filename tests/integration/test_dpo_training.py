@@ -1,52 +1,66 @@
-"""The DPO LoRA trainer on ComfyUI's real model classes (tiny SD1.5 checkpoint, CPU,
-in-process): it learns a synthetic preference, every loss mode runs, it is deterministic, never
-touches the input MODEL, and its LoRA loads like any LoRA."""
+"""The DPO LoRA trainer on ComfyUI's real model classes (tiny SD1.5 checkpoints, CPU,
+in-process): it learns a synthetic preference (held-out accuracy, full generations), patch
+weights choose which differences it learns, every loss mode runs, it is deterministic, never
+touches the input MODEL, and its LoRA loads like any LoRA.
+
+Learning is checked on the pre-trained tiny denoiser (``tiny_checkpoint.pretrain_denoiser``):
+DPO moves a model relative to its reference, which only means something for generations when
+the reference denoises. Mechanics use the random-weight checkpoint.
+"""
 import os
 
 import pytest
 import torch
 
 from comfy_server import DEFAULT_CACHE, comfyui_path
-from tiny_checkpoint import ensure_checkpoint
+from tiny_checkpoint import (DENOISER_PROMPT, LATENT_SHAPE, PROPERTY_SHIFT, ensure_checkpoint, synthetic_latents,
+                             with_property)
 
 pytestmark = pytest.mark.server
 
-LATENT = (4, 8, 8)  # 64 px images
+LATENT = LATENT_SHAPE  # 64 px images
+LEFT, RIGHT = torch.zeros(LATENT[1:]), torch.zeros(LATENT[1:])
+LEFT[:, : LATENT[2] // 2] = 1
+RIGHT[:, LATENT[2] // 2:] = 1
+
+
+def load(kind):
+    import comfy.sd
+
+    path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind=kind)
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path)
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(DENOISER_PROMPT), return_pooled=True)
+    return model, [[cond, {"pooled_output": pooled}]]
 
 
 @pytest.fixture(scope="module")
 def tiny(comfy_modules):
-    import comfy.sd
-
-    path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"))
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
-    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)
-    return model, [[cond, {"pooled_output": pooled}]]
+    return load("sd15")
 
 
-def synthetic_pairs(conditioning, count, seed, region=None, weights_region=None):
-    """Winners = losers + 1.5 on latent channel 0 (inside ``region`` if given): a visual property
-    the tiny model can learn. ``weights_region`` puts weight 1 there and 0 elsewhere."""
+@pytest.fixture(scope="module")
+def denoiser(comfy_modules):
+    return load("sd15_denoiser")
+
+
+def make_pairs(conditioning, winners, losers, weights=None):
     from pack.trainers.preference_pairs import PreferencePairs
 
-    generator = torch.Generator().manual_seed(seed)
-    losers = torch.randn(count, *LATENT, generator=generator) * 0.6
-    winners = losers.clone()
-    mask = torch.zeros(LATENT[1:]) if region is not None else torch.ones(LATENT[1:])
-    if region is not None:
-        mask[region] = 1
-    winners[:, 0] += 1.5 * mask
+    count = winners.shape[0]
     ones = torch.ones(count, *LATENT[1:])
-    weights = ones
-    if weights_region is not None:
-        weights = torch.zeros_like(ones)
-        weights[(slice(None), *weights_region)] = 1
+    weights = ones if weights is None else weights.expand(count, *LATENT[1:]).clone()
     return PreferencePairs(
         winners=winners, losers=losers, conditionings=[conditioning],
         condition_index=torch.zeros(count, dtype=torch.long), winner_weights=weights, loser_weights=weights,
         winner_quality=ones, loser_quality=ones, winner_complexity=ones * 0.5, loser_complexity=ones * 0.5,
         thumbnails_winner=torch.zeros(count, 3, 8, 8), thumbnails_loser=torch.zeros(count, 3, 8, 8),
         metadata=[{"source": "synthetic", "difficulty": "easy"}] * count, latent_channels=4)
+
+
+def synthetic_pairs(conditioning, count, seed):
+    """Winners = losers + the synthetic property (latent channel 0 up), uniform weights."""
+    losers = synthetic_latents(count, torch.Generator().manual_seed(seed))
+    return make_pairs(conditioning, with_property(losers), losers)
 
 
 def config(**overrides):
@@ -56,6 +70,9 @@ def config(**overrides):
                   seed=0, timestep_start=0.2, timestep_end=0.95)
     values.update(overrides)
     return DPOTrainingConfig(**values)
+
+
+LEARNING = dict(beta=500.0, steps=20, learning_rate=3e-5, timestep_start=0.0, timestep_end=1.0)
 
 
 def base_prediction(patcher, x, sigma, conditioning):
@@ -71,30 +88,72 @@ def base_prediction(patcher, x, sigma, conditioning):
         return patcher.model.apply_model(x, sigma, **kwargs).float()
 
 
-def test_learns_a_synthetic_preference(tiny):
+def generate(patcher, conditioning, count=16, seed=0, steps=12):
+    """Full euler samples (unscaled latents), the same noise for every model."""
+    import comfy.sample
+
+    empty = torch.zeros(count, *LATENT)
+    noise = comfy.sample.prepare_noise(empty, seed)
+    return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "normal", conditioning, conditioning, empty,
+                               seed=seed, disable_pbar=True).float()
+
+
+def test_learns_a_synthetic_preference(denoiser):
     from pack.trainers.lora_dpo import attach_lora, implicit_accuracy, train_dpo_lora
 
-    model, conditioning = tiny
+    model, conditioning = denoiser
     train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
     untrained = attach_lora(model, rank=4, alpha=4.0)
     before = implicit_accuracy(untrained, held_out)
-    result = train_dpo_lora(model, train, config(steps=30, beta=500.0, learning_rate=1e-4,
-                                                 timestep_start=0.0, timestep_end=1.0))
+    result = train_dpo_lora(model, train, config(**LEARNING))
     after = implicit_accuracy(result.lora, held_out)
     assert before == pytest.approx(0.5)  # policy == reference: every draw is a tie
     assert after >= 0.9, (before, after, result.history["accuracy"][-5:])
 
-    # What the model makes of noisy held-out losers moves toward the winners' property (latent
-    # channel 0 up), at every noise level. (Full multi-step samples of a random-weight model are
-    # not a meaningful target: its reference is not a denoiser, so their drift has no stable sign.)
+    # Generations from the same noise carry more of the property (channel 0 up), sample by
+    # sample, without the rest of the latent blowing up.
+    base, trained = generate(model, conditioning), generate(result.lora.patcher, conditioning)
+    moved = (trained[:, 0] - base[:, 0]).mean(dim=(1, 2))
+    assert moved.mean() > 0.5 * PROPERTY_SHIFT and (moved > 0).float().mean() >= 0.9, moved
+    assert trained[:, 1:].std() < 3 * base[:, 1:].std(), (base[:, 1:].std(), trained[:, 1:].std())
+
+    # So does what the model makes of noisy held-out losers, at every noise level.
     generator = torch.Generator().manual_seed(11)
     losers = held_out.losers * 0.18215  # SD1.5 latent scaling, as the trainer applies it
     for sigma in (14.0, 5.0, 2.0, 0.5):
         x = losers + sigma * torch.randn(losers.shape, generator=generator)
         sigmas = torch.full((x.shape[0],), sigma)
-        base = base_prediction(model, x, sigmas, conditioning)[:, 0].mean().item()
-        trained = base_prediction(result.lora.patcher, x, sigmas, conditioning)[:, 0].mean().item()
-        assert trained > base + 0.02, (sigma, base, trained)
+        base_x0 = base_prediction(model, x, sigmas, conditioning)[:, 0].mean().item()
+        trained_x0 = base_prediction(result.lora.patcher, x, sigmas, conditioning)[:, 0].mean().item()
+        assert trained_x0 > base_x0 + 0.02, (sigma, base_x0, trained_x0)
+
+
+def test_patch_weights_choose_which_differences_are_learned(denoiser):
+    """Winners differ from losers in both halves: channel 0 up on the left, channel 1 up on the
+    right. Trained with weights 1 on one half and 0 on the other, generations move toward the
+    winners' look inside the weighted half (per cell, the fraction of the winner-minus-loser
+    difference: delta . (w - l) / |w - l|^2) at least 3x more than outside it. Each run is the
+    other's control that the unweighted half's difference is learnable.
+
+    What this does not claim: that the LoRA changes only pixels inside the region. Its weights
+    are shared by every cell, so a learned look (here "channel 0 up") shows wherever the model
+    draws that content; patch weights decide *which* differences are learned."""
+    from pack.trainers.lora_dpo import train_dpo_lora
+
+    model, conditioning = denoiser
+    losers = synthetic_latents(16, torch.Generator().manual_seed(1))
+    winners = with_property(with_property(losers, LEFT, channel=0), RIGHT, channel=1)
+    base = generate(model, conditioning)
+    toward_winner = {}
+    for name, region in (("left", LEFT), ("right", RIGHT)):
+        result = train_dpo_lora(model, make_pairs(conditioning, winners, losers, region),
+                                config(loss_mode="patch_dpo", **LEARNING))
+        moved = generate(result.lora.patcher, conditioning) - base
+        left = (moved[:, 0] * LEFT).sum() / (LEFT.sum() * moved.shape[0] * PROPERTY_SHIFT)
+        right = (moved[:, 1] * RIGHT).sum() / (RIGHT.sum() * moved.shape[0] * PROPERTY_SHIFT)
+        toward_winner[name] = (float(left), float(right)) if name == "left" else (float(right), float(left))
+    for name, (inside, outside) in toward_winner.items():
+        assert inside > 0.25 and inside > 3 * outside, toward_winner
 
 
 def test_deterministic_and_input_model_untouched(tiny):
