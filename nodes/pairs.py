@@ -45,10 +45,23 @@ def thumbnails(images_rgb: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images_rgb, size=size, mode="area").cpu()
 
 
+def reference_input():
+    return io.Image.Input(
+        "references", optional=True,
+        tooltip="Optional: the subject's reference photos, stored with the pairs. The trainer then trains in "
+                "JeDi's joint batch (the images attend to the references) when its MODEL went through Joint "
+                "Attention. Center-cropped and resized to the pairs' size.")
+
+
 def make_pairs(vae, positive, winners_rgb, losers_rgb, winner_quality, loser_quality, winner_weights,
-               loser_weights, metadata) -> PreferencePairs:
-    """Encode images and assemble a pair set. Maps are ``[N, H, W]`` at image size (or None = 1)."""
+               loser_weights, metadata, references=None, node_name="Preference Pairs") -> PreferencePairs:
+    """Encode images and assemble a pair set. Maps are ``[N, H, W]`` at image size (or None = 1);
+    ``references`` is the optional IMAGE input of reference photos."""
     winners, losers = encode(vae, winners_rgb), encode(vae, losers_rgb)
+    reference_latents = None
+    if references is not None:
+        photos = fit_to_size(image_input_to_rgb(references, "references", node_name), tuple(winners_rgb.shape[-2:]))
+        reference_latents = encode(vae, photos)
     grid = tuple(winners.shape[-2:])
     count = winners.shape[0]
 
@@ -63,7 +76,7 @@ def make_pairs(vae, positive, winners_rgb, losers_rgb, winner_quality, loser_qua
         winner_complexity=to_latent_grid(local_entropy(winners_rgb).cpu(), grid),
         loser_complexity=to_latent_grid(local_entropy(losers_rgb).cpu(), grid),
         thumbnails_winner=thumbnails(winners_rgb), thumbnails_loser=thumbnails(losers_rgb),
-        metadata=metadata, latent_channels=int(winners.shape[1]),
+        metadata=metadata, latent_channels=int(winners.shape[1]), references=reference_latents,
     )
 
 
@@ -87,12 +100,13 @@ class PairsFromRankedCandidates(io.ComfyNode):
                                tooltip="One pair (best vs worst), or every pair whose score gap exceeds the margin."),
                 io.Float.Input("margin", default=0.02, min=0.0, max=1.0, step=0.005,
                                tooltip="Minimum difference of mean patch quality for a pair."),
+                reference_input(),
             ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Preference pairs for the trainer.")],
         )
 
     @classmethod
-    def execute(cls, vae, positive, candidates, patch_quality, pairing, margin) -> io.NodeOutput:
+    def execute(cls, vae, positive, candidates, patch_quality, pairing, margin, references=None) -> io.NodeOutput:
         name = "Preference Pairs from Ranked Candidates"
         images = image_input_to_rgb(candidates, "candidates", name)
         quality = patch_quality.quality
@@ -111,7 +125,7 @@ class PairsFromRankedCandidates(io.ComfyNode):
         metadata = [{"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[l]}
                     for w, l, difficulty in chosen]
         pairs = make_pairs(vae, positive, images[w_index], images[l_index], maps[w_index], maps[l_index],
-                           maps[w_index], 1.0 - maps[l_index], metadata)
+                           maps[w_index], 1.0 - maps[l_index], metadata, references, name)
         return io.NodeOutput(pairs)
 
 
@@ -133,12 +147,13 @@ class PairsFromRealPhotos(io.ComfyNode):
                 io.Image.Input("generated", tooltip="Generated images (losers)."),
                 PatchQuality.Input("patch_quality", optional=True,
                                    tooltip="Optional Patch Quality Score of `generated`: their bad patches weigh most."),
+                reference_input(),
             ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Preference pairs for the trainer.")],
         )
 
     @classmethod
-    def execute(cls, vae, positive, real_photos, generated, patch_quality=None) -> io.NodeOutput:
+    def execute(cls, vae, positive, real_photos, generated, patch_quality=None, references=None) -> io.NodeOutput:
         name = "Preference Pairs from Real Photos"
         losers = image_input_to_rgb(generated, "generated", name)
         photos = fit_to_size(image_input_to_rgb(real_photos, "real_photos", name), tuple(losers.shape[-2:]))
@@ -151,7 +166,7 @@ class PairsFromRealPhotos(io.ComfyNode):
             loser_quality = patch_quality.upsampled(tuple(losers.shape[-2:]))
         metadata = [{"source": "real", "difficulty": "hard"} for _ in range(losers.shape[0])]
         pairs = make_pairs(vae, positive, winners, losers, None, loser_quality, None,
-                           None if loser_quality is None else 1.0 - loser_quality, metadata)
+                           None if loser_quality is None else 1.0 - loser_quality, metadata, references, name)
         return io.NodeOutput(pairs)
 
 
@@ -174,12 +189,14 @@ class PairsFromArtistChoice(io.ComfyNode):
                 io.Image.Input("loser", tooltip="The rejected image(s)."),
                 io.Mask.Input("winner_good_mask", optional=True, tooltip="Optional: where the winner is right."),
                 io.Mask.Input("loser_bad_mask", optional=True, tooltip="Optional: where the loser is wrong."),
+                reference_input(),
             ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Preference pairs for the trainer.")],
         )
 
     @classmethod
-    def execute(cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None) -> io.NodeOutput:
+    def execute(cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None,
+                references=None) -> io.NodeOutput:
         name = "Preference Pairs from Artist Choice"
         losers = image_input_to_rgb(loser, "loser", name)
         winners = fit_to_size(image_input_to_rgb(winner, "winner", name), tuple(losers.shape[-2:]))
@@ -204,7 +221,8 @@ class PairsFromArtistChoice(io.ComfyNode):
 
         good, bad = mask_maps(winner_good_mask, "winner_good_mask"), mask_maps(loser_bad_mask, "loser_bad_mask")
         metadata = [{"source": "artist", "difficulty": "normal"} for _ in range(count)]
-        pairs = make_pairs(vae, positive, winners, losers, None, None if bad is None else 1.0 - bad, good, bad, metadata)
+        pairs = make_pairs(vae, positive, winners, losers, None, None if bad is None else 1.0 - bad, good, bad, metadata,
+                           references, name)
         return io.NodeOutput(pairs)
 
 

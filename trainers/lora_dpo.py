@@ -14,7 +14,13 @@ so every model family ComfyUI loads trains the same way:
   1/sigma for eps and flow models (the eps / velocity error) and by sqrt(sigma^2+s^2)/(sigma s)
   for v-prediction (s = sigma_data), 1 for x0 models;
 - conditioning goes through ComfyUI's ``convert_cond`` / ``encode_model_conds`` / ``cond_cat``
-  like sampling does, so SDXL's pooled/size conditioning is handled by the model itself.
+  like sampling does, so SDXL's pooled/size conditioning is handled by the model itself;
+- joint-set training (JeDi): when the pairs carry reference latents and the MODEL went through
+  Joint Attention, every forward (policy and reference) is the joint batch the Joint Sampler
+  uses: the references, noised with their own noise to the micro-batch's sigma, first, then the
+  winners and losers, which attend to the references' tokens. The LoRA then learns the
+  preference in the context it will sample in. A micro-batch shares one timestep here (the
+  references can only sit at one noise level); their predictions are not part of the loss.
 
 Importing this module needs ComfyUI on the path; the losses themselves are in ``dpo_losses``.
 """
@@ -29,6 +35,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..personalize.focus import blend_focus
+from ..personalize.joint_attention import LAYOUT_KEY, JointAttentionPatch, joint_layout
 from .dpo_losses import channel_stats_loss, dpo_loss, patchdpo_paper_loss
 from .preference_pairs import PreferencePairs
 
@@ -199,9 +206,37 @@ def batch_kwargs(processed: list[dict], indices: list[int], device) -> dict[str,
     return {key: value.to(device).clone() if torch.is_tensor(value) else value for key, value in joined.items()}
 
 
+def has_joint_attention(patcher) -> bool:
+    """Whether the MODEL went through the Joint Attention node (its attn1 patch is on)."""
+    transformer_options = patcher.model_options.get("transformer_options", {})
+    replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
+    return any(isinstance(patch, JointAttentionPatch) for patch in replaced.values())
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs for the winners then the losers of some pairs (see ``PairBatcher.batch``).
+
+    ``references``/``reference_sigma``: the noised reference latents of a joint batch (or None).
+    """
+
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    kwargs: dict
+    x0: torch.Tensor
+    scale: torch.Tensor
+    references: torch.Tensor | None = None
+    reference_sigma: torch.Tensor | None = None
+
+
 class PairBatcher:
     """Turns pair indices into model inputs: scaled latents noised with shared noise and sigma,
-    processed conditioning, and the target-space error scale. ``patcher`` must be loaded."""
+    processed conditioning, and the target-space error scale. ``patcher`` must be loaded.
+
+    When the pairs have references and the MODEL has Joint Attention, every prediction is made
+    in the joint layout, references first. A MODEL with Joint Attention and pairs without
+    references is told there are none (otherwise the patch would take the first image of
+    each batch as a reference)."""
 
     def __init__(self, patcher, pairs: PreferencePairs):
         self.model = patcher.model
@@ -211,10 +246,23 @@ class PairBatcher:
         self.pairs = pairs
         self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
         self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
+        self.references = None
+        if has_joint_attention(patcher):
+            if pairs.references is not None:
+                self.references = self.model.process_latent_in(pairs.references.float()).to(self.device)
+            else:
+                self.transformer_options = {**self.transformer_options, LAYOUT_KEY: joint_layout(0)}
         self.conds = conditioning_batches(self.model, pairs.conditionings, tuple(self.winners.shape[1:]), self.device)
 
-    def batch(self, indices: list[int], percents: torch.Tensor, generator: torch.Generator):
-        """``(x_t, sigma, kwargs, x0, scale)`` for winners then losers of ``indices``."""
+    @property
+    def joint(self) -> bool:
+        return self.references is not None
+
+    def batch(self, indices: list[int], percents: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+        """Winners then losers of ``indices``, at ``percents`` (one per pair; a joint batch uses
+        the first for all)."""
+        if self.joint:
+            percents = percents[:1].expand(len(indices))
         sigma = torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], device=self.device)
         noise = torch.randn((len(indices), *self.winners.shape[1:]), generator=generator).to(self.device)
         x0 = torch.cat([self.winners[indices], self.losers[indices]])
@@ -222,10 +270,28 @@ class PairBatcher:
         x_t = self.sampling.noise_scaling(sigma2.view(-1, 1, 1, 1), torch.cat([noise, noise]), x0)
         kwargs = batch_kwargs(self.conds, [int(self.pairs.condition_index[i]) for i in indices] * 2, self.device)
         scale = target_space_scale(self.sampling, sigma2).view(-1, 1, 1, 1) ** 2
-        return x_t, sigma2, kwargs, x0, scale
+        batch = MicroBatch(x_t, sigma2, kwargs, x0, scale)
+        if self.joint:
+            reference_noise = torch.randn(self.references.shape, generator=generator).to(self.device)
+            batch.reference_sigma = sigma[:1].expand(self.references.shape[0])
+            batch.references = self.sampling.noise_scaling(batch.reference_sigma.view(-1, 1, 1, 1), reference_noise,
+                                                           self.references)
+        return batch
 
-    def predict(self, x_t, sigma, kwargs) -> torch.Tensor:
-        return self.model.apply_model(x_t, sigma, transformer_options=self.transformer_options, **kwargs).float()
+    def predict(self, x_t, sigma, kwargs, batch: MicroBatch | None = None) -> torch.Tensor:
+        """The model's x0 prediction of ``x_t`` (in a joint batch with ``batch``'s references)."""
+        if batch is None or batch.references is None:
+            return self.model.apply_model(x_t, sigma, transformer_options=self.transformer_options, **kwargs).float()
+        count = batch.references.shape[0]
+        joint_x = torch.cat([batch.references, x_t])
+        joint_sigma = torch.cat([batch.reference_sigma, sigma])
+        # The references take the conditioning of the micro-batch's first image.
+        joint_kwargs = {key: torch.cat([value[:1].expand(count, *value.shape[1:]), value])
+                        if torch.is_tensor(value) and value.shape[0] == x_t.shape[0] else value
+                        for key, value in kwargs.items()}
+        options = {**self.transformer_options, LAYOUT_KEY: joint_layout(count), "cond_or_uncond": [0],
+                   "sigmas": joint_sigma}
+        return self.model.apply_model(joint_x, joint_sigma, transformer_options=options, **joint_kwargs).float()[count:]
 
 
 @torch.no_grad()
@@ -246,13 +312,18 @@ def implicit_accuracy(lora: LoraOnModel, pairs: PreferencePairs, seed: int = 0, 
     indices = list(range(len(pairs)))
     with torch.inference_mode(False):
         for _ in range(repeats):
-            x_t, sigma2, kwargs, x0, scale = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
+            batch = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
+
+            def errors():
+                prediction = batcher.predict(batch.x_t, batch.sigma, batch.kwargs, batch)
+                return ((prediction - batch.x0) ** 2 * batch.scale).mean(dim=(1, 2, 3))
+
             lora.switch.enabled = False
             try:
-                reference = ((batcher.predict(x_t, sigma2, kwargs) - x0) ** 2 * scale).mean(dim=(1, 2, 3))
+                reference = errors()
             finally:
                 lora.switch.enabled = True
-            policy = ((batcher.predict(x_t, sigma2, kwargs) - x0) ** 2 * scale).mean(dim=(1, 2, 3))
+            policy = errors()
             count = len(indices)
             inside = -((policy[:count] - policy[count:]) - (reference[:count] - reference[count:]))
             score += float((inside > 0).sum() + 0.5 * (inside == 0).sum())
@@ -340,7 +411,17 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     device = patcher.load_device
 
+    joint = has_joint_attention(patcher)
+    if pairs.references is not None and not joint:
+        logging.warning("The pairs carry %d reference latents but the MODEL has no Joint Attention; training "
+                        "without them (connect the MODEL through Joint Attention for joint-set training).",
+                        pairs.references.shape[0])
+    elif joint and pairs.references is None:
+        logging.warning("The MODEL has Joint Attention but the pairs carry no references; it is off while "
+                        "training (give the pair builder the reference photos for joint-set training).")
     batcher = PairBatcher(patcher, pairs)
+    if batcher.joint:
+        logging.info("Training in the joint batch with %d reference latents.", pairs.references.shape[0])
     grid = pairs.latent_size
 
     trainable = [p for p in lora.parameters.values() if p.requires_grad]
@@ -350,17 +431,19 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     autocast = torch.autocast(device_type=device.type, dtype=config.dtype, enabled=config.dtype != torch.float32)
     predict = batcher.predict
 
-    def policy(x_t, sigma, kwargs):
+    def policy(batch: MicroBatch):
+        x_t, sigma, kwargs = batch.x_t, batch.sigma, batch.kwargs
         if not config.gradient_checkpointing:
-            return predict(x_t, sigma, kwargs)
+            return predict(x_t, sigma, kwargs, batch)
         # Winner and loser halves are recomputed one at a time in backward, so only one image's
-        # activations are alive at once (one extra forward of compute).
+        # activations are alive at once (one extra forward of compute; a joint batch's
+        # references go with each half).
         half = x_t.shape[0] // 2
         outputs = []
         for part in (slice(0, half), slice(half, None)):
             part_kwargs = {k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v for k, v in kwargs.items()}
             outputs.append(torch.utils.checkpoint.checkpoint(
-                lambda x, s, kw=part_kwargs: predict(x, s, kw), x_t[part], sigma[part], use_reentrant=False))
+                lambda x, s, kw=part_kwargs: predict(x, s, kw, batch), x_t[part], sigma[part], use_reentrant=False))
         return torch.cat(outputs)
 
     steps_done = 0
@@ -371,9 +454,11 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
             picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
             indices = [pool[i] for i in picks.tolist()]
             percents = sample_percents(len(indices), config, generator)
-            x_t, sigma2, kwargs, x0, scale = batcher.batch(indices, percents, generator)
-            terms = _loss_terms(config, pairs, indices, percents, grid, x_t, sigma2, kwargs, x0, scale,
-                                lora.switch, predict, policy, autocast, device)
+            batch = batcher.batch(indices, percents, generator)
+            if batcher.joint:
+                percents = percents[:1].expand(len(indices))  # what the batch was noised at
+            terms = _loss_terms(config, pairs, indices, percents, grid, batch, lora.switch, predict, policy,
+                                autocast, device)
             loss = terms.pop("loss")
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
@@ -395,11 +480,12 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     return DPOTrainingResult(lora=lora, history=history, steps_done=steps_done)
 
 
-def _loss_terms(config, pairs, indices, percents, grid, x_t, sigma2, kwargs, x0, scale, switch,
-                predict, policy, autocast, device) -> dict[str, torch.Tensor]:
+def _loss_terms(config, pairs, indices, percents, grid, micro: MicroBatch, switch, predict, policy, autocast,
+                device) -> dict[str, torch.Tensor]:
     """One micro-batch's loss and diagnostics for the configured mode."""
     batch = len(indices)
     mode = config.loss_mode
+    x0, scale = micro.x0, micro.scale
     with autocast:
         if mode == "patchdpo_paper":
             reference = None
@@ -407,10 +493,10 @@ def _loss_terms(config, pairs, indices, percents, grid, x_t, sigma2, kwargs, x0,
             switch.enabled = False
             try:
                 with torch.no_grad():
-                    reference = predict(x_t, sigma2, kwargs)
+                    reference = predict(micro.x_t, micro.sigma, micro.kwargs, micro)
             finally:
                 switch.enabled = True
-        prediction = policy(x_t, sigma2, kwargs)
+        prediction = policy(micro)
     errors = (prediction - x0) ** 2 * scale
     model_w, model_l = errors[:batch], errors[batch:]
     zero = torch.zeros((), device=device)

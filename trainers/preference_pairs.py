@@ -88,6 +88,12 @@ class PreferencePairs:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
         if not (torch.isfinite(self.winners).all() and torch.isfinite(self.losers).all()):
             raise ValueError("the latents contain NaN or infinite values")
+        if self.references is not None:
+            if self.references.ndim != 4 or tuple(self.references.shape[1:]) != tuple(self.winners.shape[1:]):
+                raise ValueError(f"reference latents {tuple(self.references.shape)} do not match the pairs' "
+                                 f"{tuple(self.winners.shape[1:])}; encode the references at the pairs' image size")
+            if not torch.isfinite(self.references).all():
+                raise ValueError("the reference latents contain NaN or infinite values")
         if len(self.metadata) != n or self.condition_index.shape[0] != n:
             raise ValueError("metadata or conditioning count does not match the number of pairs")
 

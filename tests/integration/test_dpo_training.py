@@ -156,6 +156,34 @@ def test_patch_weights_choose_which_differences_are_learned(denoiser):
         assert inside > 0.25 and inside > 3 * outside, toward_winner
 
 
+def test_joint_set_training_uses_the_references(tiny):
+    """Pairs with reference latents, on a MODEL that went through Joint Attention, train in the
+    joint batch: the references change what is learned, and the policy and reference passes see
+    the same noised references (an untrained LoRA ties exactly). Without Joint Attention the
+    references are ignored; Joint Attention without references is off, not fed a pair image."""
+    from pack.nodes.joint import apply_joint_attention
+    from pack.personalize.joint_attention import JointAttentionSettings
+    from pack.trainers.lora_dpo import attach_lora, implicit_accuracy, train_dpo_lora
+
+    model, conditioning = tiny
+    joint = apply_joint_attention(model, JointAttentionSettings(), "test")
+    pairs = synthetic_pairs(conditioning, 4, seed=9)
+    with_references = synthetic_pairs(conditioning, 4, seed=9)
+    with_references.references = synthetic_latents(2, torch.Generator().manual_seed(10))
+
+    def trained(patcher, pair_set):
+        return train_dpo_lora(patcher, pair_set, config(steps=3, loss_mode="patch_dpo")).lora.state_dict()
+
+    def gap(first, second):
+        return max(float((first[key] - second[key]).abs().max()) for key in first)
+
+    plain = trained(model, pairs)
+    assert gap(plain, trained(model, with_references)) == 0
+    assert gap(plain, trained(joint, pairs)) < 1e-5  # same attention, other kernel call
+    assert gap(plain, trained(joint, with_references)) > 1e-4
+    assert implicit_accuracy(attach_lora(joint, rank=4, alpha=4.0), with_references) == pytest.approx(0.5)
+
+
 def test_deterministic_and_input_model_untouched(tiny):
     from pack.trainers.lora_dpo import train_dpo_lora
 

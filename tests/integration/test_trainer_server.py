@@ -100,6 +100,26 @@ def test_pairs_reload_and_train(comfy_server):
     assert len(entry["outputs"]["11"]["images"]) == 1  # the plot preview
 
 
+def test_joint_set_training_in_the_graph(comfy_server):
+    """Reference photos given to the pair builder travel with the pairs (saved too) and the
+    trainer trains in the joint batch when its MODEL went through Joint Attention."""
+    prompt = candidates_and_pairs()
+    prompt["10"]["inputs"]["references"] = ["7", 0]
+    prompt.update({
+        "11": {"class_type": "PrefP_JointAttention", "inputs": {
+            "model": ["1", 0], "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
+            "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True, "adain": False}},
+        "12": trainer(steps=2, model=["11", 0]),
+        "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "with references"}},
+    })
+    entry = comfy_server.run(prompt)
+    assert len(entry["outputs"]["12"]["images"]) == 1
+    assert "Training in the joint batch with 1 reference latents" in comfy_server.log_tail(200)
+    saved = safetensors.torch.load_file(os.path.join(comfy_server.base_directory, "output", "preference_pairs",
+                                                     "with_references.safetensors"))
+    assert saved["references"].shape == (1, 4, 8, 8)  # one photo, encoded at the candidates' 64 px
+
+
 def test_bad_trainer_input_is_reported(comfy_server):
     with pytest.raises(PromptError, match="timestep_end"):
         comfy_server.run({**candidates_and_pairs(), "11": trainer(timestep_start=0.8, timestep_end=0.2)})

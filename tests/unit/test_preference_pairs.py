@@ -45,8 +45,11 @@ def test_to_latent_grid_area_pools():
 
 
 def test_merge_offsets_conditioning_and_checks_sizes():
-    merged = merge_pairs(make_pairs(2, seed=0), make_pairs(3, seed=1))
+    second = make_pairs(3, seed=1)
+    second.references = torch.randn(1, 4, 4, 6)
+    merged = merge_pairs(make_pairs(2, seed=0), second)
     assert len(merged) == 5 and len(merged.conditionings) == 2
+    assert merged.references.shape == (1, 4, 4, 6)
     assert merged.condition_index.tolist() == [0, 0, 1, 1, 1]
     merged.validate()
     with pytest.raises(ValueError, match="different latent sizes"):
@@ -65,15 +68,23 @@ def test_validate_names_problems():
     empty = make_pairs(0)
     with pytest.raises(ValueError, match="empty"):
         empty.validate()
+    pairs = make_pairs()
+    pairs.references = torch.zeros(2, 4, 4, 4)
+    with pytest.raises(ValueError, match="reference latents .* do not match"):
+        pairs.validate()
+    pairs.references = torch.full((2, 4, 4, 6), float("nan"))
+    with pytest.raises(ValueError, match="reference latents contain NaN"):
+        pairs.validate()
 
 
 def test_save_load_roundtrip_is_atomic(tmp_path):
     pairs = make_pairs(3)
+    pairs.references = torch.randn(2, 4, 4, 6)
     tensor_path, json_path = save_pairs(pairs, str(tmp_path / "sub" / "set"))
     assert os.path.isfile(tensor_path) and os.path.isfile(json_path)
     assert not [name for name in os.listdir(tmp_path / "sub") if name.endswith(".partial")]
     loaded = load_pairs(tensor_path)
-    for name in ("winners", "losers", "winner_weights", "loser_quality", "thumbnails_loser"):
+    for name in ("winners", "losers", "winner_weights", "loser_quality", "thumbnails_loser", "references"):
         torch.testing.assert_close(getattr(loaded, name), getattr(pairs, name))
     torch.testing.assert_close(loaded.conditionings[0][0][0], pairs.conditionings[0][0][0])
     torch.testing.assert_close(loaded.conditionings[0][0][1]["pooled_output"], pairs.conditionings[0][0][1]["pooled_output"])
