@@ -447,36 +447,40 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
         return torch.cat(outputs)
 
     steps_done = 0
-    for step in range(config.steps):
-        pool = curriculum_pool(pairs, config.loss_mode, step, config.steps)
-        totals = {name: 0.0 for name in METRICS}
-        for _ in range(config.grad_accumulation):
-            picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
-            indices = [pool[i] for i in picks.tolist()]
-            percents = sample_percents(len(indices), config, generator)
-            batch = batcher.batch(indices, percents, generator)
-            if batcher.joint:
-                percents = percents[:1].expand(len(indices))  # what the batch was noised at
-            terms = _loss_terms(config, pairs, indices, percents, grid, batch, lora.switch, predict, policy,
-                                autocast, device)
-            loss = terms.pop("loss")
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
-            (loss / config.grad_accumulation).backward()
-            totals["loss"] += float(loss.detach()) / config.grad_accumulation
-            for name, value in terms.items():
-                totals[name] += float(value) / config.grad_accumulation
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_done = step + 1
-        for name in METRICS:
-            history[name].append(totals[name])
-        if on_step is not None:
-            on_step(steps_done, totals, lora)
-    for parameter in lora.parameters.values():
-        parameter.requires_grad_(False)
-    del optimizer
-    comfy.model_management.soft_empty_cache()
+    try:
+        for step in range(config.steps):
+            pool = curriculum_pool(pairs, config.loss_mode, step, config.steps)
+            totals = {name: 0.0 for name in METRICS}
+            for _ in range(config.grad_accumulation):
+                picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
+                indices = [pool[i] for i in picks.tolist()]
+                percents = sample_percents(len(indices), config, generator)
+                batch = batcher.batch(indices, percents, generator)
+                if batcher.joint:
+                    percents = percents[:1].expand(len(indices))  # what the batch was noised at
+                terms = _loss_terms(config, pairs, indices, percents, grid, batch, lora.switch, predict, policy,
+                                    autocast, device)
+                loss = terms.pop("loss")
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
+                (loss / config.grad_accumulation).backward()
+                totals["loss"] += float(loss.detach()) / config.grad_accumulation
+                for name, value in terms.items():
+                    totals[name] += float(value) / config.grad_accumulation
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps_done = step + 1
+            for name in METRICS:
+                history[name].append(totals[name])
+            if on_step is not None:
+                on_step(steps_done, totals, lora)
+    finally:
+        # Also on Cancel or an error: gradients and optimiser state go, the cache is emptied.
+        for parameter in lora.parameters.values():
+            parameter.requires_grad_(False)
+            parameter.grad = None
+        del optimizer
+        comfy.model_management.soft_empty_cache()
     return DPOTrainingResult(lora=lora, history=history, steps_done=steps_done)
 
 
