@@ -85,6 +85,12 @@ class DPOLoraTrainer(io.ComfyNode):
                                          "one extra forward."),
                 io.Float.Input("stats_weight", default=0.1, min=0.0, max=100.0, step=0.01,
                                tooltip="hg_dpo only: weight of the colour-statistics matching term."),
+                io.Float.Input("preserve_outside", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="patch_dpo / focus_dpo: also keep the model's prediction unchanged where the "
+                                       "pairs' weights are 0 (e.g. outside a painted mask), so the LoRA's effect "
+                                       "stays in the weighted regions. 0 = plain patch-weighted DPO: weights choose "
+                                       "which differences are learned, but what is learned can show anywhere. "
+                                       "~1 is a good start; it also slows learning."),
                 io.Int.Input("save_every", default=0, min=0, max=100000,
                              tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel)."),
                 io.String.Input("save_prefix", default="dpo_lora", tooltip="File name prefix of saved checkpoints."),
@@ -102,7 +108,8 @@ class DPOLoraTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, pairs, loss_mode, beta, steps, learning_rate, rank, alpha, batch_size,
                 grad_accumulation, seed, timestep_start, timestep_end, timestep_sampling, training_dtype,
-                gradient_checkpointing, stats_weight, save_every, save_prefix, resume_lora=None) -> io.NodeOutput:
+                gradient_checkpointing, stats_weight, preserve_outside, save_every, save_prefix,
+                resume_lora=None) -> io.NodeOutput:
         if timestep_end <= timestep_start:
             raise ValueError(f"{NODE_NAME}: timestep_end ({timestep_end}) must be above timestep_start ({timestep_start}).")
         if len(pairs) == 0:
@@ -113,7 +120,7 @@ class DPOLoraTrainer(io.ComfyNode):
             batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed, timestep_start=timestep_start,
             timestep_end=timestep_end, timestep_sampling=timestep_sampling,
             dtype=resolve_dtype(training_dtype, model.load_device), gradient_checkpointing=gradient_checkpointing,
-            stats_weight=stats_weight)
+            stats_weight=stats_weight, preserve_outside=preserve_outside)
         progress = comfy.utils.ProgressBar(steps)
         last_good = {"step": 0, "lora": None}
         history: dict[str, list[float]] = {}

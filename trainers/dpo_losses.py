@@ -16,6 +16,8 @@ Modes:
 - ``focus_dpo`` is ``patch_dpo`` with focus maps as W (the caller gates them by timestep).
 - ``hg_dpo`` is ``dpo`` on real winners plus ``stats_weight`` times a colour-statistics term
   (``channel_stats_loss``); the curriculum is the caller's sampling.
+- ``outside_preservation_loss`` (ours, optional with ``patch_dpo``/``focus_dpo``): where a map says a
+  cell does not count (W near 0), keep the policy's prediction at the reference's.
 
 Diagnostics: implicit accuracy = mean(inside > 0); reward margin = mean(inside), the logit of
 the preference (beta is inside it, so compare margins only at one beta).
@@ -95,6 +97,29 @@ def patchdpo_paper_loss(model_winner: torch.Tensor, model_loser: torch.Tensor,
 
     return torch.cat([weighted(model_winner, winner_weights).flatten(),
                       weighted(model_loser, loser_weights).flatten()]).mean()
+
+
+def outside_preservation_loss(policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor,
+                              scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Keep the policy's prediction equal to the reference's where the weights are low.
+
+    Patch weights only choose which cells the preference is read from; a LoRA's weights are
+    shared by every cell, so without this a learned change shows wherever the model draws the
+    same kind of content, weighted or not. This anchors the unweighted cells:
+    ``P = mean_b( sum((1 - W) * s * (p - r)^2) / sum(1 - W) )`` over (c, h, w), W clamped to
+    [0, 1] and broadcast over channels, s the target-space scale. A sample whose map is 1
+    everywhere contributes 0. The trainer adds ``0.5 * beta * strength * P``, so ``strength``
+    is on the scale of the DPO term's initial gradient whatever beta is.
+
+    Args:
+        policy, reference: ``[B, C, h, w]`` predictions (the reference without a graph).
+        weights: ``[B, h, w]`` the same maps the DPO term used.
+        scale: ``[B, 1, 1, 1]`` (or a float) target-space factor of squared errors.
+    """
+    outside = (1.0 - weights.clamp(0, 1)).to(policy.dtype).unsqueeze(1).expand_as(policy)
+    squared = (policy - reference.detach()) ** 2 * scale
+    per_sample = (outside * squared).sum(dim=(1, 2, 3)) / outside.sum(dim=(1, 2, 3)).clamp(min=1e-8)
+    return per_sample.mean()
 
 
 def channel_stats_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 
 from ..personalize.focus import blend_focus
 from ..personalize.joint_attention import LAYOUT_KEY, JointAttentionPatch, joint_layout
-from .dpo_losses import channel_stats_loss, dpo_loss, patchdpo_paper_loss
+from .dpo_losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
 from .preference_pairs import PreferencePairs
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
@@ -349,6 +349,7 @@ class DPOTrainingConfig:
     gradient_checkpointing: bool = False
     stats_weight: float = 0.1  # hg_dpo colour-statistics term
     focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
+    preserve_outside: float = 0.0  # patch_dpo / focus_dpo: anchor low-weight cells to the reference
 
 
 @dataclass
@@ -522,6 +523,10 @@ def _loss_terms(config, pairs, indices, percents, grid, micro: MicroBatch, switc
     terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
                      weights_w, weights_l)
     loss = terms.loss
+    if weights_w is not None and config.preserve_outside > 0:
+        preserve = outside_preservation_loss(prediction[:batch], reference[:batch], weights_w, scale[:batch])
+        preserve = preserve + outside_preservation_loss(prediction[batch:], reference[batch:], weights_l, scale[batch:])
+        loss = loss + 0.5 * config.beta * config.preserve_outside * preserve / 2
     if mode == "hg_dpo" and config.stats_weight > 0:
         # What the policy makes of the generated (loser) image should carry the real photo's
         # colour statistics.

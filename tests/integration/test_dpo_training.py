@@ -128,32 +128,67 @@ def test_learns_a_synthetic_preference(denoiser):
         assert trained_x0 > base_x0 + 0.02, (sigma, base_x0, trained_x0)
 
 
-def test_patch_weights_choose_which_differences_are_learned(denoiser):
-    """Winners differ from losers in both halves: channel 0 up on the left, channel 1 up on the
-    right. Trained with weights 1 on one half and 0 on the other, generations move toward the
-    winners' look inside the weighted half (per cell, the fraction of the winner-minus-loser
-    difference: delta . (w - l) / |w - l|^2) at least 3x more than outside it. Each run is the
-    other's control that the unweighted half's difference is learnable.
+def held_out_x0(patcher, conditioning, losers, sigma):
+    """One-step x0 predictions (unscaled) of ``losers`` noised to ``sigma`` with a fixed noise."""
+    noise = torch.randn(losers.shape, generator=torch.Generator().manual_seed(3))
+    x = losers * 0.18215 + sigma * noise  # SD1.5 latent scaling, as the trainer applies it
+    return base_prediction(patcher, x, torch.full((x.shape[0],), sigma), conditioning) / 0.18215
 
-    What this does not claim: that the LoRA changes only pixels inside the region. Its weights
-    are shared by every cell, so a learned look (here "channel 0 up") shows wherever the model
-    draws that content; patch weights decide *which* differences are learned."""
+
+def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(denoiser):
+    """The subject sits in the left half (a signature on latent channel 2, in winners and losers
+    alike); winners differ from losers on the left (channel 0 up) and on the right (channel 1 up).
+
+    1. Weights 1 on one half and 0 on the other: generations move toward the winners inside the
+       weighted half (per cell, the fraction of the winner-minus-loser difference:
+       delta . (w - l) / |w - l|^2) at least 3x more than outside it. Each run is the other's
+       control that the other half's difference is learnable.
+    2. That alone does not fence the change in: a LoRA's weights are shared by every cell, so
+       the change of the model's one-step prediction has about the same energy on both halves.
+    3. With ``preserve_outside`` (keep the prediction at the reference's where weights are 0) the
+       change is concentrated in the region: at least 3x the energy inside, at two noise levels,
+       while generations still move toward the winners there.
+    """
     from pack.trainers.lora_dpo import train_dpo_lora
 
     model, conditioning = denoiser
     losers = synthetic_latents(16, torch.Generator().manual_seed(1))
+    losers[:, 2] += 6.0 * LEFT
     winners = with_property(with_property(losers, LEFT, channel=0), RIGHT, channel=1)
+    held_out = synthetic_latents(16, torch.Generator().manual_seed(2))
+    held_out[:, 2] += 6.0 * LEFT
     base = generate(model, conditioning)
-    toward_winner = {}
-    for name, region in (("left", LEFT), ("right", RIGHT)):
-        result = train_dpo_lora(model, make_pairs(conditioning, winners, losers, region),
-                                config(loss_mode="patch_dpo", **LEARNING))
-        moved = generate(result.lora.patcher, conditioning) - base
+    base_x0 = {sigma: held_out_x0(model, conditioning, held_out, sigma) for sigma in (5.0, 1.0)}
+
+    def train(region, **overrides):
+        settings = dict(LEARNING, loss_mode="patch_dpo", **overrides)
+        return train_dpo_lora(model, make_pairs(conditioning, winners, losers, region), config(**settings)).lora.patcher
+
+    def toward_winners(patcher):
+        """(left, right): how far generations moved toward the winners in each half."""
+        moved = generate(patcher, conditioning) - base
         left = (moved[:, 0] * LEFT).sum() / (LEFT.sum() * moved.shape[0] * PROPERTY_SHIFT)
         right = (moved[:, 1] * RIGHT).sum() / (RIGHT.sum() * moved.shape[0] * PROPERTY_SHIFT)
-        toward_winner[name] = (float(left), float(right)) if name == "left" else (float(right), float(left))
-    for name, (inside, outside) in toward_winner.items():
-        assert inside > 0.25 and inside > 3 * outside, toward_winner
+        return float(left), float(right)
+
+    def energy_ratios(patcher):
+        """Per noise level: mean squared change of the x0 prediction, left half / right half."""
+        ratios = []
+        for sigma, before in base_x0.items():
+            change = (held_out_x0(patcher, conditioning, held_out, sigma) - before) ** 2
+            ratios.append(float((change * LEFT).sum() / (change * RIGHT).sum()))
+        return ratios
+
+    left_run, right_run = train(LEFT), train(RIGHT)
+    left, right = toward_winners(left_run), toward_winners(right_run)
+    assert left[0] > 0.25 and left[0] > 3 * left[1], (left, right)
+    assert right[1] > 0.25 and right[1] > 3 * right[0], (left, right)
+    assert all(0.66 < ratio < 1.5 for ratio in energy_ratios(left_run)), energy_ratios(left_run)
+
+    preserved = train(LEFT, preserve_outside=1.0, steps=40, learning_rate=1e-4)
+    inside, outside = toward_winners(preserved)
+    assert inside > 0.1 and inside > 3 * outside, (inside, outside)
+    assert all(ratio > 3 for ratio in energy_ratios(preserved)), energy_ratios(preserved)
 
 
 def test_joint_set_training_uses_the_references(tiny):

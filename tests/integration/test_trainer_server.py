@@ -43,7 +43,7 @@ def trainer(steps=4, **overrides):
     inputs = {"model": ["1", 0], "pairs": ["10", 0], "loss_mode": "patch_dpo", "beta": 2000.0, "steps": steps,
               "learning_rate": 2e-3, "rank": 4, "alpha": 4.0, "batch_size": 1, "grad_accumulation": 1, "seed": 0,
               "timestep_start": 0.0, "timestep_end": 1.0, "timestep_sampling": "uniform", "training_dtype": "auto",
-              "gradient_checkpointing": False, "stats_weight": 0.1, "save_every": 0, "save_prefix": "test_lora"}
+              "gradient_checkpointing": False, "stats_weight": 0.1, "preserve_outside": 0.0, "save_every": 0, "save_prefix": "test_lora"}
     inputs.update(overrides)
     return {"class_type": "PrefP_DPOLoraTrainer", "inputs": inputs}
 

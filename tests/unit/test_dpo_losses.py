@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pack.personalize.focus import blend_focus
-from pack.trainers.dpo_losses import channel_stats_loss, dpo_loss, patchdpo_paper_loss, weighted_mean
+from pack.trainers.dpo_losses import (channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss,
+                                     weighted_mean)
 
 
 def errors(seed, shape=(2, 2, 2, 3)):
@@ -129,6 +130,25 @@ def test_hg_dpo_mode_value_and_gradients():
     torch.testing.assert_close(ours, hand, rtol=1e-9, atol=1e-12)
     for a, b in zip(torch.autograd.grad(ours, (mw, ml, prediction)), torch.autograd.grad(hand, (mw, ml, prediction))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_outside_preservation_value_gradients_and_hand_numbers():
+    policy, reference = errors(35).requires_grad_(), errors(36)
+    weights, scale = errors(37, (2, 2, 3)), torch.tensor([2.0, 0.5], dtype=torch.float64).view(2, 1, 1, 1)
+
+    def hand(p):
+        diff = (p - reference) ** 2 * scale
+        return sum(hand_mean(diff, 1 - weights)) / 2
+
+    compare_with_hand(lambda p: outside_preservation_loss(p, reference, weights, scale), hand, (policy,))
+    assert torch.autograd.gradcheck(lambda p: outside_preservation_loss(p, reference, weights, scale), (policy,))
+    # Cells weighted 1 are free; a change of 3 on the single 0-weight cell costs 3^2 there.
+    changed = torch.zeros(1, 1, 1, 2)
+    changed[0, 0, 0, 1] = 3.0
+    free = torch.tensor([[[0.0, 1.0]]])
+    assert outside_preservation_loss(changed, torch.zeros_like(changed), free).item() == 0.0
+    assert outside_preservation_loss(changed, torch.zeros_like(changed), 1 - free).item() == pytest.approx(9.0)
+    assert outside_preservation_loss(changed, torch.zeros_like(changed), torch.ones(1, 1, 2)).item() == 0.0
 
 
 def test_gradcheck_every_loss():
