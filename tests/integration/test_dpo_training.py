@@ -219,6 +219,35 @@ def test_joint_set_training_uses_the_references(tiny):
     assert implicit_accuracy(attach_lora(joint, rank=4, alpha=4.0), with_references) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("kind", ["eps", "v", "flow", "x0"])
+def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
+    """For ComfyUI's eps, v-prediction, flow (CONST) and x0 samplings, the trainer's factor turns
+    an x0 error into the error of the model's raw output against the output that would have
+    denoised exactly: |out - out*| = factor * |x0_pred - x0| per sample."""
+    import comfy.model_sampling as sampling
+
+    from pack.trainers.lora_dpo import target_space_scale
+
+    base, prediction = {"eps": (sampling.ModelSamplingDiscrete, sampling.EPS),
+                        "v": (sampling.ModelSamplingDiscrete, sampling.V_PREDICTION),
+                        "flow": (sampling.ModelSamplingDiscreteFlow, sampling.CONST),
+                        "x0": (sampling.ModelSamplingDiscrete, sampling.X0)}[kind]
+    model_sampling = type("Sampling", (base, prediction), {})()
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, output = (torch.randn(3, 4, 2, 2, generator=generator) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.5, 0.05]) if kind == "flow" else torch.tensor([14.0, 1.0, 0.05])
+    x_t = model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+
+    def denoised(out):
+        return model_sampling.calculate_denoised(sigma, out, x_t)
+
+    offset, slope = denoised(torch.zeros_like(x0)), denoised(torch.ones_like(x0)) - denoised(torch.zeros_like(x0))
+    exact_output = (x0 - offset) / slope  # denoised is affine in the model's output
+    raw_error = (output - exact_output).flatten(1).norm(dim=1)
+    x0_error = (denoised(output) - x0).flatten(1).norm(dim=1)
+    torch.testing.assert_close(raw_error, target_space_scale(model_sampling, sigma) * x0_error, rtol=1e-4, atol=1e-5)
+
+
 def test_deterministic_and_input_model_untouched(tiny):
     from pack.trainers.lora_dpo import train_dpo_lora
 
