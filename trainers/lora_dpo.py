@@ -217,9 +217,11 @@ def has_joint_attention(patcher) -> bool:
 class MicroBatch:
     """Model inputs for the winners then the losers of some pairs (see ``PairBatcher.batch``).
 
-    ``references``/``reference_sigma``: the noised reference latents of a joint batch (or None).
+    ``percents``: the sampling percent each pair was noised at; ``references`` /
+    ``reference_sigma``: the noised reference latents of a joint batch (or None).
     """
 
+    percents: torch.Tensor
     x_t: torch.Tensor
     sigma: torch.Tensor
     kwargs: dict
@@ -270,7 +272,7 @@ class PairBatcher:
         x_t = self.sampling.noise_scaling(sigma2.view(-1, 1, 1, 1), torch.cat([noise, noise]), x0)
         kwargs = batch_kwargs(self.conds, [int(self.pairs.condition_index[i]) for i in indices] * 2, self.device)
         scale = target_space_scale(self.sampling, sigma2).view(-1, 1, 1, 1) ** 2
-        batch = MicroBatch(x_t, sigma2, kwargs, x0, scale)
+        batch = MicroBatch(percents, x_t, sigma2, kwargs, x0, scale)
         if self.joint:
             reference_noise = torch.randn(self.references.shape, generator=generator).to(self.device)
             batch.reference_sigma = sigma[:1].expand(self.references.shape[0])
@@ -455,12 +457,8 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
             for _ in range(config.grad_accumulation):
                 picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
                 indices = [pool[i] for i in picks.tolist()]
-                percents = sample_percents(len(indices), config, generator)
-                batch = batcher.batch(indices, percents, generator)
-                if batcher.joint:
-                    percents = percents[:1].expand(len(indices))  # what the batch was noised at
-                terms = _loss_terms(config, pairs, indices, percents, grid, batch, lora.switch, predict, policy,
-                                    autocast, device)
+                batch = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
+                terms = _loss_terms(config, pairs, indices, grid, batch, lora.switch, predict, policy, autocast, device)
                 loss = terms.pop("loss")
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
@@ -485,7 +483,7 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     return DPOTrainingResult(lora=lora, history=history, steps_done=steps_done)
 
 
-def _loss_terms(config, pairs, indices, percents, grid, micro: MicroBatch, switch, predict, policy, autocast,
+def _loss_terms(config, pairs, indices, grid, micro: MicroBatch, switch, predict, policy, autocast,
                 device) -> dict[str, torch.Tensor]:
     """One micro-batch's loss and diagnostics for the configured mode."""
     batch = len(indices)
@@ -518,7 +516,7 @@ def _loss_terms(config, pairs, indices, percents, grid, micro: MicroBatch, switc
         # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
         gate_start, gate_end, weight = config.focus_gate
         focus = blend_focus(1.0 - pairs.loser_quality[indices], pairs.loser_complexity[indices],
-                            percents, gate_start, gate_end, weight).to(device)
+                            micro.percents, gate_start, gate_end, weight).to(device)
         weights_w = weights_l = focus + 1e-3
     terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
                      weights_w, weights_l)
