@@ -51,8 +51,9 @@ class DPOLoraTrainer(io.ComfyNode):
                 "loser at the same timestep and noise; the reference is the same model with the LoRA off). "
                 "patch_dpo weights every latent cell by the pairs' maps; patchdpo_paper is PatchDPO's released "
                 "weighted MSE; focus_dpo uses FocusDPO focus maps gated by timestep; hg_dpo trains real-photo "
-                "pairs with an easy->normal->hard curriculum and a colour-statistics term. The input MODEL is "
-                "never changed. Cancel stops cleanly and saves the last good LoRA to output/loras/."),
+                "pairs with an easy->normal->hard curriculum and a colour-statistics term. Pairs that carry "
+                "reference photos train in JeDi's joint batch when the MODEL went through Joint Attention. "
+                "The input MODEL is never changed. Cancel stops cleanly and saves the last good LoRA to output/loras/."),
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to train a LoRA on (stays unchanged)."),
