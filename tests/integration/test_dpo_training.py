@@ -135,6 +135,28 @@ def held_out_x0(patcher, conditioning, losers, sigma):
     return base_prediction(patcher, x, torch.full((x.shape[0],), sigma), conditioning) / 0.18215
 
 
+@pytest.mark.parametrize("prediction", ["v_prediction", "flow"])
+def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
+    """The same MODEL switched to v-prediction (core ModelSamplingDiscrete) or rectified flow
+    (core ModelSamplingSD3) trains in that space, through ``model_sampling`` alone."""
+    import comfy.model_sampling
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
+
+    from pack.trainers.lora_dpo import PairBatcher, attach_lora, implicit_accuracy, train_dpo_lora
+
+    model, conditioning = tiny
+    if prediction == "flow":
+        patched, kind = ModelSamplingSD3().patch(model, shift=3.0)[0], comfy.model_sampling.CONST
+    else:
+        patched, kind = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0], comfy.model_sampling.V_PREDICTION
+    train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
+    result = train_dpo_lora(patched, train, config(**LEARNING))
+    assert isinstance(PairBatcher(result.lora.patcher, held_out).sampling, kind)
+    before = implicit_accuracy(attach_lora(patched, rank=4, alpha=4.0), held_out)
+    after = implicit_accuracy(result.lora, held_out)
+    assert before == pytest.approx(0.5) and after >= 0.9, (before, after, result.history["accuracy"][-5:])
+
+
 def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(denoiser):
     """The subject sits in the left half (a signature on latent channel 2, in winners and losers
     alike); winners differ from losers on the left (channel 0 up) and on the right (channel 1 up).
