@@ -1,7 +1,7 @@
 """DPO LoRA Trainer step cost against core TrainLoraNode on the same model and images.
 
     .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 6]
-        [--rank 8] [--checkpoint PATH] [--devices cpu,cuda] [--dtype fp32|bf16]
+        [--rank 8] [--checkpoint PATH] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
 
 One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
 batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
@@ -10,6 +10,9 @@ policy forward + backward on the same 2 * pairs images. Ideal ratio: about 1.33x
 forwards without gradients). Each device runs in a worker process of its own; per method it
 reports the median seconds per step after one warm-up step (``steps`` timed) and the peak memory
 the training adds over what was resident before it.
+
+``--references N`` adds a row for joint-set training: the same pairs carrying N reference
+latents, on the MODEL through Joint Attention (every forward then holds N more images).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--checkpoint", default=None, help="an SD1.x checkpoint (default: the tiny one)")
     parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
+    parser.add_argument("--references", type=int, default=0, help="also time joint-set training with N references")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -64,7 +68,7 @@ def worker(args) -> dict:
         thumbnails_winner=torch.zeros(count, 3, 8, 8), thumbnails_loser=torch.zeros(count, 3, 8, 8),
         metadata=[{}] * count, latent_channels=4)
 
-    def time_ours(steps):
+    def time_ours(steps, trained_model=model, pair_set=pairs):
         marks = []
         config = DPOTrainingConfig(loss_mode="patch_dpo", steps=steps, rank=args.rank, alpha=args.rank,
                                    batch_size=count, dtype=dtype)
@@ -75,7 +79,7 @@ def worker(args) -> dict:
             marks.append(time.perf_counter())
 
         marks.append(time.perf_counter())
-        train_dpo_lora(model, pairs, config, on_step=on_step)
+        train_dpo_lora(trained_model, pair_set, config, on_step=on_step)
         return [b - a for a, b in zip(marks, marks[1:])]
 
     def time_core(steps):
@@ -95,8 +99,19 @@ def worker(args) -> dict:
         single, full = run(1), run(1 + steps)
         return [(full - single) / steps]
 
+    timers = [("TrainLoraNode (2 x pairs images)", time_core), ("DPO LoRA Trainer", time_ours)]
+    if args.references:
+        from dataclasses import replace
+
+        from pack.nodes.joint import apply_joint_attention
+        from pack.personalize.joint_attention import JointAttentionSettings
+
+        joint_model = apply_joint_attention(model, JointAttentionSettings(), "bench")
+        joint_pairs = replace(pairs, references=torch.randn(args.references, 4, grid, grid, generator=generator))
+        timers.append((f"DPO LoRA Trainer, joint (+{args.references} refs)",
+                       lambda steps: time_ours(steps, joint_model, joint_pairs)))
     results = {}
-    for name, timer in (("TrainLoraNode (2 x pairs images)", time_core), ("DPO LoRA Trainer", time_ours)):
+    for name, timer in timers:
         timer(1)  # warm-up: weights, allocator, kernels
         with PeakMemory(device) as peak:
             seconds = timer(args.steps)
