@@ -1,11 +1,11 @@
-"""Checking and converting IMAGE inputs, with errors that name the node they come from."""
+"""Checking and converting IMAGE and MASK inputs, with errors that name the node they come from."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from ..personalize.images import check_image_batch, to_rgb_channels_first
+from ..personalize.images import check_image_batch, fit_to_size, to_rgb_channels_first
 
 
 def image_input_to_rgb(images: torch.Tensor, label: str, node_name: str) -> torch.Tensor:
@@ -23,3 +23,34 @@ def image_input_to_rgb(images: torch.Tensor, label: str, node_name: str) -> torc
         logging.warning("%s: '%s' has %d channel(s); converted to RGB%s.", node_name, label, channels,
                         " (alpha applied over black)" if channels == 4 else "")
     return to_rgb_channels_first(images)
+
+
+def image_input_fitted(images: torch.Tensor, label: str, node_name: str, size: tuple[int, int]) -> torch.Tensor:
+    """``image_input_to_rgb``, then centre-cropped to the aspect of ``size`` and resized to it
+    (logged when that changes anything). Returns ``[B, 3, height, width]``."""
+    rgb = image_input_to_rgb(images, label, node_name)
+    if tuple(rgb.shape[-2:]) != tuple(size):
+        logging.info("%s: '%s' of %dx%d centre-cropped and resized to %dx%d.", node_name, label, rgb.shape[-1],
+                     rgb.shape[-2], size[1], size[0])
+    return fit_to_size(rgb, tuple(size))
+
+
+def optional_mask(mask: torch.Tensor | None, label: str, node_name: str, count: int | None = None,
+                  meaning_when_empty: str = "it is ignored", masks_noun: str = "masks",
+                  count_of: str = "images") -> torch.Tensor | None:
+    """An optional MASK input as ``[N, H, W]``, or None when absent or unpainted (all zero, as
+    ComfyUI's mask editor leaves it; logged as "<label> is empty; <meaning_when_empty>").
+
+    Raises ``ValueError`` naming the node when ``count`` is given and there are neither 1 nor
+    ``count`` masks ("got N <masks_noun> for <count> <count_of>").
+    """
+    if mask is None:
+        return None
+    mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+    if float(mask.max()) <= 0:
+        logging.warning("%s: %s is empty; %s.", node_name, label, meaning_when_empty)
+        return None
+    if count is not None and mask.shape[0] not in (1, count):
+        raise ValueError(f"{node_name}: got {mask.shape[0]} {masks_noun} for {count} {count_of}; give one mask "
+                         f"for all or one for each.")
+    return mask.float()

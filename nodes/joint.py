@@ -28,11 +28,11 @@ from comfy.ldm.modules.attention import (SpatialTransformer, SpatialVideoTransfo
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
-from ..personalize.images import check_image_batch, to_rgb_channels_first
+from ..personalize.images import fit_to_size, masks_to_grid
 from ..personalize.joint_attention import (BLOCK_NAMES, LAYOUT_KEY, MODES, JointAttentionPatch,
                                            JointAttentionSettings, check_strength, joint_layout, sdpa_kernel)
-from ..personalize.images import fit_to_size
 from ..personalize.joint_sampling import image_guided_pair, joint_batch
+from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
 
 ATTENTION_NODE = "Joint Attention"
@@ -213,35 +213,19 @@ class ImageGuidance:
 
 def prepare_references(references: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Reference IMAGE -> ``[R, height, width, 3]``: RGB, centre-cropped to the output aspect
-    ratio and resized to the output size (logged when it changes anything)."""
-    try:
-        check_image_batch(references, "references")
-    except ValueError as error:
-        raise ValueError(f"{SAMPLER_NODE}: {error}") from error
-    channels = references.shape[-1]
-    if channels != 3:
-        logging.warning("%s: the references have %d channel(s); converted to RGB%s.", SAMPLER_NODE, channels,
-                        " (alpha applied over black)" if channels == 4 else "")
-    if tuple(references.shape[1:3]) != size:
-        logging.info("%s: references of %dx%d centre-cropped and resized to the output size %dx%d.",
-                     SAMPLER_NODE, references.shape[2], references.shape[1], size[1], size[0])
-    return fit_to_size(to_rgb_channels_first(references), size).clamp(0, 1).movedim(1, -1)
+    ratio and resized to the output size."""
+    return image_input_fitted(references, "references", SAMPLER_NODE, size).clamp(0, 1).movedim(1, -1)
 
 
 def prepare_masks(masks: torch.Tensor, references: int, image_size: tuple[int, int],
                   latent_size: tuple[int, int]) -> torch.Tensor | None:
     """Subject MASK (one for all or one per reference) -> ``[R, h, w]`` on the latent grid, or
     None for an empty (unpainted) mask."""
-    if masks.ndim == 2:
-        masks = masks.unsqueeze(0)
-    if masks.shape[0] not in (1, references):
-        raise ValueError(f"{SAMPLER_NODE}: got {masks.shape[0]} subject masks for {references} reference image(s); "
-                         "give one mask for all references or one per reference.")
-    if float(masks.max()) <= 0:
-        logging.warning("%s: the subject mask is empty; the whole reference images are used.", SAMPLER_NODE)
+    masks = optional_mask(masks, "the subject mask", SAMPLER_NODE, references, "the whole reference images are used",
+                          "subject masks", "reference image(s)")
+    if masks is None:
         return None
-    masks = fit_to_size(masks.float().unsqueeze(1), image_size)
-    masks = torch.nn.functional.adaptive_avg_pool2d(masks, latent_size).squeeze(1)
+    masks = masks_to_grid(fit_to_size(masks.unsqueeze(1), image_size).squeeze(1), latent_size)
     return masks.expand(references, -1, -1).contiguous()
 
 

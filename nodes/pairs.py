@@ -2,7 +2,6 @@
 artist's choice; merge, preview, save and load them."""
 from __future__ import annotations
 
-import logging
 import os
 
 import folder_paths
@@ -16,7 +15,7 @@ from ..personalize.images import fit_to_size
 from ..trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
                                          to_latent_grid)
 from .estimator import sanitize_file_stem
-from .inputs import image_input_to_rgb
+from .inputs import image_input_fitted, image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchQuality, PreferencePairsType
 
 PAIRS_SUBFOLDER = "preference_pairs"
@@ -53,29 +52,33 @@ def reference_input():
                 "Attention. Center-cropped and resized to the pairs' size.")
 
 
-def make_pairs(vae, positive, winners_rgb, losers_rgb, winner_quality, loser_quality, winner_weights,
-               loser_weights, metadata, references=None, node_name="Preference Pairs") -> PreferencePairs:
-    """Encode images and assemble a pair set. Maps are ``[N, H, W]`` at image size (or None = 1);
-    ``references`` is the optional IMAGE input of reference photos."""
-    winners, losers = encode(vae, winners_rgb), encode(vae, losers_rgb)
+def make_pairs(vae, positive, winner_images, winner_index, loser_images, loser_index, winner_quality, loser_quality,
+               winner_weights, loser_weights, metadata, references=None, node_name="Preference Pairs") -> PreferencePairs:
+    """Assemble a pair set: pair i is ``winner_images[winner_index[i]]`` against
+    ``loser_images[loser_index[i]]`` (``[B, 3, H, W]`` batches of one size). Each image is encoded,
+    measured and thumbnailed once however many pairs it is in. Maps are per pair, ``[N, H, W]``
+    at image size (or None = 1); ``references`` is the optional IMAGE input of reference photos."""
+    size = tuple(loser_images.shape[-2:])
+    winners, losers = encode(vae, winner_images), encode(vae, loser_images)
+    grid = tuple(winners.shape[-2:])
+    count = len(winner_index)
     reference_latents = None
     if references is not None:
-        photos = fit_to_size(image_input_to_rgb(references, "references", node_name), tuple(winners_rgb.shape[-2:]))
-        reference_latents = encode(vae, photos)
-    grid = tuple(winners.shape[-2:])
-    count = winners.shape[0]
+        reference_latents = encode(vae, image_input_fitted(references, "references", node_name, size))
 
     def grid_map(maps):
         return torch.ones(count, *grid) if maps is None else to_latent_grid(maps.float().cpu(), grid).clamp(0, 1)
 
+    def complexity(images):
+        return to_latent_grid(local_entropy(images).cpu(), grid)
+
     return PreferencePairs(
-        winners=winners, losers=losers, conditionings=[positive],
+        winners=winners[winner_index], losers=losers[loser_index], conditionings=[positive],
         condition_index=torch.zeros(count, dtype=torch.long),
         winner_weights=grid_map(winner_weights), loser_weights=grid_map(loser_weights),
         winner_quality=grid_map(winner_quality), loser_quality=grid_map(loser_quality),
-        winner_complexity=to_latent_grid(local_entropy(winners_rgb).cpu(), grid),
-        loser_complexity=to_latent_grid(local_entropy(losers_rgb).cpu(), grid),
-        thumbnails_winner=thumbnails(winners_rgb), thumbnails_loser=thumbnails(losers_rgb),
+        winner_complexity=complexity(winner_images)[winner_index], loser_complexity=complexity(loser_images)[loser_index],
+        thumbnails_winner=thumbnails(winner_images)[winner_index], thumbnails_loser=thumbnails(loser_images)[loser_index],
         metadata=metadata, latent_channels=int(winners.shape[1]), references=reference_latents,
     )
 
@@ -124,7 +127,7 @@ class PairsFromRankedCandidates(io.ComfyNode):
         l_index = [l for _, l, _ in chosen]
         metadata = [{"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[l]}
                     for w, l, difficulty in chosen]
-        pairs = make_pairs(vae, positive, images[w_index], images[l_index], maps[w_index], maps[l_index],
+        pairs = make_pairs(vae, positive, images, w_index, images, l_index, maps[w_index], maps[l_index],
                            maps[w_index], 1.0 - maps[l_index], metadata, references, name)
         return io.NodeOutput(pairs)
 
@@ -156,16 +159,17 @@ class PairsFromRealPhotos(io.ComfyNode):
     def execute(cls, vae, positive, real_photos, generated, patch_quality=None, references=None) -> io.NodeOutput:
         name = "Preference Pairs from Real Photos"
         losers = image_input_to_rgb(generated, "generated", name)
-        photos = fit_to_size(image_input_to_rgb(real_photos, "real_photos", name), tuple(losers.shape[-2:]))
-        winners = photos[torch.arange(losers.shape[0]) % photos.shape[0]]
+        photos = image_input_fitted(real_photos, "real_photos", name, tuple(losers.shape[-2:]))
+        count = losers.shape[0]
         loser_quality = None
         if patch_quality is not None:
             if patch_quality.quality.shape[0] != losers.shape[0]:
                 raise ValueError(f"{name}: patch_quality scores {patch_quality.quality.shape[0]} images but "
                                  f"{losers.shape[0]} are generated; score exactly these images.")
             loser_quality = patch_quality.upsampled(tuple(losers.shape[-2:]))
-        metadata = [{"source": "real", "difficulty": "hard"} for _ in range(losers.shape[0])]
-        pairs = make_pairs(vae, positive, winners, losers, None, loser_quality, None,
+        metadata = [{"source": "real", "difficulty": "hard"} for _ in range(count)]
+        photo_index = [i % photos.shape[0] for i in range(count)]  # photos are cycled
+        pairs = make_pairs(vae, positive, photos, photo_index, losers, list(range(count)), None, loser_quality, None,
                            None if loser_quality is None else 1.0 - loser_quality, metadata, references, name)
         return io.NodeOutput(pairs)
 
@@ -199,30 +203,23 @@ class PairsFromArtistChoice(io.ComfyNode):
                 references=None) -> io.NodeOutput:
         name = "Preference Pairs from Artist Choice"
         losers = image_input_to_rgb(loser, "loser", name)
-        winners = fit_to_size(image_input_to_rgb(winner, "winner", name), tuple(losers.shape[-2:]))
+        size = tuple(losers.shape[-2:])
+        winners = image_input_fitted(winner, "winner", name, size)
         count = max(winners.shape[0], losers.shape[0])
         if winners.shape[0] not in (1, count) or losers.shape[0] not in (1, count):
             raise ValueError(f"{name}: {winners.shape[0]} winners and {losers.shape[0]} losers cannot be paired; "
                              "give equal counts, or one image on either side.")
-        winners, losers = winners.expand(count, -1, -1, -1), losers.expand(count, -1, -1, -1)
 
         def mask_maps(mask, label):
-            if mask is None:
-                return None
-            mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
-            if float(mask.max()) <= 0:
-                logging.warning("%s: %s is empty; ignoring it.", name, label)
-                return None
-            if mask.shape[0] not in (1, count):
-                raise ValueError(f"{name}: {label} has {mask.shape[0]} masks for {count} pairs; give one or {count}.")
-            resized = F.interpolate(mask.float().unsqueeze(1), size=tuple(losers.shape[-2:]), mode="bilinear",
-                                    align_corners=False).squeeze(1)
-            return resized.expand(count, -1, -1)
+            """Per pair, cropped and resized like the images (so a winner's mask stays on it)."""
+            mask = optional_mask(mask, label, name, count, masks_noun=f"{label} masks", count_of="pairs")
+            return None if mask is None else fit_to_size(mask.unsqueeze(1), size).squeeze(1).expand(count, -1, -1)
 
         good, bad = mask_maps(winner_good_mask, "winner_good_mask"), mask_maps(loser_bad_mask, "loser_bad_mask")
         metadata = [{"source": "artist", "difficulty": "normal"} for _ in range(count)]
-        pairs = make_pairs(vae, positive, winners, losers, None, None if bad is None else 1.0 - bad, good, bad, metadata,
-                           references, name)
+        pairs = make_pairs(vae, positive, winners, [i % winners.shape[0] for i in range(count)],
+                           losers, [i % losers.shape[0] for i in range(count)], None,
+                           None if bad is None else 1.0 - bad, good, bad, metadata, references, name)
         return io.NodeOutput(pairs)
 
 

@@ -2,16 +2,14 @@
 reference photos, as maps, a heat-map overlay and numbers."""
 from __future__ import annotations
 
-import logging
 
 import comfy.utils
-import torch
 from comfy_api.latest import io, ui
 
 from ..personalize.heatmap import overlay_heat
 from ..personalize.patch_quality import score_patches
 from .backbone import on_compute_device
-from .inputs import image_input_to_rgb
+from .inputs import image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchBackbone, PatchQuality
 
 NODE_NAME = "Patch Quality Score"
@@ -66,11 +64,8 @@ class PatchQualityScore(io.ComfyNode):
                 subject_mask=None) -> io.NodeOutput:
         generated_rgb = image_input_to_rgb(generated, "generated", NODE_NAME)
         references_rgb = image_input_to_rgb(references, "references", NODE_NAME)
-        if subject_mask is not None and subject_mask.ndim == 2:
-            subject_mask = subject_mask.unsqueeze(0)
-        if subject_mask is not None and float(subject_mask.max()) <= 0:
-            subject_mask = None  # an unpainted mask means "no mask", as in core nodes
-            logging.warning("%s: the subject mask is empty; scoring against the whole reference images.", NODE_NAME)
+        subject_mask = optional_mask(subject_mask, "the subject mask", NODE_NAME,
+                                     meaning_when_empty="scoring against the whole reference images")
         progress = comfy.utils.ProgressBar(generated_rgb.shape[0] + references_rgb.shape[0])
         with on_compute_device(backbone) as device:
             try:

@@ -103,6 +103,7 @@ class DPOLoraTrainer(io.ComfyNode):
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA (Save LoRA Weights writes it)."),
                 io.LossMap.Output(display_name="loss_map", tooltip="Loss and diagnostics per step."),
                 io.Image.Output(display_name="plot", tooltip="Loss, accuracy, margin and the four raw errors."),
+                io.Int.Output(display_name="steps", tooltip="Steps trained (Save LoRA Weights puts it in the file name)."),
             ],
         )
 
@@ -157,5 +158,5 @@ class DPOLoraTrainer(io.ComfyNode):
 
         plot = training_plot(result.history).unsqueeze(0)
         loss_map = {name: values for name, values in result.history.items()}
-        return io.NodeOutput(result.lora.patcher, result.lora.state_dict(), loss_map, plot,
+        return io.NodeOutput(result.lora.patcher, result.lora.state_dict(), loss_map, plot, result.steps_done,
                              ui=ui.PreviewImage(plot, cls=cls))

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import safetensors.torch
+import torch
 
 from comfy_server import PromptError
 
@@ -118,6 +119,48 @@ def test_joint_set_training_in_the_graph(comfy_server):
     saved = safetensors.torch.load_file(os.path.join(comfy_server.base_directory, "output", "preference_pairs",
                                                      "with_references.safetensors"))
     assert saved["references"].shape == (1, 4, 8, 8)  # one photo, encoded at the candidates' 64 px
+
+
+def test_artist_choice_and_real_photo_pairs(comfy_server):
+    """Artist Choice: a winner of another aspect is centre-cropped to the loser's size and its
+    painted mask is cropped with it; mismatched counts are refused. Real Photos: photos are
+    cycled over the generated images."""
+    def image(width, height, batch, color):
+        return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch,
+                                                        "color": color}}
+
+    base = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+            "3": image(128, 64, 1, 0x804020), "4": image(64, 64, 1, 0x204080), "5": image(64, 64, 3, 0x408020),
+            # winner_good_mask: columns 48..80 of the 128-px-wide winner
+            "6": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 128, "height": 64}},
+            "7": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+            "8": {"class_type": "MaskComposite", "inputs": {"destination": ["6", 0], "source": ["7", 0], "x": 48,
+                                                            "y": 0, "operation": "add"}}}
+    prompt = {**base,
+              "10": {"class_type": "PrefP_PairsFromArtistChoice", "inputs": {
+                  "vae": ["1", 2], "positive": ["2", 0], "winner": ["3", 0], "loser": ["4", 0],
+                  "winner_good_mask": ["8", 0]}},
+              "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "artist"}},
+              "12": {"class_type": "PrefP_PairsFromRealPhotos", "inputs": {
+                  "vae": ["1", 2], "positive": ["2", 0], "real_photos": ["3", 0], "generated": ["5", 0]}},
+              "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["12", 0], "name": "real"}}}
+    comfy_server.run(prompt)
+    folder = os.path.join(comfy_server.base_directory, "output", "preference_pairs")
+    artist = safetensors.torch.load_file(os.path.join(folder, "artist.safetensors"))
+    # The crop keeps winner columns 32..96, so the mask lands on columns 16..48 of 64: latent 2..5.
+    weights = artist["winner_weights"][0]
+    assert weights.shape == (8, 8)
+    assert (weights[:, 2:6] > 0.99).all() and (weights[:, :2] < 0.01).all() and (weights[:, 6:] < 0.01).all(), weights
+    real = safetensors.torch.load_file(os.path.join(folder, "real.safetensors"))
+    assert real["winners"].shape == (3, 4, 8, 8)
+    torch.testing.assert_close(real["winners"][0], real["winners"][2])
+
+    with pytest.raises(PromptError, match="2 winners and 3 losers cannot be paired"):
+        comfy_server.run({**base, "3": image(64, 64, 2, 0), "10": {"class_type": "PrefP_PairsFromArtistChoice", "inputs": {
+            "vae": ["1", 2], "positive": ["2", 0], "winner": ["3", 0], "loser": ["5", 0]}},
+            "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "refused"}}})
+    assert not [name for name in os.listdir(folder) if name.startswith("refused") or name.endswith(".partial")]
 
 
 def test_bad_trainer_input_is_reported(comfy_server):
