@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import comfy.utils
 import folder_paths
@@ -12,18 +11,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..personalize.backbones import TunedPatchBackbone
+from ..personalize.files import sanitize_file_stem, unused_stem
 from ..trainers.patch_estimator import train_patch_estimator
 from .backbone import MODELS_FOLDER, on_compute_device, register_model_folders
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
 NODE_NAME = "Train Patch Quality Estimator"
-
-
-def sanitize_file_stem(name: str) -> str:
-    """A safe file stem: letters, digits, dot, dash and underscore; no folders."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(name.strip())).strip("._")
-    return stem.removesuffix(".safetensors")
 
 
 class TrainPatchQualityEstimator(io.ComfyNode):
@@ -92,8 +86,7 @@ class TrainPatchQualityEstimator(io.ComfyNode):
         if stem:
             register_model_folders()
             folder = folder_paths.get_folder_paths(MODELS_FOLDER)[0]
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{stem}.safetensors")
+            path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")  # never over a model
             tuned.save(path)
             report += f"\nsaved {path}"
         return io.NodeOutput(tuned, report, ui=ui.PreviewText(report))

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
+from ..personalize.files import sanitize_file_stem, unused_stem
 from ..personalize.focus import local_entropy
 from ..personalize.heatmap import labelled_strip, overlay_heat
 from ..personalize.images import fit_to_size
 from ..trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
                                          to_latent_grid)
-from .estimator import sanitize_file_stem
 from .inputs import image_input_fitted, image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchQuality, PreferencePairsType
 
@@ -307,12 +307,8 @@ class SavePreferencePairs(io.ComfyNode):
         if not stem:
             raise ValueError(f"Save Preference Pairs: '{name}' has no usable characters; use letters and digits.")
         folder = pairs_folder()
-        candidate, counter = stem, 1
-        while os.path.exists(os.path.join(folder, f"{candidate}.safetensors")):
-            counter += 1
-            candidate = f"{stem}_{counter}"
         try:
-            tensor_path, _ = save_pairs(pairs, os.path.join(folder, candidate))
+            tensor_path, _ = save_pairs(pairs, os.path.join(folder, unused_stem(folder, stem)))
         except ValueError as error:
             raise ValueError(f"Save Preference Pairs: {error}") from error
         return io.NodeOutput(ui=ui.PreviewText(f"saved {len(pairs)} pairs to {tensor_path}"))

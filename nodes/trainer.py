@@ -12,11 +12,10 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..personalize.files import write_atomically
+from ..personalize.files import sanitize_file_stem, unused_stem, write_atomically
 from ..personalize.plots import training_plot
 from ..trainers.dpo_losses import LOSS_MODES
 from ..trainers.lora_dpo import TIMESTEP_SAMPLING, DPOTrainingConfig, NonFiniteLoss, train_dpo_lora
-from .estimator import sanitize_file_stem
 from .types import CATEGORY, PreferencePairsType
 
 NODE_NAME = "DPO LoRA Trainer"
@@ -33,8 +32,10 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
-    """Write a LoRA to output/loras/<stem>.safetensors atomically; returns the path."""
-    path = os.path.join(folder_paths.get_output_directory(), "loras", f"{stem}.safetensors")
+    """Write a LoRA to output/loras/<stem>.safetensors (``<stem>_2`` ... if taken) atomically;
+    returns the path."""
+    folder = os.path.join(folder_paths.get_output_directory(), "loras")
+    path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")
     tensors = {key: value.contiguous() for key, value in state.items()}
     return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
 

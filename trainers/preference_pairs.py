@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..personalize.files import write_all_atomically
+
 DIFFICULTIES = ("easy", "normal", "hard")
 FORMAT = "prefp-preference-pairs/1"
 
@@ -200,18 +202,15 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
             "latent_size": list(pairs.latent_size), "conditionings": conditioning_layout,
             "dropped_conditioning_keys": sorted(dropped), "metadata": pairs.metadata}
     tensor_path, json_path = f"{path_stem}.safetensors", f"{path_stem}.json"
-    os.makedirs(os.path.dirname(os.path.abspath(tensor_path)), exist_ok=True)
-    temporary = [f"{tensor_path}.partial", f"{json_path}.partial"]
-    try:
-        safetensors.torch.save_file(tensors, temporary[0], metadata={"format": FORMAT})
-        with open(temporary[1], "w", encoding="utf-8") as handle:
+
+    def write_json(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=1)
-        os.replace(temporary[0], tensor_path)
-        os.replace(temporary[1], json_path)
-    finally:
-        for path in temporary:
-            if os.path.exists(path):
-                os.remove(path)
+
+    write_all_atomically({
+        tensor_path: lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={"format": FORMAT}),
+        json_path: write_json,
+    })
     return tensor_path, json_path
 
 

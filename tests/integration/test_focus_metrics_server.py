@@ -111,16 +111,19 @@ def test_train_estimator_saves_a_loadable_backbone(comfy_server):
     assert "tuned" in text and float(text.splitlines()[0].split(": ")[1]) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_train_estimator_zero_steps_is_well_defined(comfy_server):
-    prompt = {
-        **base_nodes(),
-        "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
+def test_train_estimator_zero_steps_is_well_defined_and_never_overwrites(comfy_server):
+    def prompt(seed):
+        return {**base_nodes(), "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
             "backbone": ["5", 0], "references": ["1", 0], "steps": 0, "learning_rate": 0.001,
-            "resolution": 128, "seed": 0, "save_name": ""}},
-    }
-    report = comfy_server.run(prompt)["outputs"]["40"]["text"][0]
+            "resolution": 128, "seed": seed, "save_name": "zero_steps_head"}}}
+
+    report = comfy_server.run(prompt(0))["outputs"]["40"]["text"][0]
     before, after = (float(x) for x in report.split(": ")[1].split(" (")[0].split(" -> "))
     assert before == after
+    second = comfy_server.run(prompt(1))["outputs"]["40"]["text"][0]  # same name: a new file, not over the first
+    folder = os.path.join(comfy_server.base_directory, "models", "patch_backbones")
+    assert "zero_steps_head_2.safetensors" in second
+    assert {"zero_steps_head.safetensors", "zero_steps_head_2.safetensors"} <= set(os.listdir(folder))
 
 
 def metrics_node(**extra):
