@@ -323,7 +323,8 @@ class JointAttentionPatch:
         if block is not None and block[0] not in settings.blocks:
             return 0, chunks, strength
         sigmas = extra_options.get("sigmas")
-        if sigmas is not None:
+        scheduled = settings.sigma_start != math.inf or settings.sigma_end > 0
+        if sigmas is not None and scheduled:  # reading a GPU sigma waits for the GPU: only when it matters
             sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
             if not settings.sigma_end <= sigma <= settings.sigma_start:
                 return 0, chunks, strength

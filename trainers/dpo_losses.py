@@ -116,10 +116,8 @@ def outside_preservation_loss(policy: torch.Tensor, reference: torch.Tensor, wei
         weights: ``[B, h, w]`` the same maps the DPO term used.
         scale: ``[B, 1, 1, 1]`` (or a float) target-space factor of squared errors.
     """
-    outside = (1.0 - weights.clamp(0, 1)).to(policy.dtype).unsqueeze(1).expand_as(policy)
     squared = (policy - reference.detach()) ** 2 * scale
-    per_sample = (outside * squared).sum(dim=(1, 2, 3)) / outside.sum(dim=(1, 2, 3)).clamp(min=1e-8)
-    return per_sample.mean()
+    return weighted_mean(squared, 1.0 - weights.clamp(0, 1)).mean()
 
 
 def channel_stats_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ Importing this module needs ComfyUI on the path; the losses themselves are in ``
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ class AdapterSwitch:
 
     def __init__(self):
         self.enabled = True
+
+    @contextlib.contextmanager
+    def off(self):
+        """Inside the block the network is the reference model (adapters off)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
 
 class SwitchedAdapter(torch.nn.Module):
@@ -230,6 +240,10 @@ class MicroBatch:
     references: torch.Tensor | None = None
     reference_sigma: torch.Tensor | None = None
 
+    def errors(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Per-element squared errors of an x0 ``prediction``, in the model's target space."""
+        return (prediction - self.x0) ** 2 * self.scale
+
 
 class PairBatcher:
     """Turns pair indices into model inputs: scaled latents noised with shared noise and sigma,
@@ -248,6 +262,9 @@ class PairBatcher:
         self.pairs = pairs
         self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
         self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
+        # The per-pair maps the losses read, on the device once rather than every micro-batch.
+        self.maps = {name: getattr(pairs, name).float().to(self.device)
+                     for name in ("winner_weights", "loser_weights", "loser_quality", "loser_complexity")}
         self.references = None
         if has_joint_attention(patcher):
             if pairs.references is not None:
@@ -317,14 +334,10 @@ def implicit_accuracy(lora: LoraOnModel, pairs: PreferencePairs, seed: int = 0, 
             batch = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
 
             def errors():
-                prediction = batcher.predict(batch.x_t, batch.sigma, batch.kwargs, batch)
-                return ((prediction - batch.x0) ** 2 * batch.scale).mean(dim=(1, 2, 3))
+                return batch.errors(batcher.predict(batch.x_t, batch.sigma, batch.kwargs, batch)).mean(dim=(1, 2, 3))
 
-            lora.switch.enabled = False
-            try:
+            with lora.switch.off():
                 reference = errors()
-            finally:
-                lora.switch.enabled = True
             policy = errors()
             count = len(indices)
             inside = -((policy[:count] - policy[count:]) - (reference[:count] - reference[count:]))
@@ -375,14 +388,15 @@ def sample_percents(count: int, config: DPOTrainingConfig, generator: torch.Gene
     return start + (end - start) * unit
 
 
-def curriculum_pool(pairs: PreferencePairs, mode: str, step: int, steps: int) -> list[int]:
-    """Pair indices to draw from at ``step``: HG-DPO goes easy -> normal -> hard in equal thirds
-    of the run (a stage with no pairs falls back to all pairs); other modes use every pair."""
-    everything = list(range(len(pairs)))
+def curriculum_pool(stages: dict[str, list[int]], count: int, mode: str, step: int, steps: int) -> list[int]:
+    """Pair indices to draw from at ``step`` (``stages``: ``PreferencePairs.difficulty_indices``):
+    HG-DPO goes easy -> normal -> hard in equal thirds of the run (a stage with no pairs falls
+    back to all pairs); other modes use every one of the ``count`` pairs."""
+    everything = list(range(count))
     if mode != "hg_dpo":
         return everything
     stage = ("easy", "normal", "hard")[min(2, 3 * step // max(steps, 1))]
-    return pairs.difficulty_indices().get(stage) or everything
+    return stages.get(stage) or everything
 
 
 def train_dpo_lora(model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
@@ -425,7 +439,6 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     batcher = PairBatcher(patcher, pairs)
     if batcher.joint:
         logging.info("Training in the joint batch with %d reference latents.", pairs.references.shape[0])
-    grid = pairs.latent_size
 
     trainable = [p for p in lora.parameters.values() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
@@ -450,15 +463,16 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
         return torch.cat(outputs)
 
     steps_done = 0
+    stages = pairs.difficulty_indices()
     try:
         for step in range(config.steps):
-            pool = curriculum_pool(pairs, config.loss_mode, step, config.steps)
+            pool = curriculum_pool(stages, len(pairs), config.loss_mode, step, config.steps)
             totals = {name: 0.0 for name in METRICS}
             for _ in range(config.grad_accumulation):
                 picks = torch.randint(len(pool), (config.batch_size,), generator=generator)
                 indices = [pool[i] for i in picks.tolist()]
                 batch = batcher.batch(indices, sample_percents(len(indices), config, generator), generator)
-                terms = _loss_terms(config, pairs, indices, grid, batch, lora.switch, predict, policy, autocast, device)
+                terms = _loss_terms(config, batcher, indices, batch, lora.switch, policy, autocast, device)
                 loss = terms.pop("loss")
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}")
@@ -483,52 +497,46 @@ def _train(model_patcher, pairs, config, resume, on_step) -> DPOTrainingResult:
     return DPOTrainingResult(lora=lora, history=history, steps_done=steps_done)
 
 
-def _loss_terms(config, pairs, indices, grid, micro: MicroBatch, switch, predict, policy, autocast,
+def _loss_terms(config, batcher: PairBatcher, indices, micro: MicroBatch, switch: AdapterSwitch, policy, autocast,
                 device) -> dict[str, torch.Tensor]:
     """One micro-batch's loss and diagnostics for the configured mode."""
     batch = len(indices)
     mode = config.loss_mode
-    x0, scale = micro.x0, micro.scale
+    maps = {name: value[indices] for name, value in batcher.maps.items()}
     with autocast:
         if mode == "patchdpo_paper":
             reference = None
         else:
-            switch.enabled = False
-            try:
-                with torch.no_grad():
-                    reference = predict(micro.x_t, micro.sigma, micro.kwargs, micro)
-            finally:
-                switch.enabled = True
+            with switch.off(), torch.no_grad():
+                reference = batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
         prediction = policy(micro)
-    errors = (prediction - x0) ** 2 * scale
+    errors = micro.errors(prediction)
     model_w, model_l = errors[:batch], errors[batch:]
     zero = torch.zeros((), device=device)
     if mode == "patchdpo_paper":
-        loss = patchdpo_paper_loss(model_w, model_l, pairs.winner_weights[indices].to(device),
-                                   pairs.loser_quality[indices].to(device))
+        loss = patchdpo_paper_loss(model_w, model_l, maps["winner_weights"], maps["loser_quality"])
         return {"loss": loss, "accuracy": zero, "margin": zero, "model_winner": model_w.mean().detach(),
                 "model_loser": model_l.mean().detach(), "reference_winner": zero, "reference_loser": zero}
-    reference_errors = (reference - x0) ** 2 * scale
+    reference_errors = micro.errors(reference)
     weights_w = weights_l = None
     if mode == "patch_dpo":
-        weights_w, weights_l = pairs.winner_weights[indices].to(device), pairs.loser_weights[indices].to(device)
+        weights_w, weights_l = maps["winner_weights"], maps["loser_weights"]
     elif mode == "focus_dpo":
         # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
         gate_start, gate_end, weight = config.focus_gate
-        focus = blend_focus(1.0 - pairs.loser_quality[indices], pairs.loser_complexity[indices],
-                            micro.percents, gate_start, gate_end, weight).to(device)
+        focus = blend_focus(1.0 - maps["loser_quality"], maps["loser_complexity"], micro.percents.to(device),
+                            gate_start, gate_end, weight)
         weights_w = weights_l = focus + 1e-3
     terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
                      weights_w, weights_l)
     loss = terms.loss
     if weights_w is not None and config.preserve_outside > 0:
-        preserve = outside_preservation_loss(prediction[:batch], reference[:batch], weights_w, scale[:batch])
-        preserve = preserve + outside_preservation_loss(prediction[batch:], reference[batch:], weights_l, scale[batch:])
-        loss = loss + 0.5 * config.beta * config.preserve_outside * preserve / 2
+        preserve = outside_preservation_loss(prediction, reference, torch.cat([weights_w, weights_l]), micro.scale)
+        loss = loss + 0.5 * config.beta * config.preserve_outside * preserve
     if mode == "hg_dpo" and config.stats_weight > 0:
         # What the policy makes of the generated (loser) image should carry the real photo's
         # colour statistics.
-        loss = loss + config.stats_weight * channel_stats_loss(prediction[batch:], x0[:batch])
+        loss = loss + config.stats_weight * channel_stats_loss(prediction[batch:], micro.x0[:batch])
     return {"loss": loss, "accuracy": terms.accuracy, "margin": terms.margin,
             "model_winner": terms.model_winner, "model_loser": terms.model_loser,
             "reference_winner": terms.reference_winner, "reference_loser": terms.reference_loser}

@@ -86,14 +86,21 @@ def patch_correspondences(map_a: torch.Tensor, map_b: torch.Tensor, size: int, p
     return torch.nonzero(keep).flatten(), cells[1] * grid + cells[0]
 
 
+def square_canvases(photos: torch.Tensor, size: int) -> torch.Tensor:
+    """``[R, 3, H, W]`` -> ``[R, 3, size, size]`` (antialiased bilinear; as is when already that size)."""
+    if tuple(photos.shape[-2:]) == (size, size):
+        return photos
+    return F.interpolate(photos, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def make_view_pairs(photos: torch.Tensor, count: int, size: int, patch: int, generator: torch.Generator) -> list[ViewPair]:
     """``count`` view pairs of randomly chosen photos.
 
     Args:
-        photos: ``[R, 3, H, W]`` RGB in 0..1.
+        photos: ``[R, 3, H, W]`` RGB in 0..1 (resized to ``size`` x ``size`` unless they are already).
         size: square view side (a multiple of ``patch``).
     """
-    canvases = F.interpolate(photos, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    canvases = square_canvases(photos, size)
     pairs = []
     for _ in range(count):
         canvas = canvases[torch.randint(len(canvases), (), generator=generator)].unsqueeze(0)
@@ -186,14 +193,13 @@ def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.T
         tuned = TunedPatchBackbone(backbone, base_id, channels).to(backbone.device)
     size = max(1, round(resolution / tuned.patch_size)) * tuned.patch_size
     device = tuned.device
-    photos = photos.to(device)
+    photos = square_canvases(photos.to(device), size)  # once, not every step
 
     # Held-out views come from their own seed, so training never sees them.
     held_out = make_view_pairs(photos, held_out_pairs, size, tuned.patch_size, torch.Generator().manual_seed(seed + 1_000_003))
     accuracy_before = correspondence_accuracy(tuned.project, tuned.base_features, held_out)
 
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # every draw uses it: the process's RNG is left alone
     optimizer = torch.optim.AdamW(tuned.head.parameters(), lr=learning_rate, weight_decay=1e-4)
     losses = []
     for step in range(steps):
