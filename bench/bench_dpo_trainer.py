@@ -16,27 +16,21 @@ latents, on the MODEL through Joint Attention (every forward then holds N more i
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
+from common import PeakMemory, base_parser, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser = base_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step (images = 2 x pairs)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--checkpoint", default=None, help="an SD1.x checkpoint (default: the tiny one)")
-    parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
     parser.add_argument("--references", type=int, default=0, help="also time joint-set training with N references")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

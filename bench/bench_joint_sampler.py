@@ -20,28 +20,21 @@ reference slots' own (target: <= 1.3).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
+from common import PeakMemory, base_parser, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=256, help="image width and height (px)")
+    parser = base_parser(__doc__)
     parser.add_argument("--images", type=int, default=4, help="new images N")
     parser.add_argument("--references", type=int, default=1, help="reference images R")
-    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--checkpoint", default=None, help="an SD1.x/SDXL checkpoint (default: the tiny one)")
-    parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -52,7 +45,7 @@ def worker(args) -> dict:
     import nodes as comfy_nodes
     import torch
 
-    joint = importlib.import_module("pack.nodes.joint")
+    from pack.nodes.joint import JointSampler
     checkpoint = args.checkpoint or tiny_checkpoint(comfy)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
@@ -67,7 +60,7 @@ def worker(args) -> dict:
         return vae.decode(samples["samples"])
 
     def joint_sampler(image_guidance):
-        return joint.JointSampler.execute(model, positive, negative, vae, args.images, args.size, args.size, 1,
+        return JointSampler.execute(model, positive, negative, vae, args.images, args.size, args.size, 1,
                                           args.steps, args.cfg, "euler", "normal", image_guidance, 1.0,
                                           references).result[0]
 

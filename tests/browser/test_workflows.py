@@ -7,7 +7,7 @@ import os
 import pytest
 
 from frontend import Frontend
-from workflows import QUICK_RUN_WIDGETS, workflow_paths
+from workflows import QUICK_RUN_WIDGETS, quick_run_widget_count, workflow_paths
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -37,7 +37,7 @@ def test_workflow_loads_converts_and_runs(path, frontend, comfy_server, artifact
     assert prompt, "graphToPrompt produced an empty prompt"
     assert {node["class_type"] for node in prompt.values()} <= set(known)
 
-    frontend.set_widgets(QUICK_RUN_WIDGETS)
+    assert frontend.set_widgets(QUICK_RUN_WIDGETS) == quick_run_widget_count(workflow)  # none renamed away
     entry = frontend.queue_and_wait(comfy_server)
     shot = os.path.join(artifacts_dir, "workflows", os.path.basename(path).replace(".json", ".png"))
     frontend.screenshot(shot)

@@ -144,6 +144,23 @@ class ComfyServer:
     def __exit__(self, *exc) -> None:
         self.cleanup()
 
+    def log_offset(self) -> int:
+        """Where the server log ends now; ``log_since`` reads what is written after it."""
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        """The server log written after ``offset`` (from ``log_offset``), so a check sees only
+        what the prompt it follows wrote, not an earlier test's lines."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             with open(self.log_path, "rb") as handle:

@@ -34,3 +34,10 @@ def checkpoint_names(paths: list[str]) -> set[str]:
             if node.get("type") in ("CheckpointLoaderSimple", "CheckpointLoader") and node.get("widgets_values"):
                 names.add(node["widgets_values"][-1] if node["type"] == "CheckpointLoader" else node["widgets_values"][0])
     return names
+
+
+def quick_run_widget_count(workflow: dict) -> int:
+    """How many widgets ``QUICK_RUN_WIDGETS`` changes in ``workflow`` (every listed widget exists
+    on its node type): a quick run that sets fewer has lost one to a rename."""
+    return sum(len(QUICK_RUN_WIDGETS[node["type"]]) for node in workflow.get("nodes", [])
+               if node.get("type") in QUICK_RUN_WIDGETS)

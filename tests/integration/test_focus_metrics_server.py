@@ -167,5 +167,6 @@ def test_image_warnings_name_the_node_they_come_from(comfy_server):
         "61": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["1", 0], "alpha": ["60", 0]}},
         "10": focus_node(references=["61", 0]),
     }
+    offset = comfy_server.log_offset()
     comfy_server.run(prompt)
-    assert "Focus Regions: 'references' has 4 channel(s); converted to RGB" in comfy_server.log_tail(400)
+    assert "Focus Regions: 'references' has 4 channel(s); converted to RGB" in comfy_server.log_since(offset)

@@ -68,11 +68,9 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
     prompt = {**candidates_and_pairs(), "11": trainer(),
               "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/server_test"}},
               "13": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 4}},
-              "14": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "server test"}},
               **sample_and_save(["11", 0], "trained", 20), **sample_and_save(["1", 0], "base", 22)}
     entry = comfy_server.run(prompt)
     assert len(entry["outputs"]["13"]["images"]) == 1
-    assert "saved 3 pairs" in entry["outputs"]["14"]["text"][0]  # 3 candidates, all gaps > 0
     trained, base = saved_latent(comfy_server, entry, "21"), saved_latent(comfy_server, entry, "23")
     assert (trained - base).abs().max() > 1e-3
 
@@ -89,7 +87,17 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
     assert (reloaded - trained).abs().max() < 1e-3, (reloaded - trained).abs().max()
 
 
-def test_pairs_reload_and_train(comfy_server):
+@pytest.fixture(scope="module")
+def saved_pair_set(comfy_server):
+    """The candidates' ranked pairs saved as 'server test' (-> server_test.safetensors)."""
+    prompt = {**candidates_and_pairs(),
+              "14": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "server test"}}}
+    entry = comfy_server.run(prompt)
+    assert "saved 3 pairs" in entry["outputs"]["14"]["text"][0]  # 3 candidates, all gaps > 0
+    return "server_test.safetensors"
+
+
+def test_pairs_reload_and_train(comfy_server, saved_pair_set):
     saved = sorted(os.listdir(os.path.join(comfy_server.base_directory, "output", "preference_pairs")))
     assert "server_test.safetensors" in saved and "server_test.json" in saved
     info = comfy_server.object_info("PrefP_LoadPreferencePairs")["PrefP_LoadPreferencePairs"]
@@ -113,9 +121,10 @@ def test_joint_set_training_in_the_graph(comfy_server):
         "12": trainer(steps=2, model=["11", 0]),
         "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "with references"}},
     })
+    offset = comfy_server.log_offset()
     entry = comfy_server.run(prompt)
     assert len(entry["outputs"]["12"]["images"]) == 1
-    assert "Training in the joint batch with 1 reference latents" in comfy_server.log_tail(200)
+    assert "Training in the joint batch with 1 reference latents" in comfy_server.log_since(offset)
     saved = safetensors.torch.load_file(os.path.join(comfy_server.base_directory, "output", "preference_pairs",
                                                      "with_references.safetensors"))
     assert saved["references"].shape == (1, 4, 8, 8)  # one photo, encoded at the candidates' 64 px
@@ -175,12 +184,13 @@ def test_bad_trainer_input_is_reported(comfy_server):
 
 
 def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
+    offset = comfy_server.log_offset()
     prompt_id = comfy_server.queue({**candidates_and_pairs(), "11": trainer(steps=2000, save_prefix="cancelled")})
     deadline = time.time() + 300
     loras = os.path.join(comfy_server.base_directory, "output", "loras")
     while time.time() < deadline:  # wait until training has made a step
         running = comfy_server.get("/queue")["queue_running"]
-        if running and comfy_server.log_tail(5).count("DPO LoRA Trainer: step"):
+        if running and "DPO LoRA Trainer: step" in comfy_server.log_since(offset):
             break
         time.sleep(0.5)
     comfy_server.post("/interrupt", {})
