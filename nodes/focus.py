@@ -105,16 +105,14 @@ class FocusRegions(io.ComfyNode):
         overlay = overlay_heat(generated_rgb, focus, overlay_opacity)
         frames = strip_progress(strip_frames, sigmas, model)
         thumbnail = F.interpolate(generated_rgb, scale_factor=min(1.0, 256 / max(size)), mode="area")
-        strips = []
-        for index in range(generated_rgb.shape[0]):
-            images = []
-            for progress, _ in frames:
-                frame_focus = blend_focus(correspondence[index:index + 1], complexity[index:index + 1], progress, **settings)
-                frame_focus = F.interpolate(frame_focus.unsqueeze(1), size=thumbnail.shape[-2:], mode="bilinear",
-                                            align_corners=False).squeeze(1)
-                images.append(overlay_heat(thumbnail[index:index + 1], frame_focus, overlay_opacity)[0])
-            strips.append(labelled_strip(torch.stack(images), [label for _, label in frames]))
-        strip = torch.stack(strips).movedim(1, -1)
+        # The blend is per pixel, so blending at thumbnail size equals blending then shrinking.
+        small_correspondence, small_complexity = (m.cpu() for m in maps.on_grid(tuple(thumbnail.shape[-2:])))
+        frame_overlays = [overlay_heat(thumbnail, blend_focus(small_correspondence, small_complexity, progress,
+                                                              **settings), overlay_opacity)
+                          for progress, _ in frames]  # each [B, 3, th, tw]
+        labels = [label for _, label in frames]
+        strip = torch.stack([labelled_strip(torch.stack([frame[index] for frame in frame_overlays]), labels)
+                             for index in range(generated_rgb.shape[0])]).movedim(1, -1)
         overlay = overlay.movedim(1, -1)
         # The strip says the most at a glance (it includes the overlay's progress range).
         return io.NodeOutput(focus, overlay, strip, correspondence, complexity, ui=ui.PreviewImage(strip, cls=cls))
