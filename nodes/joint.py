@@ -28,7 +28,7 @@ from comfy.ldm.modules.attention import (SpatialTransformer, SpatialVideoTransfo
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
-from ..personalize.images import fit_to_size, masks_to_grid
+from ..personalize.images import fit_to_size, maps_to_grid
 from ..personalize.joint_attention import (BLOCK_NAMES, LAYOUT_KEY, MODES, JointAttentionPatch,
                                            JointAttentionSettings, check_strength, joint_layout, sdpa_kernel)
 from ..personalize.joint_sampling import image_guided_pair, joint_batch
@@ -225,7 +225,7 @@ def prepare_masks(masks: torch.Tensor, references: int, image_size: tuple[int, i
                           "subject masks", "reference image(s)")
     if masks is None:
         return None
-    masks = masks_to_grid(fit_to_size(masks.unsqueeze(1), image_size).squeeze(1), latent_size)
+    masks = maps_to_grid(fit_to_size(masks.unsqueeze(1), image_size).squeeze(1), latent_size)
     return masks.expand(references, -1, -1).contiguous()
 
 

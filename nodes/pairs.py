@@ -12,9 +12,8 @@ from comfy_api.latest import io, ui
 from ..personalize.files import sanitize_file_stem, unused_stem
 from ..personalize.focus import local_entropy
 from ..personalize.heatmap import labelled_strip, overlay_heat
-from ..personalize.images import fit_to_size
-from ..trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
-                                         to_latent_grid)
+from ..personalize.images import fit_to_size, maps_to_grid
+from ..trainers.preference_pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
 from .inputs import image_input_fitted, image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchQuality, PreferencePairsType
 
@@ -67,10 +66,10 @@ def make_pairs(vae, positive, winner_images, winner_index, loser_images, loser_i
         reference_latents = encode(vae, image_input_fitted(references, "references", node_name, size))
 
     def grid_map(maps):
-        return torch.ones(count, *grid) if maps is None else to_latent_grid(maps.float().cpu(), grid).clamp(0, 1)
+        return torch.ones(count, *grid) if maps is None else maps_to_grid(maps.cpu(), grid).clamp(0, 1)
 
     def complexity(images):
-        return to_latent_grid(local_entropy(images).cpu(), grid)
+        return maps_to_grid(local_entropy(images).cpu(), grid)
 
     return PreferencePairs(
         winners=winners[winner_index], losers=losers[loser_index], conditionings=[positive],

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import PatchBackbone, extract_patch_features
-from .images import masks_to_grid
+from .images import maps_to_grid
 from .patch_quality import best_match_quality
 
 
@@ -141,11 +141,8 @@ class FocusMaps:
 
     def on_grid(self, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both maps resized to ``grid_size`` (area for downsampling, bilinear otherwise)."""
-        def resize(maps):
-            mode = "area" if maps.shape[-2] >= grid_size[0] and maps.shape[-1] >= grid_size[1] else "bilinear"
-            kwargs = {} if mode == "area" else {"align_corners": False}
-            return F.interpolate(maps.unsqueeze(1), size=grid_size, mode=mode, **kwargs).squeeze(1).clamp(0, 1)
-        return resize(self.correspondence), resize(self.complexity)
+        return (maps_to_grid(self.correspondence, grid_size).clamp(0, 1),
+                maps_to_grid(self.complexity, grid_size).clamp(0, 1))
 
     def focus(self, progress: torch.Tensor | float, grid_size: tuple[int, int], gate_start: float = 0.3,
               gate_end: float = 0.7, complexity_weight: float = 1.0) -> torch.Tensor:
@@ -169,7 +166,7 @@ def subject_weights_for(masks: torch.Tensor | None, reference_count: int,
     """
     if masks is None:
         return [None]
-    coverage = masks_to_grid(masks, grid_size)
+    coverage = maps_to_grid(masks, grid_size)
     if masks.shape[0] == 1:
         return [coverage.expand(reference_count, -1, -1)]
     if reference_count == 1:

@@ -97,16 +97,20 @@ def fit_to_size(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=(target_h, target_w), mode="bilinear", antialias=True, align_corners=False)
 
 
-def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Area-average masks onto a patch grid.
+def maps_to_grid(maps: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Resize per-pixel maps (masks, quality, entropy) onto a grid: area-average where the grid
+    is coarser (each cell gets the mean over the pixels it covers), bilinear where it is finer.
 
     Args:
-        masks: ``[B, H, W]`` in 0..1.
+        maps: ``[B, H, W]`` (or ``[H, W]``).
         grid_size: ``(h, w)``.
 
     Returns:
-        ``[B, h, w]``: the fraction of each patch covered by the mask.
+        ``[B, h, w]`` float.
     """
-    if masks.ndim == 2:
-        masks = masks.unsqueeze(0)
-    return F.adaptive_avg_pool2d(masks.float().unsqueeze(1), grid_size).squeeze(1)
+    if maps.ndim == 2:
+        maps = maps.unsqueeze(0)
+    maps = maps.float().unsqueeze(1)
+    if maps.shape[-2] >= grid_size[0] and maps.shape[-1] >= grid_size[1]:
+        return F.adaptive_avg_pool2d(maps, grid_size).squeeze(1)
+    return F.interpolate(maps, size=grid_size, mode="bilinear", align_corners=False).squeeze(1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import PatchBackbone, extract_patch_features
-from .images import masks_to_grid
+from .images import maps_to_grid
 
 
 @dataclass
@@ -113,7 +113,7 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
             raise ValueError(
                 f"got {reference_masks.shape[0]} subject masks for {references.shape[0]} reference "
                 "images; give one mask for all references or one per reference")
-        reference_weights = masks_to_grid(reference_masks, reference_features.shape[-2:])
+        reference_weights = maps_to_grid(reference_masks, reference_features.shape[-2:])
         reference_weights = reference_weights.expand(references.shape[0], -1, -1)
     generated_features = extract_patch_features(backbone, generated, resolution, on_chunk=on_images)
     quality = best_match_quality(generated_features, reference_features, reference_weights)

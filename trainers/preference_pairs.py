@@ -27,13 +27,6 @@ DIFFICULTIES = ("easy", "normal", "hard")
 FORMAT = "prefp-preference-pairs/1"
 
 
-def to_latent_grid(maps: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Area-pool (or bilinearly upsample) ``[N, H, W]`` maps to the latent grid ``[N, h, w]``."""
-    if maps.shape[-2] >= grid_size[0] and maps.shape[-1] >= grid_size[1]:
-        return F.adaptive_avg_pool2d(maps.float().unsqueeze(1), grid_size).squeeze(1)
-    return F.interpolate(maps.float().unsqueeze(1), size=grid_size, mode="bilinear", align_corners=False).squeeze(1)
-
-
 @dataclass
 class PreferencePairs:
     """N preference pairs.

@@ -2,9 +2,7 @@
 bad input answered with clear messages while the server keeps serving."""
 import os
 
-import numpy as np
 import pytest
-import safetensors.torch
 import torch
 import transformers
 from PIL import Image

@@ -4,7 +4,6 @@ pairs save and load; Cancel mid-training stops cleanly and keeps the last good L
 import glob
 import os
 import shutil
-import threading
 import time
 
 import pytest

@@ -1,7 +1,6 @@
 """Backbone loading and feature shapes: DINOv2 from a transformers folder and from a single
 file, the built-in EfficientNet-Lite0, and the adapter over ComfyUI's own CLIP vision model."""
 import json
-import os
 
 import pytest
 import safetensors.torch

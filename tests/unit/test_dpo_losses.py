@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pack.personalize.focus import blend_focus
 from pack.trainers.dpo_losses import (channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pack.personalize.backbones import EfficientNetLitePatchBackbone
 from pack.personalize.heatmap import heat_colors, labelled_strip, overlay_heat
-from pack.personalize.images import check_image_batch, masks_to_grid, resize_to_patch_grid, to_rgb_channels_first
+from pack.personalize.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
 from pack.personalize.patch_quality import best_match_quality, score_patches
 
 
@@ -90,11 +90,11 @@ def test_resize_to_patch_grid_keeps_aspect_on_the_grid():
     assert resize_to_patch_grid(torch.rand(1, 3, 8, 8), 4, 16).shape == (1, 3, 16, 16)
 
 
-def test_masks_to_grid_is_coverage():
+def test_maps_to_grid_is_mask_coverage():
     mask = torch.zeros(1, 4, 4)
     mask[:, :2, :2] = 1
     mask[:, 2:, 2:3] = 1
-    torch.testing.assert_close(masks_to_grid(mask, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.5]]]))
+    torch.testing.assert_close(maps_to_grid(mask, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.5]]]))
 
 
 def test_heat_colours_hot_red_and_cold_blue():

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from pack.trainers.preference_pairs import (PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs,
-                                            to_latent_grid)
+from pack.personalize.images import maps_to_grid
+from pack.trainers.preference_pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
 
 
 def make_pairs(count=2, size=(4, 6), channels=4, seed=0):
@@ -37,11 +37,11 @@ def test_rank_pairs_best_vs_worst_and_margin():
         rank_pairs([0.5, 0.51], margin=0.1)
 
 
-def test_to_latent_grid_area_pools():
+def test_maps_to_grid_area_pools_down_and_interpolates_up():
     maps = torch.zeros(1, 8, 8)
     maps[:, :4, :4] = 1
-    torch.testing.assert_close(to_latent_grid(maps, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
-    assert to_latent_grid(torch.ones(1, 2, 2), (4, 4)).shape == (1, 4, 4)
+    torch.testing.assert_close(maps_to_grid(maps, (2, 2)), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+    assert maps_to_grid(torch.ones(1, 2, 2), (4, 4)).shape == (1, 4, 4)
 
 
 def test_merge_offsets_conditioning_and_checks_sizes():
