@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from comfy_server import PromptError
+from graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
 
-BUILTIN = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
 
 
 def base_nodes():

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from comfy_server import PromptError, comfyui_path
+from graphs import attention_node
 
 pytestmark = pytest.mark.server
 
@@ -169,10 +170,7 @@ def test_joint_nodes_are_registered_with_tooltips(server):
 def test_no_references_and_strength_zero_are_bit_identical_to_ksampler(server, new_images):
     prompt = {**base(), **ksampler("10", batch=new_images), **save("10", ("10", 0)),
               **joint("11", new_images=new_images), **save("11", ("11", 1)),
-              "12": {"class_type": "PrefP_JointAttention", "inputs": {
-                  "model": ["1", 0], "strength": 0.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-                  "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True,
-                  "adain": True}},
+              **attention_node("12", strength=0.0, adain=True),
               **ksampler("13", model=("12", 0), batch=new_images), **save("13", ("13", 0)),
               **joint("14", model=("12", 0), new_images=new_images), **save("14", ("14", 1))}
     latents = run_latents(server, prompt)
@@ -185,10 +183,7 @@ def test_no_references_and_strength_zero_are_bit_identical_to_ksampler(server, n
 def test_joint_attention_with_stock_ksampler_leaves_the_reference_image_alone(server):
     """Stock KSampler, batch 3, reference_count 1: image 1 leads (unchanged), 2 and 3 follow it."""
     prompt = {**base(), **ksampler("10", batch=3), **save("10", ("10", 0)),
-              "12": {"class_type": "PrefP_JointAttention", "inputs": {
-                  "model": ["1", 0], "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-                  "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True,
-                  "adain": False}},
+              **attention_node("12"),
               **ksampler("13", model=("12", 0), batch=3), **save("13", ("13", 0))}
     latents = run_latents(server, prompt)
     assert torch.equal(latents["13"][0], latents["10"][0])
@@ -244,12 +239,6 @@ def test_image_guidance_and_subject_mask(server):
         assert (latents[name][:2] - latents["15"]).abs().max() <= 1e-5 * max(1.0, float(latents["15"].abs().max()))
 
 
-def attention_node(node_id, model=("1", 0), **settings):
-    inputs = {"model": list(model), "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-              "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True, "adain": False}
-    return {node_id: {"class_type": "PrefP_JointAttention", "inputs": {**inputs, **settings}}}
-
-
 def test_joint_attention_node_settings_reach_the_sampler(server):
     prompt = {**base(), **joint("default", references=("4", 0)), **save("default", ("default", 1)),
               **attention_node("90", mode="blend", strength=0.5),
@@ -271,13 +260,9 @@ def test_joint_attention_node_settings_reach_the_sampler(server):
 
 def test_composes_with_another_attn1_patch(server):
     """Token merging (ToMe) is an attn1_patch: with Joint Attention on top it still runs."""
-    joint_attention = {"strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-                       "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True,
-                       "adain": False}
     prompt = {**base(),
               "50": {"class_type": "TomePatchModel", "inputs": {"model": ["1", 0], "ratio": 0.5}},
-              "51": {"class_type": "PrefP_JointAttention", "inputs": {"model": ["50", 0], **joint_attention}},
-              "52": {"class_type": "PrefP_JointAttention", "inputs": {"model": ["1", 0], **joint_attention}},
+              **attention_node("51", model=("50", 0)), **attention_node("52"),
               **ksampler("k_tome", model=("50", 0), batch=2), **save("k_tome", ("k_tome", 0)),
               **ksampler("k_both", model=("51", 0), batch=2), **save("k_both", ("k_both", 0)),
               **ksampler("k_joint", model=("52", 0), batch=2), **save("k_joint", ("k_joint", 0)),
@@ -347,9 +332,7 @@ def test_unsupported_model_names_the_supported_families(server):
     with pytest.raises(PromptError, match=r"Joint Sampler: this MODEL \(SD3\) has no UNet self-attention blocks.*"
                                           r"Supported: SD1\.x, SD2\.x and SDXL"):
         server.run(prompt)
-    attention = {**base(), "80": prompt["80"], "81": {"class_type": "PrefP_JointAttention", "inputs": {
-        "model": ["80", 0], "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-        "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True, "adain": False}},
+    attention = {**base(), "80": prompt["80"], **attention_node("81", model=("80", 0)),
         **ksampler("82", model=("81", 0)), **save("82", ("82", 0))}
     with pytest.raises(PromptError, match="Joint Attention: this MODEL"):
         server.run(attention)
@@ -367,9 +350,7 @@ def test_bad_settings_name_the_node_and_the_fix(server):
     prompt = {**base(), **joint("11", references=("4", 0), strength=-0.5), **save("11", ("11", 1))}
     with pytest.raises(PromptError, match="Joint Sampler: strength -0.5 is negative.*needs mode 'blend'"):
         server.run(prompt)
-    prompt = {**base(), "12": {"class_type": "PrefP_JointAttention", "inputs": {
-        "model": ["1", 0], "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.8,
-        "end_percent": 0.2, "input_blocks": True, "middle_block": True, "output_blocks": True, "adain": False}},
+    prompt = {**base(), **attention_node("12", start_percent=0.8, end_percent=0.2),
         **ksampler("13", model=("12", 0)), **save("13", ("13", 0))}
     with pytest.raises(PromptError, match="Joint Attention: start_percent 0.8 is after end_percent 0.2"):
         server.run(prompt)

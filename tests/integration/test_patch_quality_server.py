@@ -8,10 +8,10 @@ import transformers
 from PIL import Image
 
 from comfy_server import PromptError
+from graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
 
-BUILTIN = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
 PACK_NODES = ["PrefP_PatchBackboneLoader", "PrefP_PatchBackboneFromClipVision",
               "PrefP_PatchQualityScore", "PrefP_ExampleSubjectPhoto"]
 

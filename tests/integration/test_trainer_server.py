@@ -11,10 +11,9 @@ import safetensors.torch
 import torch
 
 from comfy_server import PromptError
+from graphs import BUILTIN_BACKBONE as BUILTIN, attention_node
 
 pytestmark = pytest.mark.server
-
-BUILTIN = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
 
 
 def candidates_and_pairs():
@@ -114,9 +113,7 @@ def test_joint_set_training_in_the_graph(comfy_server):
     prompt = candidates_and_pairs()
     prompt["10"]["inputs"]["references"] = ["7", 0]
     prompt.update({
-        "11": {"class_type": "PrefP_JointAttention", "inputs": {
-            "model": ["1", 0], "strength": 1.0, "mode": "joint", "reference_count": 1, "start_percent": 0.0,
-            "end_percent": 1.0, "input_blocks": True, "middle_block": True, "output_blocks": True, "adain": False}},
+        **attention_node("11"),
         "12": trainer(steps=2, model=["11", 0]),
         "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "with references"}},
     })
