@@ -144,6 +144,12 @@ class ComfyServer:
     def __exit__(self, *exc) -> None:
         self.cleanup()
 
+    def assert_serving(self, node: str) -> None:
+        """The server still answers, still knows ``node`` and runs nothing: a failed or cancelled
+        prompt left it usable."""
+        assert node in self.object_info(node), f"{node} is no longer registered"
+        assert self.get("/queue")["queue_running"] == [], "a prompt is still running"
+
     def log_offset(self) -> int:
         """Where the server log ends now; ``log_since`` reads what is written after it."""
         try:

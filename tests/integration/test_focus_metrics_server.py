@@ -80,7 +80,7 @@ def test_focus_regions_bad_masks(comfy_server):
     prompt["10"]["inputs"]["gate_end"] = 0.1
     with pytest.raises(PromptError, match="gate_end"):
         comfy_server.run(prompt)
-    assert comfy_server.object_info("PrefP_FocusRegions")
+    comfy_server.assert_serving("PrefP_FocusRegions")
 
 
 def test_train_estimator_saves_a_loadable_backbone(comfy_server):

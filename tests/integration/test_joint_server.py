@@ -145,11 +145,6 @@ def run_graph(server, prompt) -> tuple[dict, dict[str, torch.Tensor]]:
     return entry, latents
 
 
-def assert_still_serving(server):
-    assert "PrefP_JointSampler" in server.object_info("PrefP_JointSampler")
-    assert server.get("/queue")["queue_running"] == []
-
-
 # --- registration -------------------------------------------------------------------------------
 
 def test_joint_nodes_are_registered_with_tooltips(server):
@@ -322,7 +317,7 @@ def test_zero_new_images_is_rejected_before_running(server):
         server.queue(prompt)
     message = str(error.value.payload["node_errors"]["11"])
     assert "new_images" in message and "smaller than min of 1" in message
-    assert_still_serving(server)
+    server.assert_serving("PrefP_JointSampler")
 
 
 def test_unsupported_model_names_the_supported_families(server):
@@ -336,7 +331,7 @@ def test_unsupported_model_names_the_supported_families(server):
         **ksampler("82", model=("81", 0)), **save("82", ("82", 0))}
     with pytest.raises(PromptError, match="Joint Attention: this MODEL"):
         server.run(attention)
-    assert_still_serving(server)
+    server.assert_serving("PrefP_JointSampler")
 
 
 def test_bad_settings_name_the_node_and_the_fix(server):
@@ -354,7 +349,7 @@ def test_bad_settings_name_the_node_and_the_fix(server):
         **ksampler("13", model=("12", 0)), **save("13", ("13", 0))}
     with pytest.raises(PromptError, match="Joint Attention: start_percent 0.8 is after end_percent 0.2"):
         server.run(prompt)
-    assert_still_serving(server)
+    server.assert_serving("PrefP_JointSampler")
 
 
 def test_joint_sampler_is_interruptible(server):
@@ -374,4 +369,4 @@ def test_joint_sampler_is_interruptible(server):
     events = [message[0] for message in entry["status"]["messages"]]
     assert "execution_interrupted" in events
     assert time.time() - started < 30
-    assert_still_serving(server)
+    server.assert_serving("PrefP_JointSampler")

@@ -44,11 +44,6 @@ def scoring(generated=("6", 0), references=("10", 0), backbone=BUILTIN, mask=Non
     }
 
 
-def assert_still_serving(server):
-    assert "PrefP_PatchQualityScore" in server.object_info("PrefP_PatchQualityScore")
-    assert server.get("/queue")["queue_running"] == []
-
-
 def test_pack_registers_documented_nodes(comfy_server):
     info = comfy_server.object_info()
     for node in PACK_NODES:
@@ -110,7 +105,7 @@ def test_subject_mask_count_mismatch_is_a_clear_error(comfy_server):
     prompt["12"]["inputs"]["subject_mask"] = ["33", 0]
     with pytest.raises(PromptError, match="Patch Quality Score: got 3 subject masks for 1 reference"):
         comfy_server.run(prompt)
-    assert_still_serving(comfy_server)
+    comfy_server.assert_serving("PrefP_PatchQualityScore")
 
 
 def test_missing_reference_input_is_rejected_before_running(comfy_server):
@@ -119,7 +114,7 @@ def test_missing_reference_input_is_rejected_before_running(comfy_server):
     with pytest.raises(PromptError) as error:
         comfy_server.queue(prompt)
     assert "references" in str(error.value.payload["node_errors"]["12"])
-    assert_still_serving(comfy_server)
+    comfy_server.assert_serving("PrefP_PatchQualityScore")
 
 
 def test_missing_backbone_file_says_where_it_goes(comfy_server):
@@ -127,7 +122,7 @@ def test_missing_backbone_file_says_where_it_goes(comfy_server):
         comfy_server.queue(scoring(generated=("10", 0), backbone="dinov2-small/"))
     message = str(error.value.payload["node_errors"]["11"])
     assert "was not found" in message and "models/patch_backbones" in message
-    assert_still_serving(comfy_server)
+    comfy_server.assert_serving("PrefP_PatchQualityScore")
 
 
 def test_dinov2_from_models_folder_and_corrupt_file(comfy_server):
@@ -149,7 +144,7 @@ def test_dinov2_from_models_folder_and_corrupt_file(comfy_server):
 
     with pytest.raises(PromptError, match="Patch Backbone Loader: cannot load 'broken.safetensors'"):
         comfy_server.run(scoring(generated=("10", 0), backbone="broken.safetensors"))
-    assert_still_serving(comfy_server)
+    comfy_server.assert_serving("PrefP_PatchQualityScore")
 
 
 def test_empty_subject_mask_means_whole_reference(comfy_server):

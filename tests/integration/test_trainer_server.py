@@ -176,7 +176,7 @@ def test_bad_trainer_input_is_reported(comfy_server):
                             "11": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0],
                                                                                             "max_pairs": 2}}})
     assert "nope.safetensors" in str(error.value.payload)
-    assert comfy_server.object_info("PrefP_DPOLoraTrainer")
+    comfy_server.assert_serving("PrefP_DPOLoraTrainer")
 
 
 def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
@@ -195,4 +195,4 @@ def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
     files = glob.glob(os.path.join(loras, "cancelled_interrupted_step*.safetensors"))
     assert len(files) == 1 and not glob.glob(os.path.join(loras, "*.partial"))
     assert safetensors.torch.load_file(files[0])
-    assert comfy_server.object_info("PrefP_DPOLoraTrainer")  # still serving
+    comfy_server.assert_serving("PrefP_DPOLoraTrainer")
