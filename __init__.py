@@ -1,7 +1,8 @@
 """ComfyUI entry point: registers the pack's nodes (V3 schema), nothing else."""
 from comfy_api.latest import ComfyExtension
 
-from .nodes import NODE_LIST, register_model_folders
+from .comfy_glue.backbone import register_model_folders
+from .nodes import NODE_LIST
 
 
 class PreferencePersonalizationExtension(ComfyExtension):

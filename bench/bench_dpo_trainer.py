@@ -36,17 +36,17 @@ def parse_args(argv=None):
 
 def worker(args) -> dict:
     device = args.worker
-    comfy = load_comfyui(device)
+    comfyui = load_comfyui(device)
     import comfy.sd
     import torch
     from comfy_extras.nodes_train import TrainLoraNode
 
-    from pack.trainers.lora_dpo import DPOTrainingConfig, train_dpo_lora
-    from pack.trainers.preference_pairs import PreferencePairs
+    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+    from pack.pure.pairs import PreferencePairs
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    checkpoint = args.checkpoint or tiny_checkpoint(comfy)
+    checkpoint = args.checkpoint or tiny_checkpoint(comfyui)
     model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
     positive = [[cond, {"pooled_output": pooled}]]
@@ -97,10 +97,10 @@ def worker(args) -> dict:
     if args.references:
         from dataclasses import replace
 
-        from pack.nodes.joint import apply_joint_attention
-        from pack.personalize.joint_attention import JointAttentionSettings
+        from pack.comfy_glue.joint import apply_joint_attention
+        from pack.pure.joint_attention import JointAttentionSettings
 
-        joint_model = apply_joint_attention(model, JointAttentionSettings(), "bench")
+        joint_model = apply_joint_attention(model, JointAttentionSettings())
         joint_pairs = replace(pairs, references=torch.randn(args.references, 4, grid, grid, generator=generator))
         timers.append((f"DPO LoRA Trainer, joint (+{args.references} refs)",
                        lambda steps: time_ours(steps, joint_model, joint_pairs)))

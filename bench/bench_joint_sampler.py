@@ -40,13 +40,13 @@ def parse_args(argv=None):
 
 def worker(args) -> dict:
     device = args.worker
-    comfy = load_comfyui(device)
+    comfyui = load_comfyui(device)
     import comfy.sd
     import nodes as comfy_nodes
     import torch
 
     from pack.nodes.joint import JointSampler
-    checkpoint = args.checkpoint or tiny_checkpoint(comfy)
+    checkpoint = args.checkpoint or tiny_checkpoint(comfyui)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]

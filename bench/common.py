@@ -2,18 +2,18 @@
 worker process, and running one worker subprocess per device."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
-import importlib.machinery
-import importlib.util
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(REPO_ROOT, "tests", "harness")
+sys.path.insert(0, os.path.join(REPO_ROOT, "dev"))
+
+import harness  # noqa: E402
 
 
 class PeakMemory:
@@ -64,15 +64,11 @@ class PeakMemory:
 def load_comfyui(device: str) -> str:
     """Put ComfyUI and the pack (as package ``pack``, without its ComfyUI entry point) on the
     path, select the device, and return ComfyUI's path. Call once, in a worker process."""
-    sys.path.insert(0, HARNESS)
-    from comfy_server import comfyui_path
+    from harness.comfy_server import comfyui_path
 
-    comfy = comfyui_path()
-    sys.path.insert(0, comfy)
-    spec = importlib.machinery.ModuleSpec("pack", None, is_package=True)
-    package = importlib.util.module_from_spec(spec)
-    package.__path__ = [REPO_ROOT]
-    sys.modules.setdefault("pack", package)
+    comfyui = comfyui_path()
+    sys.path.insert(0, comfyui)
+    harness.register_pack()
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = device == "cpu"
@@ -80,13 +76,14 @@ def load_comfyui(device: str) -> str:
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    return comfy
+    return comfyui
 
 
-def tiny_checkpoint(comfy: str) -> str:
-    from tiny_checkpoint import ensure_checkpoint
+def tiny_checkpoint(comfyui: str) -> str:
+    """The tiny SD1.5 checkpoint, built on first use (ComfyUI's path from ``load_comfyui``)."""
+    from harness.tiny_checkpoint import ensure_checkpoint
 
-    return ensure_checkpoint(comfy, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
+    return ensure_checkpoint(comfyui, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""Thin ComfyUI nodes over the pure-torch algorithms in ``personalize/``."""
-from .backbone import PatchBackboneFromClipVision, PatchBackboneLoader, register_model_folders
+"""The pack's ComfyUI nodes: schemas and thin ``execute`` methods over ``comfy_glue/`` and ``pure/``."""
+from .backbone import PatchBackboneFromClipVision, PatchBackboneLoader
 from .estimator import TrainPatchQualityEstimator
 from .examples import ExampleSubjectPhoto
 from .focus import FocusRegions
@@ -30,4 +30,4 @@ NODE_LIST = [
     JointSampler,
 ]
 
-__all__ = ["NODE_LIST", "register_model_folders"]
+__all__ = ["NODE_LIST"]

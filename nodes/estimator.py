@@ -6,26 +6,28 @@ import logging
 import os
 
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..personalize.backbones import TunedPatchBackbone
-from ..personalize.files import sanitize_file_stem, unused_stem
-from ..trainers.patch_estimator import train_patch_estimator
-from .backbone import MODELS_FOLDER, on_compute_device, register_model_folders
+from ..comfy_glue.backbone import backbones_folder
+from ..comfy_glue.devices import on_compute_device
+from ..pure.backbone import TunedPatchBackbone
+from ..pure.errors import InputError
+from ..pure.estimator import train_patch_estimator
+from ..pure.files import sanitize_file_stem, unused_stem
+from .errors import node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
-NODE_NAME = "Train Patch Quality Estimator"
-
 
 class TrainPatchQualityEstimator(io.ComfyNode):
+    TITLE = "Train Patch Quality Estimator"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_TrainPatchQualityEstimator",
-            display_name=NODE_NAME,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "Tunes the patch backbone on your reference photos so the same point of the subject "
@@ -57,35 +59,32 @@ class TrainPatchQualityEstimator(io.ComfyNode):
 
     @classmethod
     def execute(cls, backbone, references, steps, learning_rate, resolution, seed, save_name) -> io.NodeOutput:
-        photos = image_input_to_rgb(references, "references", NODE_NAME)
-        stem = sanitize_file_stem(save_name) if save_name.strip() else ""
-        if save_name.strip() and not stem:
-            raise ValueError(f"{NODE_NAME}: save_name '{save_name}' has no usable characters; use letters and digits.")
-        base_id = backbone.base_id if isinstance(backbone, TunedPatchBackbone) else backbone.source_id
-        if stem and base_id is None:
-            raise ValueError(f"{NODE_NAME}: this backbone cannot be saved (it was not loaded by Patch Backbone "
-                             "Loader); connect the loader's output or clear save_name.")
-        progress = comfy.utils.ProgressBar(max(steps, 1))
+        with node_errors(cls.TITLE):
+            photos = image_input_to_rgb(references, "references", cls.TITLE)
+            stem = sanitize_file_stem(save_name) if save_name.strip() else ""
+            if save_name.strip() and not stem:
+                raise InputError(f"save_name '{save_name}' has no usable characters; use letters and digits.")
+            base_id = backbone.base_id if isinstance(backbone, TunedPatchBackbone) else backbone.source_id
+            if stem and base_id is None:
+                raise InputError("this backbone cannot be saved (it was not loaded by Patch Backbone Loader); "
+                                 "connect the loader's output or clear save_name.")
+            progress = comfy.utils.ProgressBar(max(steps, 1))
 
-        def on_step(step, loss):
-            progress.update_absolute(step)  # also raises when the user presses Cancel
-            if step == 1 or step % 50 == 0 or step == steps:
-                logging.info("%s: step %d/%d, loss %.4f", NODE_NAME, step, steps, loss)
+            def on_step(step, loss):
+                progress.update_absolute(step)  # also raises when the user presses Cancel
+                if step == 1 or step % 50 == 0 or step == steps:
+                    logging.info("%s: step %d/%d, loss %.4f", cls.TITLE, step, steps, loss)
 
-        with on_compute_device(backbone) as device, torch.inference_mode(False), torch.enable_grad():
-            try:
+            with on_compute_device(backbone) as device, torch.inference_mode(False), torch.enable_grad():
                 result = train_patch_estimator(backbone, base_id or "", photos.clone().to(device), steps=steps,
                                                learning_rate=learning_rate, resolution=resolution, seed=seed,
                                                on_step=on_step)
-            except (ValueError, FloatingPointError) as error:
-                raise ValueError(f"{NODE_NAME}: {error}") from error
         tuned = result.backbone.cpu()
         report = (f"patch-matching top-1 on held-out views: {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}"
                   f" ({steps} steps")
         report += f", loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})" if result.losses else ")"
         if stem:
-            register_model_folders()
-            folder = folder_paths.get_folder_paths(MODELS_FOLDER)[0]
+            folder = backbones_folder()
             path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")  # never over a model
             tuned.save(path)
             report += f"\nsaved {path}"

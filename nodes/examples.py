@@ -8,6 +8,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
+from ..pure.errors import InputError
+from .errors import node_errors
 from .types import CATEGORY
 
 PHOTOS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "photos")
@@ -25,11 +27,13 @@ def load_photo(name: str) -> torch.Tensor:
 
 
 class ExampleSubjectPhoto(io.ComfyNode):
+    TITLE = "Example Subject Photo"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_ExampleSubjectPhoto",
-            display_name="Example Subject Photo",
+            display_name=cls.TITLE,
             category=CATEGORY,
             description="A photo bundled with the pack (CC0, from scikit-image's samples), for trying the "
                         "workflows without your own reference photos. Use Load Image for your own.",
@@ -40,6 +44,7 @@ class ExampleSubjectPhoto(io.ComfyNode):
 
     @classmethod
     def execute(cls, photo) -> io.NodeOutput:
-        if photo not in bundled_photos():
-            raise FileNotFoundError(f"Example Subject Photo: '{photo}' is not in {PHOTOS_DIR}; reinstall the pack.")
+        with node_errors(cls.TITLE):
+            if photo not in bundled_photos():
+                raise InputError(f"'{photo}' is not in {PHOTOS_DIR}; reinstall the pack.")
         return io.NodeOutput(load_photo(photo))

@@ -2,41 +2,30 @@
 correspondence and image complexity, and how that moves over the sampling steps."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..personalize.focus import blend_focus, compute_focus_maps, percent_for_sigma
-from ..personalize.heatmap import labelled_strip, overlay_heat
-from .backbone import on_compute_device
+from ..comfy_glue.devices import on_compute_device
+from ..comfy_glue.focus import strip_progress
+from ..pure.drawing import overlay_heat
+from ..pure.errors import InputError
+from ..pure.focus import blend_focus, compute_focus_maps, focus_strips
+from .errors import node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
-NODE_NAME = "Focus Regions"
-
-
-def strip_progress(frames: int, sigmas: torch.Tensor | None, model) -> list[tuple[float, str]]:
-    """``(progress, label)`` for each strip frame: evenly spaced percents, or the given sigmas
-    (percent from the model's own schedule when a MODEL is connected, else the step fraction)."""
-    if sigmas is None or len(sigmas) < 2:
-        values = torch.linspace(0, 1, frames).tolist()
-        return [(value, f"p={value:.2f}") for value in values]
-    steps = len(sigmas) - 1  # the last sigma is where sampling ends
-    picks = sorted({round(index) for index in torch.linspace(0, steps - 1, min(frames, steps)).tolist()})
-    if model is not None:
-        sampling = model.get_model_object("model_sampling")
-        percents = [percent_for_sigma(float(sigmas[index]), sampling.percent_to_sigma) for index in picks]
-    else:
-        percents = [index / max(steps - 1, 1) for index in picks]
-    return [(percent, f"step {index + 1}/{steps} p={percent:.2f}") for index, percent in zip(picks, percents)]
+# Longest side of the strip's frames.
+STRIP_FRAME_SIZE = 256
 
 
 class FocusRegions(io.ComfyNode):
+    TITLE = "Focus Regions"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_FocusRegions",
-            display_name=NODE_NAME,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "FocusDPO focus map: where a preference update should concentrate. Correspondence = regions "
@@ -84,35 +73,25 @@ class FocusRegions(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, generated, references, percent, gate_start, gate_end, complexity_weight,
                 strip_frames, resolution, overlay_opacity, subject_masks=None, sigmas=None, model=None) -> io.NodeOutput:
-        generated_rgb = image_input_to_rgb(generated, "generated", NODE_NAME)
-        references_rgb = image_input_to_rgb(references, "references", NODE_NAME)
-        if gate_end < gate_start:
-            raise ValueError(f"{NODE_NAME}: gate_end ({gate_end}) is below gate_start ({gate_start}); swap them.")
-        if subject_masks is not None and subject_masks.ndim == 2:
-            subject_masks = subject_masks.unsqueeze(0)
-        with on_compute_device(backbone) as device:
-            try:
+        with node_errors(cls.TITLE):
+            generated_rgb = image_input_to_rgb(generated, "generated", cls.TITLE)
+            references_rgb = image_input_to_rgb(references, "references", cls.TITLE)
+            if gate_end < gate_start:
+                raise InputError(f"gate_end ({gate_end}) is below gate_start ({gate_start}); swap them.")
+            if subject_masks is not None and subject_masks.ndim == 2:
+                subject_masks = subject_masks.unsqueeze(0)
+            hint = "Paint each subject mask so it covers part of its reference image, or disconnect subject_masks."
+            with on_compute_device(backbone) as device, node_errors(cls.TITLE, hint):
                 maps = compute_focus_maps(backbone, generated_rgb.to(device), references_rgb.to(device),
                                           None if subject_masks is None else subject_masks.to(device), resolution)
-            except ValueError as error:
-                raise ValueError(f"{NODE_NAME}: {error}. Paint each subject mask so it covers part of its "
-                                 "reference image, or disconnect subject_masks.") from error
         size = tuple(generated_rgb.shape[-2:])
         correspondence, complexity = (m.cpu() for m in maps.on_grid(size))
         settings = dict(gate_start=gate_start, gate_end=gate_end, complexity_weight=complexity_weight)
-
         focus = blend_focus(correspondence, complexity, percent, **settings)
-        overlay = overlay_heat(generated_rgb, focus, overlay_opacity)
-        frames = strip_progress(strip_frames, sigmas, model)
-        thumbnail = F.interpolate(generated_rgb, scale_factor=min(1.0, 256 / max(size)), mode="area")
-        # The blend is per pixel, so blending at thumbnail size equals blending then shrinking.
-        small_correspondence, small_complexity = (m.cpu() for m in maps.on_grid(tuple(thumbnail.shape[-2:])))
-        frame_overlays = [overlay_heat(thumbnail, blend_focus(small_correspondence, small_complexity, progress,
-                                                              **settings), overlay_opacity)
-                          for progress, _ in frames]  # each [B, 3, th, tw]
-        labels = [label for _, label in frames]
-        strip = torch.stack([labelled_strip(torch.stack([frame[index] for frame in frame_overlays]), labels)
-                             for index in range(generated_rgb.shape[0])]).movedim(1, -1)
-        overlay = overlay.movedim(1, -1)
+        overlay = overlay_heat(generated_rgb, focus, overlay_opacity).movedim(1, -1)
+        thumbnail = F.interpolate(generated_rgb, scale_factor=min(1.0, STRIP_FRAME_SIZE / max(size)), mode="area")
+        small_maps = (m.cpu() for m in maps.on_grid(tuple(thumbnail.shape[-2:])))
+        strip = focus_strips(thumbnail, *small_maps, strip_progress(strip_frames, sigmas, model), overlay_opacity,
+                             **settings).movedim(1, -1)
         # The strip says the most at a glance (it includes the overlay's progress range).
         return io.NodeOutput(focus, overlay, strip, correspondence, complexity, ui=ui.PreviewImage(strip, cls=cls))

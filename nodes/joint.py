@@ -1,122 +1,34 @@
 """JeDi joint-image sampling nodes: Joint Attention (a MODEL patch) and Joint Sampler.
 
-The algorithms live in ``personalize/joint_attention.py`` (the attention patch and the batch
-layout contract) and ``personalize/joint_sampling.py`` (the joint batch, image guidance);
-these nodes translate ComfyUI types and hooks to them:
-
-- the attention patch is registered with ``set_model_attn1_replace`` on a clone of the MODEL,
-  one per UNet block that has self-attention; a replacement already on that block is kept
-  and called for the plain attention (compose, not replace); ``attn1_patch`` patches run
-  before it as usual;
-- the Joint Sampler writes the batch layout into ``transformer_options`` and samples with
-  ComfyUI's own machinery (``comfy.sample.sample`` with a per-image noise mask, so every
-  ComfyUI sampler and scheduler, LoRAs, other patches, previews, the progress bar,
-  interruption and memory management behave as in KSampler);
-- image guidance is a ``sampler_calc_cond_batch_function`` (composing with one already set).
+The attention algorithm is ``pure/joint_attention.py`` (with the batch layout contract), the
+joint batch and image guidance ``pure/joint_sampling.py``; installing them on ComfyUI and
+sampling is ``comfy_glue/joint.py``.
 """
 from __future__ import annotations
 
 import logging
 
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
 import torch
-from comfy.ldm.modules.attention import (SpatialTransformer, SpatialVideoTransformer, attention_basic,
-                                        attention_split, attention_sub_quad, optimized_attention)
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
-from ..personalize.images import fit_to_size, maps_to_grid
-from ..personalize.joint_attention import (BLOCK_NAMES, LAYOUT_KEY, MODES, JointAttentionPatch,
-                                           JointAttentionSettings, check_strength, joint_layout, sdpa_kernel)
-from ..personalize.joint_sampling import image_guided_pair, joint_batch
+from ..comfy_glue.joint import apply_joint_attention, sample_joint, self_attention_blocks
+from ..pure.errors import InputError
+from ..pure.images import fit_to_size
+from ..pure.joint_attention import BLOCK_NAMES, MODES, JointAttentionSettings, check_strength
+from .errors import node_errors
 from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
 
-ATTENTION_NODE = "Joint Attention"
-SAMPLER_NODE = "Joint Sampler"
-SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer "
-                      "self-attention blocks)")
-
-
-def comfy_attention(q, k, v, heads, extra_options):
-    """ComfyUI's own attention kernel (xformers, SDPA, sage, ... as the user chose)."""
-    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                               transformer_options=extra_options)
-
-
-# ComfyUI's fallback kernels (chosen where it enables no fused one, e.g. on CPU). They are several
-# times slower than PyTorch's fused SDPA there and their memory grows with the key count, which
-# joint attention doubles; the targets' joint attention uses SDPA instead of them.
-UNFUSED_KERNEL = optimized_attention in (attention_sub_quad, attention_split, attention_basic)
-
-
-def joint_attention_kernel(q, k, v, heads, extra_options):
-    """Kernel for the targets' attention over own + reference tokens: ComfyUI's own when it is a
-    fused one (PyTorch SDPA, xformers, sage, flash) or overridden, PyTorch SDPA otherwise."""
-    if UNFUSED_KERNEL and "optimized_attention_override" not in extra_options:
-        return sdpa_kernel(q, k, v, heads, extra_options)
-    return comfy_attention(q, k, v, heads, extra_options)
-
-
-def self_attention_blocks(model, node: str) -> list[tuple[str, int]]:
-    """``(block name, index)`` of every UNet block with image self-attention, the keys of
-    ComfyUI's ``attn1`` replacements. Raises a node-named ``ValueError`` for other models."""
-    unet = model.get_model_object("diffusion_model")
-    found = []
-    if isinstance(unet, UNetModel):
-        middle = [unet.middle_block] if unet.middle_block is not None else []
-        for name, blocks in (("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)):
-            for index, block in enumerate(blocks):
-                if any(isinstance(layer, SpatialTransformer) and not isinstance(layer, SpatialVideoTransformer)
-                       for layer in block):
-                    found.append((name, index))
-    if not found:
-        raise ValueError(
-            f"{node}: this MODEL ({type(model.model).__name__}) has no UNet self-attention blocks that joint "
-            f"attention can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those with Load Checkpoint.")
-    return found
-
-
-def attn1_replacements(model) -> dict:
-    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-
-
-def joint_patches(model) -> list[JointAttentionPatch]:
-    return [patch for patch in attn1_replacements(model).values() if isinstance(patch, JointAttentionPatch)]
-
-
-def apply_joint_attention(model, settings: JointAttentionSettings, node: str):
-    """A clone of ``model`` with the joint attention patch on the selected blocks.
-
-    An ``attn1`` replacement already on a block (from another node) becomes the patch's
-    ``previous`` and keeps computing the plain attention; an earlier Joint Attention is
-    replaced (its own ``previous`` is kept)."""
-    blocks = [key for key in self_attention_blocks(model, node) if key[0] in settings.blocks]
-    patched = model.clone()
-    existing = attn1_replacements(model)
-
-    def wrap(previous):
-        if isinstance(previous, JointAttentionPatch):
-            previous = previous.previous
-        return JointAttentionPatch(settings, comfy_attention, previous, joint_attention_kernel)
-
-    for name, index in blocks:
-        patched.set_model_attn1_replace(wrap(existing.get((name, index))), name, index)
-        for key, previous in existing.items():  # per-transformer replacements take precedence in ComfyUI
-            if len(key) == 3 and (key[0], key[1]) == (name, index):
-                patched.set_model_attn1_replace(wrap(previous), name, index, key[2])
-    return patched
-
 
 class JointAttention(io.ComfyNode):
+    TITLE = "Joint Attention"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_JointAttention",
-            display_name=ATTENTION_NODE,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "JeDi-style joint attention (training-free): in every chosen self-attention layer the images "
@@ -158,83 +70,46 @@ class JointAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, strength, mode, reference_count, start_percent, end_percent, input_blocks,
                 middle_block, output_blocks, adain) -> io.NodeOutput:
-        try:
+        with node_errors(cls.TITLE):
             check_strength(mode, strength)
-        except ValueError as error:
-            raise ValueError(f"{ATTENTION_NODE}: {error}.") from error
-        if start_percent > end_percent:
-            raise ValueError(f"{ATTENTION_NODE}: start_percent {start_percent} is after end_percent {end_percent}; "
-                             "swap them.")
-        chosen = [name for name, on in zip(BLOCK_NAMES, (input_blocks, middle_block, output_blocks)) if on]
-        if not chosen:
-            raise ValueError(f"{ATTENTION_NODE}: no blocks chosen; switch on input_blocks, middle_block or "
-                             "output_blocks.")
-        sampling = model.get_model_object("model_sampling")
-        settings = JointAttentionSettings(
-            strength=strength, mode=mode,
-            sigma_start=float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=float(sampling.percent_to_sigma(end_percent)),
-            blocks=frozenset(chosen), adain_queries=adain, adain_keys=adain, reference_count=reference_count)
-        return io.NodeOutput(apply_joint_attention(model, settings, ATTENTION_NODE))
-
-
-def layout_without_references(model_options: dict) -> dict:
-    """A shallow copy of ``model_options`` whose joint layout is switched off."""
-    transformer_options = dict(model_options.get("transformer_options", {}))
-    transformer_options[LAYOUT_KEY] = {**transformer_options.get(LAYOUT_KEY, {}), "enabled": False}
-    return {**model_options, "transformer_options": transformer_options}
-
-
-class ImageGuidance:
-    """``sampler_calc_cond_batch_function`` for image guidance (see ``image_guided_pair``):
-    the usual (cond, uncond) pass with the references, plus one pass of the unconditional (or,
-    with CFG off, the conditional) branch with joint attention switched off."""
-
-    def __init__(self, scale: float, previous=None):
-        self.scale = scale
-        self.previous = previous
-
-    def calc(self, args: dict, conds: list, model_options: dict) -> list:
-        if self.previous is not None:
-            return self.previous({**args, "conds": conds, "model_options": model_options})
-        return comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"], model_options)
-
-    def __call__(self, args: dict) -> list:
-        conds = args["conds"]
-        out = self.calc(args, conds, args["model_options"])
-        if len(conds) < 1 or conds[0] is None:
-            return out
-        uncond = conds[1] if len(conds) > 1 else None
-        branch = uncond if uncond is not None else conds[0]
-        (without,) = self.calc(args, [branch], layout_without_references(args["model_options"]))
-        cond, guided_uncond = image_guided_pair(out[0], out[1] if uncond is not None else None, without, self.scale)
-        return [cond, out[1] if guided_uncond is None else guided_uncond, *out[2:]]
+            if start_percent > end_percent:
+                raise InputError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them.")
+            chosen = [name for name, on in zip(BLOCK_NAMES, (input_blocks, middle_block, output_blocks)) if on]
+            if not chosen:
+                raise InputError("no blocks chosen; switch on input_blocks, middle_block or output_blocks.")
+            sampling = model.get_model_object("model_sampling")
+            settings = JointAttentionSettings(
+                strength=strength, mode=mode,
+                sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                sigma_end=float(sampling.percent_to_sigma(end_percent)),
+                blocks=frozenset(chosen), adain_queries=adain, adain_keys=adain, reference_count=reference_count)
+            return io.NodeOutput(apply_joint_attention(model, settings))
 
 
 def prepare_references(references: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Reference IMAGE -> ``[R, height, width, 3]``: RGB, centre-cropped to the output aspect
     ratio and resized to the output size."""
-    return image_input_fitted(references, "references", SAMPLER_NODE, size).clamp(0, 1).movedim(1, -1)
+    return image_input_fitted(references, "references", JointSampler.TITLE, size).clamp(0, 1).movedim(1, -1)
 
 
-def prepare_masks(masks: torch.Tensor, references: int, image_size: tuple[int, int],
-                  latent_size: tuple[int, int]) -> torch.Tensor | None:
-    """Subject MASK (one for all or one per reference) -> ``[R, h, w]`` on the latent grid, or
-    None for an empty (unpainted) mask."""
-    masks = optional_mask(masks, "the subject mask", SAMPLER_NODE, references, "the whole reference images are used",
-                          "subject masks", "reference image(s)")
+def prepare_masks(masks: torch.Tensor, references: int, image_size: tuple[int, int]) -> torch.Tensor | None:
+    """Subject MASK (one for all or one per reference) -> ``[R, height, width]``, cropped and
+    resized like the references, or None for an empty (unpainted) mask."""
+    masks = optional_mask(masks, "the subject mask", JointSampler.TITLE, references,
+                          "the whole reference images are used", "subject masks", "reference image(s)")
     if masks is None:
         return None
-    masks = maps_to_grid(fit_to_size(masks.unsqueeze(1), image_size).squeeze(1), latent_size)
-    return masks.expand(references, -1, -1).contiguous()
+    return fit_to_size(masks.unsqueeze(1), image_size).squeeze(1).expand(references, -1, -1)
 
 
 class JointSampler(io.ComfyNode):
+    TITLE = "Joint Sampler"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_JointSampler",
-            display_name=SAMPLER_NODE,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "JeDi-style personalization without finetuning: the reference photos and the new images are "
@@ -287,55 +162,21 @@ class JointSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, new_images, width, height, seed, steps, cfg, sampler_name,
                 scheduler, image_guidance, strength, references=None, subject_mask=None) -> io.NodeOutput:
-        self_attention_blocks(model, SAMPLER_NODE)  # raises for models without supported attention
-        if new_images < 1:
-            raise ValueError(f"{SAMPLER_NODE}: new_images is {new_images}; set it to at least 1.")
-        existing = joint_patches(model)
-        mode = existing[0].settings.mode if existing else "joint"
-        if existing:  # a Joint Attention node before the sampler: both strengths count
-            strength = strength * existing[0].settings.strength
-        try:
-            check_strength(mode, strength)
-        except ValueError as error:
-            raise ValueError(f"{SAMPLER_NODE}: {error} (the mode is set on the Joint Attention node; with one, "
-                             "the strength is the product of both nodes' strengths).") from error
-
-        targets = comfy.sample.fix_empty_latent_channels(model, torch.zeros([new_images, 4, height // 8, width // 8]))
-        target_noise = comfy.sample.prepare_noise(targets, seed)
-        patched = model.clone()
-        if references is None:
-            logging.info("%s: no references connected; sampling like KSampler.", SAMPLER_NODE)
-            patched.model_options["transformer_options"][LAYOUT_KEY] = joint_layout(0)
-            latent, noise, mask, count = targets, target_noise, None, 0
-        else:
-            images = prepare_references(references, (height, width))
-            reference_latents = vae.encode(images)
-            if reference_latents.shape[1:] != targets.shape[1:]:
-                raise ValueError(f"{SAMPLER_NODE}: the VAE makes latents of shape {tuple(reference_latents.shape[1:])}"
-                                 f" but the model samples {tuple(targets.shape[1:])}; use the VAE that belongs to "
-                                 "the checkpoint.")
-            count = reference_latents.shape[0]
-            reference_noise = comfy.sample.prepare_noise(reference_latents, (seed + 1) % 2 ** 64)
-            latent, noise, mask = joint_batch(reference_latents, target_noise, reference_noise)
-            masks = None
-            if subject_mask is not None:
-                masks = prepare_masks(subject_mask, count, (height, width), tuple(latent.shape[-2:]))
-            if strength != 0 and not existing:
-                patched = apply_joint_attention(patched, JointAttentionSettings(strength=strength), SAMPLER_NODE)
-            patched.model_options["transformer_options"][LAYOUT_KEY] = joint_layout(count, strength, masks)
-            if image_guidance != 1.0 and strength != 0:
-                previous = patched.model_options.get("sampler_calc_cond_batch_function")
-                patched.model_options["sampler_calc_cond_batch_function"] = ImageGuidance(image_guidance, previous)
-
-        preview = latent_preview.prepare_callback(patched, steps)
-
-        def callback(step, x0, x, total_steps):  # previews show the first new image, not a reference
-            preview(step, x0[count:], x[count:], total_steps)
-
-        samples = comfy.sample.sample(
-            patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
-            noise_mask=mask, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        generated = samples[count:]
+        with node_errors(cls.TITLE):
+            self_attention_blocks(model)  # raises for models without supported attention
+            if new_images < 1:
+                raise InputError(f"new_images is {new_images}; set it to at least 1.")
+            size = (height, width)
+            images = masks = None
+            if references is None:
+                logging.info("%s: no references connected; sampling like KSampler.", cls.TITLE)
+            else:
+                images = prepare_references(references, size)
+                if subject_mask is not None:
+                    masks = prepare_masks(subject_mask, images.shape[0], size)
+            generated, samples = sample_joint(model, positive, negative, new_images, size, seed, steps, cfg,
+                                              sampler_name, scheduler, image_guidance, strength, vae.encode, images,
+                                              masks)
         decoded = vae.decode(generated)
         if decoded.ndim == 5:
             decoded = decoded.reshape(-1, *decoded.shape[-3:])

@@ -5,31 +5,27 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..personalize.backbones import ClipVisionPatchBackbone, Dinov2PatchBackbone, TunedPatchBackbone
-from ..personalize.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine, render_text_image
-from .backbone import on_compute_device
+from ..comfy_glue.devices import on_compute_device
+from ..comfy_glue.metrics import clip_t_row
+from ..pure.backbone import ClipVisionPatchBackbone
+from ..pure.drawing import render_text_image
+from ..pure.errors import InputError
+from ..pure.metrics import MetricRow, dino_label, dreambench_crop, format_table, metric_row
+from .errors import node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
-NODE_NAME = "Personalization Metrics"
 NOT_COMPUTED = -1.0
 
 
-def dino_label(backbone) -> tuple[str, str]:
-    """Label and note: real DINO only for DINOv2 backbones; anything else is an approximation."""
-    base = backbone.base if isinstance(backbone, TunedPatchBackbone) else backbone
-    if isinstance(base, Dinov2PatchBackbone):
-        return "DINO", ""
-    return "DINO*", (f"approximate, from {backbone.name}; put DINOv2 in models/patch_backbones/ for the "
-                     "DreamBench DINO number")
-
-
 class PersonalizationMetrics(io.ComfyNode):
+    TITLE = "Personalization Metrics"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_PersonalizationMetrics",
-            display_name=NODE_NAME,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "DreamBench-style numbers: DINO (generated vs reference, DINO embeddings), CLIP-I (the same with "
@@ -65,20 +61,21 @@ class PersonalizationMetrics(io.ComfyNode):
     @classmethod
     def execute(cls, generated, references, prompt_text, backbone=None, clip_vision=None, clip=None,
                 generated_before=None) -> io.NodeOutput:
-        if backbone is None and clip_vision is None:
-            raise ValueError(f"{NODE_NAME}: connect a backbone (DINO) and/or a CLIP_VISION (CLIP-I, CLIP-T); "
-                             "with neither there is nothing to measure.")
-        sets = {"after": image_input_to_rgb(generated, "generated", NODE_NAME),
-                "references": image_input_to_rgb(references, "references", NODE_NAME)}
-        if generated_before is not None:
-            sets["before"] = image_input_to_rgb(generated_before, "generated_before", NODE_NAME)
+        with node_errors(cls.TITLE):
+            if backbone is None and clip_vision is None:
+                raise InputError("connect a backbone (DINO) and/or a CLIP_VISION (CLIP-I, CLIP-T); with neither "
+                                 "there is nothing to measure.")
+            sets = {"after": image_input_to_rgb(generated, "generated", cls.TITLE),
+                    "references": image_input_to_rgb(references, "references", cls.TITLE)}
+            if generated_before is not None:
+                sets["before"] = image_input_to_rgb(generated_before, "generated_before", cls.TITLE)
 
         rows = []
         if backbone is not None:
             label, note = dino_label(backbone)
             with on_compute_device(backbone) as device, torch.no_grad():
                 embeddings = {key: backbone.embed(dreambench_crop(images).to(device)).cpu() for key, images in sets.items()}
-            rows.append(MetricRow(label, *cls._scores(embeddings, embeddings["references"]), note=note))
+            rows.append(metric_row(label, embeddings, embeddings["references"], note=note))
         else:
             rows.append(MetricRow("DINO", None, note="connect a Patch Backbone Loader (DINOv2 in models/patch_backbones/)"))
 
@@ -86,8 +83,8 @@ class PersonalizationMetrics(io.ComfyNode):
             encoder = ClipVisionPatchBackbone(clip_vision, int(getattr(clip_vision, "image_size", 224)))
             with torch.no_grad():
                 embeddings = {key: encoder.embed(images) for key, images in sets.items()}
-            rows.append(MetricRow("CLIP-I", *cls._scores(embeddings, embeddings["references"])))
-            rows.append(cls._clip_t(embeddings, clip, prompt_text))
+            rows.append(metric_row("CLIP-I", embeddings, embeddings["references"]))
+            rows.append(clip_t_row(embeddings, clip, prompt_text))
         else:
             missing = "connect Load CLIP Vision (e.g. CLIP ViT-L/14 in models/clip_vision/)"
             rows += [MetricRow("CLIP-I", None, note=missing), MetricRow("CLIP-T", None, note=missing)]
@@ -97,20 +94,3 @@ class PersonalizationMetrics(io.ComfyNode):
         values = [NOT_COMPUTED if row.after is None else row.after for row in rows]
         return io.NodeOutput(report, *values, table, ui={**ui.PreviewImage(table, cls=cls).as_dict(),
                                                          **ui.PreviewText(report).as_dict()})
-
-    @staticmethod
-    def _scores(embeddings: dict, targets: torch.Tensor) -> tuple[float, float | None]:
-        after = mean_pairwise_cosine(embeddings["after"], targets)
-        before = mean_pairwise_cosine(embeddings["before"], targets) if "before" in embeddings else None
-        return after, before
-
-    @classmethod
-    def _clip_t(cls, image_embeddings: dict, clip, prompt: str) -> MetricRow:
-        if clip is None or not prompt.strip():
-            return MetricRow("CLIP-T", None, note="connect the CLIP text encoder and write the prompt")
-        _, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
-        text = pooled.float().reshape(1, -1).cpu()
-        try:
-            return MetricRow("CLIP-T", *cls._scores(image_embeddings, text))
-        except ValueError as error:
-            return MetricRow("CLIP-T", None, note=f"{error}; use the CLIP text encoder of the same CLIP model")

@@ -2,17 +2,15 @@
 reference photos, as maps, a heat-map overlay and numbers."""
 from __future__ import annotations
 
-
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..personalize.heatmap import overlay_heat
-from ..personalize.patch_quality import score_patches
-from .backbone import on_compute_device
+from ..comfy_glue.devices import on_compute_device
+from ..pure.drawing import overlay_heat
+from ..pure.patch_quality import score_patches
+from .errors import node_errors
 from .inputs import image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchBackbone, PatchQuality
-
-NODE_NAME = "Patch Quality Score"
 
 
 def format_scores(scores: list[float], backbone: str, references: int) -> str:
@@ -22,11 +20,13 @@ def format_scores(scores: list[float], backbone: str, references: int) -> str:
 
 
 class PatchQualityScore(io.ComfyNode):
+    TITLE = "Patch Quality Score"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_PatchQualityScore",
-            display_name=NODE_NAME,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "PatchDPO patch quality: every patch of each generated image is matched against all "
@@ -62,18 +62,16 @@ class PatchQualityScore(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, generated, references, resolution, overlay_opacity,
                 subject_mask=None) -> io.NodeOutput:
-        generated_rgb = image_input_to_rgb(generated, "generated", NODE_NAME)
-        references_rgb = image_input_to_rgb(references, "references", NODE_NAME)
-        subject_mask = optional_mask(subject_mask, "the subject mask", NODE_NAME,
-                                     meaning_when_empty="scoring against the whole reference images")
-        progress = comfy.utils.ProgressBar(generated_rgb.shape[0] + references_rgb.shape[0])
-        with on_compute_device(backbone) as device:
-            try:
+        with node_errors(cls.TITLE):
+            generated_rgb = image_input_to_rgb(generated, "generated", cls.TITLE)
+            references_rgb = image_input_to_rgb(references, "references", cls.TITLE)
+            subject_mask = optional_mask(subject_mask, "the subject mask", cls.TITLE,
+                                         meaning_when_empty="scoring against the whole reference images")
+            progress = comfy.utils.ProgressBar(generated_rgb.shape[0] + references_rgb.shape[0])
+            with on_compute_device(backbone) as device:
                 result = score_patches(backbone, generated_rgb.to(device), references_rgb.to(device),
                                        None if subject_mask is None else subject_mask.to(device), resolution,
                                        on_images=progress.update)  # update() also honours Cancel
-            except ValueError as error:
-                raise ValueError(f"{NODE_NAME}: {error}") from error
         result.quality = result.quality.cpu()
         quality_mask = result.upsampled()
         heatmap = overlay_heat(generated_rgb, 1.0 - quality_mask, overlay_opacity).movedim(1, -1)

@@ -2,50 +2,31 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
-import safetensors.torch
-import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..personalize.files import sanitize_file_stem, unused_stem, write_atomically
-from ..personalize.plots import training_plot
-from ..trainers.dpo_losses import LOSS_MODES
-from ..trainers.lora_dpo import TIMESTEP_SAMPLING, DPOTrainingConfig, NonFiniteLoss, train_dpo_lora
+from ..comfy_glue.trainer import (TRAINING_DTYPES, DPOTrainingConfig, resolve_dtype, save_lora_file,
+                                  train_dpo_lora)
+from ..pure.dpo_losses import LOSS_MODES
+from ..pure.dpo_sampling import TIMESTEP_SAMPLING
+from ..pure.drawing import training_plot
+from ..pure.errors import InputError
+from ..pure.files import sanitize_file_stem
+from .errors import node_errors
 from .types import CATEGORY, PreferencePairsType
-
-NODE_NAME = "DPO LoRA Trainer"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, else fp32 (CPU autocast is slow and lossy)."""
-    if DTYPES[choice] is not None:
-        return DTYPES[choice]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
-    """Write a LoRA to output/loras/<stem>.safetensors (``<stem>_2`` ... if taken) atomically;
-    returns the path."""
-    folder = os.path.join(folder_paths.get_output_directory(), "loras")
-    path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")
-    tensors = {key: value.contiguous() for key, value in state.items()}
-    return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
 
 
 class DPOLoraTrainer(io.ComfyNode):
+    TITLE = "DPO LoRA Trainer"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="PrefP_DPOLoraTrainer",
-            display_name=NODE_NAME,
+            display_name=cls.TITLE,
             category=CATEGORY,
             description=(
                 "Trains a LoRA on the MODEL with a DPO loss from preference pairs (winner preferred over "
@@ -80,7 +61,7 @@ class DPOLoraTrainer(io.ComfyNode):
                                tooltip="Highest sampling percent trained (1 = the last step)."),
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="uniform",
                                tooltip="How percents are drawn in the range: uniform, or logit-normal (middle-heavy)."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="auto",
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
                                tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations in backward, one image at a time: less memory, "
@@ -113,10 +94,11 @@ class DPOLoraTrainer(io.ComfyNode):
                 grad_accumulation, seed, timestep_start, timestep_end, timestep_sampling, training_dtype,
                 gradient_checkpointing, stats_weight, preserve_outside, save_every, save_prefix,
                 resume_lora=None) -> io.NodeOutput:
-        if timestep_end <= timestep_start:
-            raise ValueError(f"{NODE_NAME}: timestep_end ({timestep_end}) must be above timestep_start ({timestep_start}).")
-        if len(pairs) == 0:
-            raise ValueError(f"{NODE_NAME}: the pair set is empty; build pairs first.")
+        with node_errors(cls.TITLE):
+            if timestep_end <= timestep_start:
+                raise InputError(f"timestep_end ({timestep_end}) must be above timestep_start ({timestep_start}).")
+            if len(pairs) == 0:
+                raise InputError("the pair set is empty; build pairs first.")
         prefix = sanitize_file_stem(save_prefix) or "dpo_lora"
         config = DPOTrainingConfig(
             loss_mode=loss_mode, beta=beta, steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
@@ -135,7 +117,7 @@ class DPOLoraTrainer(io.ComfyNode):
             if save_every and step % save_every == 0:
                 save_lora_file(lora.state_dict(), f"{prefix}_step{step:05d}")
             if step == 1 or step % 25 == 0 or step == steps:
-                logging.info("%s: step %d/%d loss %.4f accuracy %.2f margin %.3f", NODE_NAME, step, steps,
+                logging.info("%s: step %d/%d loss %.4f accuracy %.2f margin %.3f", cls.TITLE, step, steps,
                              metrics["loss"], metrics["accuracy"], metrics["margin"])
             preview = None
             if step % max(1, steps // 10) == 0 or step == steps:
@@ -144,18 +126,14 @@ class DPOLoraTrainer(io.ComfyNode):
             progress.update_absolute(step, steps, preview)  # raises when the user presses Cancel
 
         try:
-            result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=on_step)
+            with node_errors(cls.TITLE):
+                result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=on_step)
         except comfy.model_management.InterruptProcessingException:
             if last_good["lora"] is not None:
                 path = save_lora_file(last_good["lora"].state_dict(), f"{prefix}_interrupted_step{last_good['step']:05d}")
                 logging.warning("%s: cancelled after %d steps; saved the last good LoRA to %s",
-                                NODE_NAME, last_good["step"], path)
+                                cls.TITLE, last_good["step"], path)
             raise
-        except NonFiniteLoss as error:
-            raise ValueError(f"{NODE_NAME}: {error}. Lower the learning rate or beta, or check the pairs "
-                             "(NaN latents, a VAE of another model).") from error
-        except ValueError as error:
-            raise ValueError(f"{NODE_NAME}: {error}") from error
 
         plot = training_plot(result.history).unsqueeze(0)
         loss_map = {name: values for name, values in result.history.items()}

@@ -15,11 +15,11 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "harness"))
+sys.path.insert(0, os.path.join(REPO_ROOT, "dev"))  # the harness (dev tooling), not the repo root
 
-from comfy_server import ComfyServer  # noqa: E402
-from frontend import Frontend  # noqa: E402
-from workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
+from harness.comfy_server import ComfyServer  # noqa: E402
+from harness.frontend import Frontend  # noqa: E402
+from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
 
 DEMO_WORKFLOWS = ["patch_quality.json", "focus_and_metrics.json", "joint_sampling.json", "build_pairs_and_train.json"]
 

@@ -13,10 +13,10 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "harness"))
+sys.path.insert(0, os.path.join(REPO_ROOT, "dev"))  # the harness (dev tooling), not the repo root
 
-from comfy_server import ComfyServer  # noqa: E402
-from workflows import checkpoint_names, workflow_paths  # noqa: E402
+from harness.comfy_server import ComfyServer  # noqa: E402
+from harness.workflows import checkpoint_names, workflow_paths  # noqa: E402
 
 
 def main() -> int:

@@ -1,16 +1,15 @@
 """Shared test setup: import paths, the real ComfyUI server fixture and artifact folders.
 
-- the pack's pure-torch code is imported as the package ``pack`` (``pack.personalize``,
-  ``pack.trainers``): the repository root is registered under that name without running its
-  ``__init__.py`` (which needs ComfyUI), so the modules' relative imports work as in ComfyUI.
-- ``tests/harness`` holds the server, frontend and tiny-checkpoint helpers.
+- the pack is imported as the package ``pack`` (``pack.pure``, ``pack.comfy_glue``,
+  ``pack.nodes``; see ``harness.register_pack``), and the dev tooling as ``harness`` from
+  ``dev/``. The repository root is never put on ``sys.path``: its ``nodes`` package would
+  shadow ComfyUI's ``nodes`` module.
 - The ``comfy_server`` fixture starts one real ComfyUI per test session with this pack linked
   into its ``custom_nodes/``; its log is copied to ``test_artifacts/`` at the end.
+- Tests that need ComfyUI skip cleanly where there is none (``make test`` always has one).
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
@@ -19,26 +18,47 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(REPO_ROOT, "tests", "harness")
-for path in (REPO_ROOT, HARNESS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+DEV = os.path.join(REPO_ROOT, "dev")
+if DEV not in sys.path:
+    sys.path.insert(0, DEV)
 
+import harness  # noqa: E402
 
-def _register_pack_package() -> None:
-    spec = importlib.machinery.ModuleSpec("pack", None, is_package=True)
-    package = importlib.util.module_from_spec(spec)
-    package.__path__ = [REPO_ROOT]
-    sys.modules.setdefault("pack", package)
+harness.register_pack()
 
-
-_register_pack_package()
-
-from comfy_server import ComfyServer, comfyui_path  # noqa: E402
-from workflows import checkpoint_names, workflow_paths  # noqa: E402
+from harness.comfy_server import ComfyServer, comfyui_path  # noqa: E402
+from harness.workflows import checkpoint_names, workflow_paths  # noqa: E402
 
 ARTIFACTS = os.path.join(REPO_ROOT, "test_artifacts")
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
+# What a marked test needs, checked once per session: marker -> fixture that provides it.
+TIER_FIXTURES = {"comfy": "comfy_modules", "server": "comfy_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers say what a test needs: a test using a tier's fixture must carry its marker (so
+    ``-m`` selects correctly), and tiers whose requirement is missing here are skipped."""
+    missing = {}
+    try:
+        comfyui_path()
+    except RuntimeError as error:
+        missing["comfy"] = missing["server"] = str(error)
+    if shutil.which("chromium") is None:
+        missing["browser"] = "no chromium on PATH (make env installs it)"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing["gpu"] = "no CUDA device"
+    except ImportError:
+        missing["gpu"] = "no torch"
+    for item in items:
+        for marker, fixture in TIER_FIXTURES.items():
+            if fixture in item.fixturenames and item.get_closest_marker(marker) is None:
+                raise pytest.UsageError(f"{item.nodeid} uses the {fixture} fixture; mark it @pytest.mark.{marker}")
+        for marker, reason in missing.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

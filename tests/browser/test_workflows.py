@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from frontend import Frontend
-from workflows import QUICK_RUN_WIDGETS, quick_run_widget_count, workflow_paths
+from harness.frontend import Frontend
+from harness.workflows import QUICK_RUN_WIDGETS, quick_run_widget_count, workflow_paths
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 

@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from comfy_server import DEFAULT_CACHE, comfyui_path
-from tiny_checkpoint import (DENOISER_PROMPT, LATENT_SHAPE, PROPERTY_SHIFT, ensure_checkpoint, synthetic_latents,
+from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.tiny_checkpoint import (DENOISER_PROMPT, LATENT_SHAPE, PROPERTY_SHIFT, ensure_checkpoint, synthetic_latents,
                              with_property)
 
-pytestmark = pytest.mark.server
+pytestmark = pytest.mark.comfy
 
 LATENT = LATENT_SHAPE  # 64 px images
 LEFT, RIGHT = torch.zeros(LATENT[1:]), torch.zeros(LATENT[1:])
@@ -44,7 +44,7 @@ def denoiser(comfy_modules):
 
 
 def make_pairs(conditioning, winners, losers, weights=None):
-    from pack.trainers.preference_pairs import PreferencePairs
+    from pack.pure.pairs import PreferencePairs
 
     count = winners.shape[0]
     ones = torch.ones(count, *LATENT[1:])
@@ -64,7 +64,7 @@ def synthetic_pairs(conditioning, count, seed):
 
 
 def config(**overrides):
-    from pack.trainers.lora_dpo import DPOTrainingConfig
+    from pack.comfy_glue.trainer import DPOTrainingConfig
 
     values = dict(loss_mode="dpo", beta=2000.0, steps=30, learning_rate=5e-4, rank=4, alpha=4.0, batch_size=4,
                   seed=0, timestep_start=0.2, timestep_end=0.95)
@@ -79,7 +79,7 @@ def base_prediction(patcher, x, sigma, conditioning):
     """x0 prediction of a (loaded) patcher, through the same helpers the trainer uses."""
     import comfy.model_management
 
-    from pack.trainers.lora_dpo import batch_kwargs, conditioning_batches
+    from pack.comfy_glue.pair_batches import batch_kwargs, conditioning_batches
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     conds = conditioning_batches(patcher.model, [conditioning], LATENT, patcher.load_device)
@@ -99,7 +99,9 @@ def generate(patcher, conditioning, count=16, seed=0, steps=12):
 
 
 def test_learns_a_synthetic_preference(denoiser):
-    from pack.trainers.lora_dpo import attach_lora, implicit_accuracy, train_dpo_lora
+    from pack.comfy_glue.evaluation import implicit_accuracy
+    from pack.comfy_glue.lora_adapters import attach_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = denoiser
     train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
@@ -142,7 +144,10 @@ def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     import comfy.model_sampling
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 
-    from pack.trainers.lora_dpo import PairBatcher, attach_lora, implicit_accuracy, train_dpo_lora
+    from pack.comfy_glue.evaluation import implicit_accuracy
+    from pack.comfy_glue.lora_adapters import attach_lora
+    from pack.comfy_glue.pair_batches import PairBatcher
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = tiny
     if prediction == "flow":
@@ -171,7 +176,7 @@ def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(de
        change is concentrated in the region: at least 3x the energy inside, at two noise levels,
        while generations still move toward the winners there.
     """
-    from pack.trainers.lora_dpo import train_dpo_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = denoiser
     losers = synthetic_latents(16, torch.Generator().manual_seed(1))
@@ -218,12 +223,14 @@ def test_joint_set_training_uses_the_references(tiny):
     joint batch: the references change what is learned, and the policy and reference passes see
     the same noised references (an untrained LoRA ties exactly). Without Joint Attention the
     references are ignored; Joint Attention without references is off, not fed a pair image."""
-    from pack.nodes.joint import apply_joint_attention
-    from pack.personalize.joint_attention import JointAttentionSettings
-    from pack.trainers.lora_dpo import attach_lora, implicit_accuracy, train_dpo_lora
+    from pack.comfy_glue.joint import apply_joint_attention
+    from pack.pure.joint_attention import JointAttentionSettings
+    from pack.comfy_glue.evaluation import implicit_accuracy
+    from pack.comfy_glue.lora_adapters import attach_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = tiny
-    joint = apply_joint_attention(model, JointAttentionSettings(), "test")
+    joint = apply_joint_attention(model, JointAttentionSettings())
     pairs = synthetic_pairs(conditioning, 4, seed=9)
     with_references = synthetic_pairs(conditioning, 4, seed=9)
     with_references.references = synthetic_latents(2, torch.Generator().manual_seed(10))
@@ -248,7 +255,7 @@ def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
     denoised exactly: |out - out*| = factor * |x0_pred - x0| per sample."""
     import comfy.model_sampling as sampling
 
-    from pack.trainers.lora_dpo import target_space_scale
+    from pack.comfy_glue.pair_batches import target_space_scale
 
     base, prediction = {"eps": (sampling.ModelSamplingDiscrete, sampling.EPS),
                         "v": (sampling.ModelSamplingDiscrete, sampling.V_PREDICTION),
@@ -271,7 +278,7 @@ def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
 
 
 def test_deterministic_and_input_model_untouched(tiny):
-    from pack.trainers.lora_dpo import train_dpo_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 4, seed=5)
@@ -289,7 +296,7 @@ def test_deterministic_and_input_model_untouched(tiny):
 def test_saved_lora_loads_like_the_trained_model(tiny):
     import comfy.sd
 
-    from pack.trainers.lora_dpo import train_dpo_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = tiny
     result = train_dpo_lora(model, synthetic_pairs(conditioning, 4, seed=6), config(steps=4, learning_rate=2e-3))
@@ -304,7 +311,7 @@ def test_saved_lora_loads_like_the_trained_model(tiny):
 
 @pytest.mark.parametrize("mode", ["patchdpo_paper", "focus_dpo", "hg_dpo"])
 def test_every_mode_runs_and_logs(tiny, mode):
-    from pack.trainers.lora_dpo import METRICS, train_dpo_lora
+    from pack.comfy_glue.trainer import METRICS, train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 6, seed=7)
@@ -315,7 +322,7 @@ def test_every_mode_runs_and_logs(tiny, mode):
 
 
 def test_rank_above_a_small_layer_is_clamped_there(tiny):
-    from pack.trainers.lora_dpo import attach_lora
+    from pack.comfy_glue.lora_adapters import attach_lora
 
     model, _ = tiny
     lora = attach_lora(model, rank=8, alpha=8.0)
@@ -325,7 +332,7 @@ def test_rank_above_a_small_layer_is_clamped_there(tiny):
 
 
 def test_bad_training_input_is_refused(tiny):
-    from pack.trainers.lora_dpo import train_dpo_lora
+    from pack.comfy_glue.trainer import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 2, seed=8)

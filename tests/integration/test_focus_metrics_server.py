@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import PromptError
-from graphs import BUILTIN_BACKBONE as BUILTIN
+from harness.comfy_server import PromptError
+from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
 

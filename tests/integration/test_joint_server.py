@@ -14,8 +14,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from comfy_server import PromptError, comfyui_path
-from graphs import attention_node
+from harness.comfy_server import PromptError, comfyui_path
+from harness.graphs import attention_node
 
 pytestmark = pytest.mark.server
 
@@ -143,20 +143,6 @@ def run_graph(server, prompt) -> tuple[dict, dict[str, torch.Tensor]]:
             path = server.output_path(item)
             latents[node_id[len("save_"):]] = safetensors.torch.load_file(path)["latent_tensor"]
     return entry, latents
-
-
-# --- registration -------------------------------------------------------------------------------
-
-def test_joint_nodes_are_registered_with_tooltips(server):
-    info = server.object_info()
-    for node in ("PrefP_JointAttention", "PrefP_JointSampler"):
-        schema = info[node]
-        assert schema["category"] == "personalization" and schema["description"]
-        for group in ("required", "optional"):
-            for name, spec in schema["input"].get(group, {}).items():
-                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
-    assert info["PrefP_JointSampler"]["output_name"] == ["images", "latent", "joint_latent"]
-    assert {"references", "subject_mask"} <= set(info["PrefP_JointSampler"]["input"]["optional"])
 
 
 # --- the plain sampler is untouched ------------------------------------------------------------

@@ -7,14 +7,10 @@ import torch
 import transformers
 from PIL import Image
 
-from comfy_server import PromptError
-from graphs import BUILTIN_BACKBONE as BUILTIN
+from harness.comfy_server import PromptError
+from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
-
-PACK_NODES = ["PrefP_PatchBackboneLoader", "PrefP_PatchBackboneFromClipVision",
-              "PrefP_PatchQualityScore", "PrefP_ExampleSubjectPhoto"]
-
 
 def generation(size=64, batch=2, checkpoint="tiny_sd15.safetensors"):
     """Nodes 1-6: tiny checkpoint -> KSampler -> decoded IMAGE at ["6", 0]."""
@@ -42,19 +38,6 @@ def scoring(generated=("6", 0), references=("10", 0), backbone=BUILTIN, mask=Non
         "12": {"class_type": "PrefP_PatchQualityScore", "inputs": score_inputs},
         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 2], "filename_prefix": "pq_test"}},
     }
-
-
-def test_pack_registers_documented_nodes(comfy_server):
-    info = comfy_server.object_info()
-    for node in PACK_NODES:
-        assert node in info, f"{node} missing from /object_info"
-        schema = info[node]
-        assert schema["category"] == "personalization"
-        assert schema["description"]
-        for group in ("required", "optional"):
-            for name, spec in schema["input"].get(group, {}).items():
-                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
-    assert BUILTIN in info["PrefP_PatchBackboneLoader"]["input"]["required"]["backbone"][1]["options"]
 
 
 def test_scores_generated_batch_against_bundled_photo(comfy_server):

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import PromptError
-from graphs import BUILTIN_BACKBONE as BUILTIN, attention_node
+from harness.comfy_server import PromptError
+from harness.graphs import BUILTIN_BACKBONE as BUILTIN, attention_node
 
 pytestmark = pytest.mark.server
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pack.personalize.focus import blend_focus
-from pack.trainers.dpo_losses import (channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss,
+from pack.pure.focus import blend_focus
+from pack.pure.dpo_losses import (channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss,
                                      weighted_mean)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.personalize.backbones import EfficientNetLitePatchBackbone
-from pack.personalize.focus import (FocusMaps, blend_focus, complexity_gate, compute_focus_maps, local_entropy,
+from pack.pure.backbone import EfficientNetLitePatchBackbone
+from pack.pure.focus import (FocusMaps, blend_focus, complexity_gate, compute_focus_maps, local_entropy,
                                percent_for_sigma, subject_weights_for)
 
 

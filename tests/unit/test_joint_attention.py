@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from pack.personalize.joint_attention import (LAYOUT_KEY, JointAttentionPatch, JointAttentionSettings, adain,
+from pack.pure.joint_attention import (LAYOUT_KEY, JointAttentionPatch, JointAttentionSettings, adain,
                                          check_strength, joint_attention, joint_layout, masks_to_tokens,
                                          merge_heads, sdpa_attention, sdpa_kernel, split_heads)
-from pack.personalize.images import fit_to_size
-from pack.personalize.joint_sampling import image_guided_pair, joint_batch
+from pack.pure.images import fit_to_size
+from pack.pure.joint_sampling import image_guided_pair, joint_batch
 
 
 def naive_attention(q, k, v, heads, key_bias=None):
@@ -317,6 +317,7 @@ def sdxl_style_unet(comfy_modules):
     return unet.eval()
 
 
+@pytest.mark.comfy
 def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.attention import optimized_attention

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from pack.personalize.backbones import EfficientNetLitePatchBackbone
-from pack.personalize.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine, render_text_image
+from pack.pure.backbone import EfficientNetLitePatchBackbone
+from pack.pure.drawing import render_text_image
+from pack.pure.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine
 
 
 def test_mean_pairwise_cosine_hand_computed():

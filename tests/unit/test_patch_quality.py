@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.personalize.backbones import EfficientNetLitePatchBackbone
-from pack.personalize.heatmap import heat_colors, labelled_strip, overlay_heat
-from pack.personalize.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
-from pack.personalize.patch_quality import best_match_quality, score_patches
+from pack.pure.backbone import EfficientNetLitePatchBackbone
+from pack.pure.drawing import heat_colors, labelled_strip, overlay_heat
+from pack.pure.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
+from pack.pure.patch_quality import best_match_quality, score_patches
 
 
 def grid(*patches):

@@ -45,6 +45,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from .errors import InputError
 
 # Key in ``transformer_options`` (and so in the patch's ``extra_options``) holding the layout.
 LAYOUT_KEY = "prefp_joint_layout"
@@ -144,9 +145,9 @@ def joint_layout(references: int, strength: float | None = None, reference_masks
             image guidance).
     """
     if references < 0:
-        raise ValueError(f"the reference count must be >= 0, got {references}")
+        raise InputError(f"the reference count must be >= 0, got {references}")
     if reference_masks is not None and reference_masks.shape[0] != references:
-        raise ValueError(f"got {reference_masks.shape[0]} reference masks for {references} references")
+        raise InputError(f"got {reference_masks.shape[0]} reference masks for {references} references")
     layout = {"references": int(references), "enabled": bool(enabled)}
     if strength is not None:
         layout["strength"] = float(strength)
@@ -156,14 +157,14 @@ def joint_layout(references: int, strength: float | None = None, reference_masks
 
 
 def check_strength(mode: str, strength: float) -> None:
-    """Raise ``ValueError`` with the fix when ``strength`` is outside ``mode``'s range."""
+    """Raise ``InputError`` with the fix when ``strength`` is outside ``mode``'s range."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+        raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     if mode == "joint" and strength < 0:
-        raise ValueError(f"strength {strength} is negative; negative strength (pushing away from the references) "
+        raise InputError(f"strength {strength} is negative; negative strength (pushing away from the references) "
                          "needs mode 'blend'")
     if mode == "blend" and not -1.0 <= strength <= 1.0:
-        raise ValueError(f"strength {strength} is outside [-1, 1], the range of mode 'blend'")
+        raise InputError(f"strength {strength} is outside [-1, 1], the range of mode 'blend'")
 
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, references: int, chunks: int,
@@ -202,7 +203,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     per_chunk = batch // chunks
     targets = per_chunk - references
     if batch % chunks or references < 1 or targets < 1:
-        raise ValueError(f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) "
+        raise InputError(f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) "
                          "and at least one target")
 
     def chunked(x):  # [B, T, C] -> [chunks, per_chunk, T, C]
@@ -254,7 +255,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         to_refs = joint(flat(q_t), per_target(k_r), per_target(v_r))
         out_t.copy_(((1.0 - strength) * own + strength * to_refs).view_as(out_t))
     else:
-        raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+        raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     return out
 
 

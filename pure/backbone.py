@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .files import write_atomically
 from .images import resize_to_patch_grid
+from .errors import InputError
 
 
 class PatchBackbone(torch.nn.Module):
@@ -195,7 +196,7 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
     ``.safetensors`` file (config inferred from the weights).
 
     Raises:
-        FileNotFoundError: naming what is missing and where it goes.
+        InputError: naming what is missing and where it goes.
     """
     import safetensors.torch
     import transformers
@@ -203,21 +204,21 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(
+            raise InputError(
                 f"{path} has no config.json: put a transformers DINOv2 folder there "
                 "(config.json and model.safetensors from facebook/dinov2-small, -base, ...).")
         with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
             model_type = json.load(handle).get("model_type", "")
         if not model_type.startswith("dinov2"):
-            raise ValueError(f"{path} holds a '{model_type}' model, not DINOv2.")
+            raise InputError(f"{path} holds a '{model_type}' model, not DINOv2.")
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
         return Dinov2PatchBackbone(model, name=f"DINOv2 ({name})")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise InputError(f"{path} does not exist.")
     state = safetensors.torch.load_file(path)
     state = {key.removeprefix("dinov2."): value for key, value in state.items()}
     if "embeddings.cls_token" not in state:
-        raise ValueError(f"{path} is not a transformers DINOv2 checkpoint (no embeddings.cls_token).")
+        raise InputError(f"{path} is not a transformers DINOv2 checkpoint (no embeddings.cls_token).")
     config = dinov2_config_from_state_dict(state)
     model_class = (transformers.Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers"
                    else transformers.Dinov2Model)
@@ -226,7 +227,7 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
     # The pooler is optional in released files; anything else missing is a wrong file.
     missing = [key for key in missing if not key.startswith("pooler")]
     if missing:
-        raise ValueError(f"{path} is missing DINOv2 weights, e.g. {missing[:3]}.")
+        raise InputError(f"{path} is missing DINOv2 weights, e.g. {missing[:3]}.")
     return Dinov2PatchBackbone(model, name=f"DINOv2 ({name})")
 
 

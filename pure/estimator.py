@@ -24,7 +24,8 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-from ..personalize.backbones import PatchBackbone, TunedPatchBackbone
+from .backbone import PatchBackbone, TunedPatchBackbone
+from .errors import InputError
 
 
 @dataclass
@@ -180,9 +181,9 @@ def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.T
         The tuned backbone and held-out top-1 correspondence accuracy before and after.
     """
     if photos.shape[0] == 0:
-        raise ValueError("no reference photos to train on")
+        raise InputError("no reference photos to train on")
     if backbone.fixed_input_size is not None:
-        raise ValueError("this backbone resizes inputs itself (CLIP vision); use DINOv2 or the built-in backbone")
+        raise InputError("this backbone resizes inputs itself (CLIP vision); use DINOv2 or the built-in backbone")
     if isinstance(backbone, TunedPatchBackbone):  # continue from a copy; never mutate the input
         tuned = TunedPatchBackbone(backbone.base, backbone.base_id, backbone.head.out_channels).to(backbone.device)
         tuned.head.load_state_dict(backbone.head.state_dict())
@@ -211,7 +212,7 @@ def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.T
             for i, pair in enumerate(pairs) if len(pair.source)
         ]).mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower the learning rate")
+            raise InputError(f"non-finite loss at step {step + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -18,9 +18,9 @@ import urllib.error
 import urllib.request
 import uuid
 
-from tiny_checkpoint import ensure_checkpoint
+from .tiny_checkpoint import ensure_checkpoint
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from . import REPO_ROOT
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
 

@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .backbones import PatchBackbone, extract_patch_features
+from .backbone import PatchBackbone, extract_patch_features
 from .images import maps_to_grid
+from .errors import InputError
 
 
 @dataclass
@@ -65,7 +66,7 @@ def best_match_quality(generated: torch.Tensor, references: torch.Tensor,
         ``[B, h, w]`` quality in [0, 1].
 
     Raises:
-        ValueError: when no reference patch lies inside the mask.
+        InputError: when no reference patch lies inside the mask.
     """
     channels = generated.shape[1]
     reference_patches = references.permute(0, 2, 3, 1).reshape(-1, channels)
@@ -73,7 +74,7 @@ def best_match_quality(generated: torch.Tensor, references: torch.Tensor,
         keep = reference_weights.reshape(-1) >= min_coverage
         reference_patches = reference_patches[keep]
     if reference_patches.shape[0] == 0:
-        raise ValueError("the subject mask covers no reference patch; paint a larger mask or leave it empty")
+        raise InputError("the subject mask covers no reference patch; paint a larger mask or leave it empty")
     centre = reference_patches.mean(dim=0)
     reference_patches = F.normalize(reference_patches - centre, dim=1)
     batch, _, height, width = generated.shape
@@ -103,14 +104,14 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
         A ``PatchQuality`` on the generated images' patch grid.
     """
     if generated.shape[0] == 0:
-        raise ValueError("no generated images to score (empty batch)")
+        raise InputError("no generated images to score (empty batch)")
     if references.shape[0] == 0:
-        raise ValueError("no reference images (empty batch)")
+        raise InputError("no reference images (empty batch)")
     reference_features = extract_patch_features(backbone, references, resolution, on_chunk=on_images)
     reference_weights = None
     if reference_masks is not None:
         if reference_masks.shape[0] not in (1, references.shape[0]):
-            raise ValueError(
+            raise InputError(
                 f"got {reference_masks.shape[0]} subject masks for {references.shape[0]} reference "
                 "images; give one mask for all references or one per reference")
         reference_weights = maps_to_grid(reference_masks, reference_features.shape[-2:])

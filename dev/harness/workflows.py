@@ -5,7 +5,7 @@ import glob
 import json
 import os
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from . import REPO_ROOT
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 
 # Widget values that make a workflow run in seconds on the tiny random checkpoint on a CPU.

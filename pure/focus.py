@@ -27,9 +27,11 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-from .backbones import PatchBackbone, extract_patch_features
+from .backbone import PatchBackbone, extract_patch_features
+from .drawing import labelled_strip, overlay_heat
 from .images import maps_to_grid
 from .patch_quality import best_match_quality
+from .errors import InputError
 
 
 def local_entropy(images: torch.Tensor, blur_sigma: float = 1.5, window: int = 9, bins: int = 16) -> torch.Tensor:
@@ -178,7 +180,7 @@ def subject_weights_for(masks: torch.Tensor | None, reference_count: int,
             weights[index] = coverage[index]
             subjects.append(weights)
         return subjects
-    raise ValueError(
+    raise InputError(
         f"got {masks.shape[0]} subject masks for {reference_count} reference images; give one mask, one "
         "per reference image, or several masks (one per subject) for a single reference image")
 
@@ -197,7 +199,7 @@ def compute_focus_maps(backbone: PatchBackbone, generated: torch.Tensor, referen
         blur_sigma, window: complexity-map parameters (see ``local_entropy``).
     """
     if generated.shape[0] == 0 or references.shape[0] == 0:
-        raise ValueError("need at least one generated and one reference image")
+        raise InputError("need at least one generated and one reference image")
     reference_features = extract_patch_features(backbone, references, resolution)
     subjects = subject_weights_for(subject_masks, references.shape[0], reference_features.shape[-2:])
     generated_features = extract_patch_features(backbone, generated, resolution)
@@ -205,3 +207,25 @@ def compute_focus_maps(backbone: PatchBackbone, generated: torch.Tensor, referen
         correspondence=correspondence_priority(generated_features, reference_features, subjects),
         complexity=local_entropy(generated, blur_sigma, window),
     )
+
+
+def focus_strips(images: torch.Tensor, correspondence: torch.Tensor, complexity: torch.Tensor,
+                 frames: list[tuple[float, str]], opacity: float, gate_start: float = 0.3, gate_end: float = 0.7,
+                 complexity_weight: float = 1.0) -> torch.Tensor:
+    """One labelled strip per image: its focus overlay at each ``(progress, label)`` frame.
+
+    The blend is per pixel, so callers pass thumbnails and maps at thumbnail size.
+
+    Args:
+        images: ``[B, 3, H, W]`` RGB in 0..1.
+        correspondence, complexity: ``[B, H, W]`` in [0, 1].
+
+    Returns:
+        ``[B, 3, H + caption, F * W + gaps]``.
+    """
+    overlays = [overlay_heat(images, blend_focus(correspondence, complexity, progress, gate_start, gate_end,
+                                                 complexity_weight), opacity)
+                for progress, _ in frames]  # each [B, 3, H, W]
+    labels = [label for _, label in frames]
+    return torch.stack([labelled_strip(torch.stack([overlay[index] for overlay in overlays]), labels)
+                        for index in range(images.shape[0])])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .errors import InputError
 
 
 def to_rgb_channels_first(images: torch.Tensor) -> torch.Tensor:
@@ -24,30 +25,30 @@ def to_rgb_channels_first(images: torch.Tensor) -> torch.Tensor:
     if images.ndim == 3:  # a single image without batch dimension
         images = images.unsqueeze(0)
     if images.ndim != 4:
-        raise ValueError(f"expected an image batch [B, H, W, C], got shape {tuple(images.shape)}")
+        raise InputError(f"expected an image batch [B, H, W, C], got shape {tuple(images.shape)}")
     channels = images.shape[-1]
     if channels == 1:
         images = images.expand(-1, -1, -1, 3)
     elif channels == 4:
         images = images[..., :3] * images[..., 3:4]
     elif channels != 3:
-        raise ValueError(f"expected 1, 3 or 4 colour channels, got {channels}")
+        raise InputError(f"expected 1, 3 or 4 colour channels, got {channels}")
     return images.movedim(-1, 1).float()
 
 
 def check_image_batch(images: torch.Tensor, label: str) -> None:
-    """Raise ``ValueError`` with a fix for batches no algorithm here can use.
+    """Raise ``InputError`` with a fix for batches no algorithm here can use.
 
     Args:
         images: ``[B, H, W, C]`` ComfyUI IMAGE batch.
         label: the input's name, used in the message.
     """
     if images is None or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"'{label}' is an empty batch; connect at least one image.")
+        raise InputError(f"'{label}' is an empty batch; connect at least one image.")
     if images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"'{label}' has {images.shape[-1]} channels; expected RGB, grayscale or RGBA.")
+        raise InputError(f"'{label}' has {images.shape[-1]} channels; expected RGB, grayscale or RGBA.")
     if not torch.isfinite(images).all():
-        raise ValueError(f"'{label}' contains NaN or infinite pixels; check the node that made them.")
+        raise InputError(f"'{label}' contains NaN or infinite pixels; check the node that made them.")
 
 
 def resize_to_patch_grid(images: torch.Tensor, short_side: int, patch_size: int) -> torch.Tensor:

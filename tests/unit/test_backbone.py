@@ -7,7 +7,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from pack.personalize.backbones import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
+from pack.pure.errors import InputError
+from pack.pure.backbone import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
                                    dinov2_config_from_state_dict, extract_patch_features, load_dinov2)
 
 
@@ -56,9 +57,9 @@ def test_dinov2_config_inference_reads_shapes():
 
 def test_dinov2_missing_files_say_what_goes_where(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json"):
         load_dinov2(str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_dinov2(str(tmp_path / "nope.safetensors"))
     wrong = tmp_path / "wrong.safetensors"
     safetensors.torch.save_file({"foo": torch.zeros(1)}, wrong)
@@ -74,6 +75,7 @@ def test_efficientnet_lite_grid_and_resize():
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
 
 
+@pytest.mark.comfy
 def test_clip_vision_adapter_over_comfyui_model(comfy_modules, tmp_path):
     import comfy.clip_vision
 

@@ -21,6 +21,7 @@ uncond) pair so that any CFG rule applied afterwards gives this formula for plai
 from __future__ import annotations
 
 import torch
+from .errors import InputError
 
 
 def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
@@ -37,9 +38,9 @@ def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
         ``denoise_mask [R + N, 1, h, w]`` (0 = keep the reference, 1 = generate).
     """
     if target_noise.shape[0] < 1:
-        raise ValueError("no new images to generate; ask for at least 1")
+        raise InputError("no new images to generate; ask for at least 1")
     if reference_latents.shape[1:] != target_noise.shape[1:] or reference_noise.shape != reference_latents.shape:
-        raise ValueError(f"references {tuple(reference_latents.shape)} and targets {tuple(target_noise.shape)} "
+        raise InputError(f"references {tuple(reference_latents.shape)} and targets {tuple(target_noise.shape)} "
                          "must share channels and latent size")
     references, targets = reference_latents.shape[0], target_noise.shape[0]
     latent = torch.cat([reference_latents, torch.zeros_like(target_noise)])

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from .backbone import Dinov2PatchBackbone, TunedPatchBackbone
+from .errors import InputError
 
 
 def dreambench_crop(images: torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
@@ -43,7 +43,7 @@ def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
         a: ``[N, D]``; b: ``[M, D]``.
     """
     if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"embedding sizes differ ({a.shape[-1]} vs {b.shape[-1]}): the two models are not a pair")
+        raise InputError(f"embedding sizes differ ({a.shape[-1]} vs {b.shape[-1]}): the two models are not a pair")
     return float((F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T).mean())
 
 
@@ -83,19 +83,18 @@ def format_table(rows: list[MetricRow]) -> str:
     return text + ("\n" + "\n".join(notes) if notes else "")
 
 
-def render_text_image(text: str, padding: int = 10, scale: int = 2) -> torch.Tensor:
-    """Render monospaced text (e.g. ``format_table``'s output) as a light image.
+def metric_row(label: str, embeddings: dict[str, torch.Tensor], targets: torch.Tensor, note: str = "") -> MetricRow:
+    """The row of one metric: mean cosine of the ``"after"`` (and, when given, ``"before"``)
+    embeddings against ``targets`` (reference image or prompt embeddings, ``[M, D]``)."""
+    after = mean_pairwise_cosine(embeddings["after"], targets)
+    before = mean_pairwise_cosine(embeddings["before"], targets) if "before" in embeddings else None
+    return MetricRow(label, after, before, note=note)
 
-    Returns:
-        ``[H, W, 3]`` RGB in 0..1.
-    """
-    lines = text.splitlines() or [""]
-    char_w, char_h = 6, 11  # PIL's built-in bitmap font
-    width = padding * 2 + char_w * max(len(line) for line in lines)
-    height = padding * 2 + char_h * len(lines)
-    canvas = Image.new("RGB", (width, height), (250, 250, 248))
-    draw = ImageDraw.Draw(canvas)
-    for row, line in enumerate(lines):
-        draw.text((padding, padding + row * char_h), line, fill=(20, 20, 20))
-    canvas = canvas.resize((width * scale, height * scale), Image.NEAREST)
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+
+def dino_label(backbone) -> tuple[str, str]:
+    """Label and note: real DINO only for DINOv2 backbones; anything else is an approximation."""
+    base = backbone.base if isinstance(backbone, TunedPatchBackbone) else backbone
+    if isinstance(base, Dinov2PatchBackbone):
+        return "DINO", ""
+    return "DINO*", (f"approximate, from {backbone.name}; put DINOv2 in models/patch_backbones/ for the "
+                     "DreamBench DINO number")

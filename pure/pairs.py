@@ -18,11 +18,17 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from ..personalize.files import write_all_atomically
+from .drawing import labelled_strip, overlay_heat
+from .files import write_all_atomically
+from .errors import InputError
 
+# Height of the thumbnails a pair set keeps for its preview.
+THUMBNAIL_HEIGHT = 128
 DIFFICULTIES = ("easy", "normal", "hard")
 FORMAT = "prefp-preference-pairs/1"
 
@@ -69,28 +75,28 @@ class PreferencePairs:
         return tuple(self.winners.shape[-2:])
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming what is inconsistent."""
+        """Raise ``InputError`` naming what is inconsistent."""
         n = len(self)
         if n == 0:
-            raise ValueError("the pair set is empty")
+            raise InputError("the pair set is empty")
         if self.losers.shape != self.winners.shape:
-            raise ValueError(f"winner latents {tuple(self.winners.shape)} and loser latents "
+            raise InputError(f"winner latents {tuple(self.winners.shape)} and loser latents "
                              f"{tuple(self.losers.shape)} differ in size")
         for name in ("winner_weights", "loser_weights", "winner_quality", "loser_quality",
                      "winner_complexity", "loser_complexity"):
             value = getattr(self, name)
             if tuple(value.shape) != (n, *self.latent_size):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
+                raise InputError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
         if not (torch.isfinite(self.winners).all() and torch.isfinite(self.losers).all()):
-            raise ValueError("the latents contain NaN or infinite values")
+            raise InputError("the latents contain NaN or infinite values")
         if self.references is not None:
             if self.references.ndim != 4 or tuple(self.references.shape[1:]) != tuple(self.winners.shape[1:]):
-                raise ValueError(f"reference latents {tuple(self.references.shape)} do not match the pairs' "
+                raise InputError(f"reference latents {tuple(self.references.shape)} do not match the pairs' "
                                  f"{tuple(self.winners.shape[1:])}; encode the references at the pairs' image size")
             if not torch.isfinite(self.references).all():
-                raise ValueError("the reference latents contain NaN or infinite values")
+                raise InputError("the reference latents contain NaN or infinite values")
         if len(self.metadata) != n or self.condition_index.shape[0] != n:
-            raise ValueError("metadata or conditioning count does not match the number of pairs")
+            raise InputError("metadata or conditioning count does not match the number of pairs")
 
     def difficulty_indices(self) -> dict[str, list[int]]:
         groups = {name: [] for name in DIFFICULTIES}
@@ -102,10 +108,10 @@ class PreferencePairs:
 def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePairs:
     """Concatenate two pair sets of the same latent size and VAE family."""
     if first.latent_size != second.latent_size or first.winners.shape[1] != second.winners.shape[1]:
-        raise ValueError(f"pair sets have different latent sizes ({tuple(first.winners.shape[1:])} vs "
+        raise InputError(f"pair sets have different latent sizes ({tuple(first.winners.shape[1:])} vs "
                          f"{tuple(second.winners.shape[1:])}); build them at one image size, or train separately")
     if first.latent_channels != second.latent_channels:
-        raise ValueError("pair sets were built with VAEs of different families")
+        raise InputError("pair sets were built with VAEs of different families")
     thumb_size = first.thumbnails_winner.shape[-2:]
 
     def thumbs(tensor):
@@ -143,10 +149,10 @@ def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: floa
         margin: minimum score gap for a pair.
 
     Raises:
-        ValueError: fewer than two candidates, or no gap above the margin.
+        InputError: fewer than two candidates, or no gap above the margin.
     """
     if len(scores) < 2:
-        raise ValueError(f"need at least 2 candidates to rank, got {len(scores)}")
+        raise InputError(f"need at least 2 candidates to rank, got {len(scores)}")
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     best, worst = order[0], order[-1]
     if pairing == "best_vs_worst":
@@ -154,11 +160,11 @@ def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: floa
     elif pairing == "all_above_margin":
         candidates = [(w, l) for a, w in enumerate(order) for l in order[a + 1:]]
     else:
-        raise ValueError(f"unknown pairing '{pairing}'")
+        raise InputError(f"unknown pairing '{pairing}'")
     pairs = [(w, l, "easy" if (w, l) == (best, worst) else "normal")
              for w, l in candidates if scores[w] - scores[l] > margin]
     if not pairs:
-        raise ValueError(f"no two candidates differ by more than the margin {margin:.3f} "
+        raise InputError(f"no two candidates differ by more than the margin {margin:.3f} "
                          f"(scores {min(scores):.3f}..{max(scores):.3f}); lower the margin or add candidates")
     return pairs
 
@@ -173,8 +179,6 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically (temporary files, then
     renames; nothing half-written is left on failure). Conditioning keeps each entry's tensor
     and ``pooled_output``; other conditioning keys are not stored (listed in the JSON)."""
-    import safetensors.torch
-
     pairs.validate()
     tensors = {name: getattr(pairs, name).contiguous() for name in _TENSORS}
     if pairs.references is not None:
@@ -208,16 +212,25 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
 
 
 def load_pairs(tensor_path: str) -> PreferencePairs:
-    """Read a pair set written by ``save_pairs`` (the ``.json`` beside the ``.safetensors``)."""
-    import safetensors.torch
+    """Read a pair set written by ``save_pairs`` (the ``.json`` beside the ``.safetensors``).
 
+    Raises:
+        InputError: "cannot read '<file>': ..." for a missing, damaged or foreign file.
+    """
+    try:
+        return _read_pairs(tensor_path)
+    except (InputError, OSError, json.JSONDecodeError, SafetensorError, KeyError) as error:
+        raise InputError(f"cannot read '{os.path.basename(tensor_path)}': {error}") from error
+
+
+def _read_pairs(tensor_path: str) -> PreferencePairs:
     json_path = tensor_path[: -len(".safetensors")] + ".json"
     if not os.path.isfile(json_path):
-        raise FileNotFoundError(f"{json_path} is missing; it is written next to the .safetensors by Save Preference Pairs")
+        raise InputError(f"{json_path} is missing; it is written next to the .safetensors by Save Preference Pairs")
     with open(json_path, encoding="utf-8") as handle:
         info = json.load(handle)
     if info.get("format") != FORMAT:
-        raise ValueError(f"{json_path} is not a preference-pair file (format {info.get('format')!r})")
+        raise InputError(f"{json_path} is not a preference-pair file (format {info.get('format')!r})")
     tensors = safetensors.torch.load_file(tensor_path)
     conditionings = []
     for c_index, entries in enumerate(info["conditionings"]):
@@ -231,3 +244,34 @@ def load_pairs(tensor_path: str) -> PreferencePairs:
                             **{name: tensors[name] for name in _TENSORS})
     pairs.validate()
     return pairs
+
+
+# --- looking at pairs ------------------------------------------------------------------------
+
+def thumbnails(images_rgb: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, 3, THUMBNAIL_HEIGHT, w]`` (aspect kept), on the CPU."""
+    height, width = images_rgb.shape[-2:]
+    size = (THUMBNAIL_HEIGHT, max(1, round(width * THUMBNAIL_HEIGHT / height)))
+    return F.interpolate(images_rgb, size=size, mode="area").cpu()
+
+
+def preview_grid(pairs: PreferencePairs, max_pairs: int) -> torch.Tensor:
+    """Rows of winner | loser | winner weights | loser weights, labelled; ``[1, H, W, 3]``."""
+    rows = []
+    for index in range(min(max_pairs, len(pairs))):
+        winner, loser = pairs.thumbnails_winner[index:index + 1].float(), pairs.thumbnails_loser[index:index + 1].float()
+        size = tuple(winner.shape[-2:])
+
+        def heat(weights, index=index, size=size):
+            upsampled = F.interpolate(weights[index:index + 1].unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+            return overlay_heat(torch.full((1, 3, *size), 0.5), upsampled, 0.85)[0]
+
+        meta = pairs.metadata[index]
+        score = f" {meta['winner_score']:.2f} vs {meta['loser_score']:.2f}" if "winner_score" in meta else ""
+        labels = [f"#{index + 1} winner ({meta.get('source', '?')}){score}", "loser", "winner weights", "loser weights"]
+        frames = torch.stack([winner[0], F.interpolate(loser, size=size, mode="area")[0],
+                              heat(pairs.winner_weights), heat(pairs.loser_weights)])
+        rows.append(labelled_strip(frames, labels))
+    width = max(row.shape[-1] for row in rows)
+    rows = [F.pad(row, (0, width - row.shape[-1], 0, 4)) for row in rows]
+    return torch.cat(rows, dim=1).movedim(0, -1).unsqueeze(0)

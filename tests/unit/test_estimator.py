@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.personalize.backbones import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
-from pack.trainers.patch_estimator import (dense_info_nce, make_view_pairs, patch_correspondences, random_affine,
+from pack.pure.backbone import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
+from pack.pure.estimator import (dense_info_nce, make_view_pairs, patch_correspondences, random_affine,
                                       train_patch_estimator)
 
 

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from pack.personalize.images import maps_to_grid
-from pack.trainers.preference_pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
+from pack.pure.errors import InputError
+from pack.pure.images import maps_to_grid
+from pack.pure.pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
 
 
 def make_pairs(count=2, size=(4, 6), channels=4, seed=0):
@@ -97,5 +98,5 @@ def test_failed_save_leaves_nothing(tmp_path):
     with pytest.raises(ValueError):
         save_pairs(pairs, str(tmp_path / "bad"))
     assert os.listdir(tmp_path) == []
-    with pytest.raises(FileNotFoundError, match="json"):
+    with pytest.raises(InputError, match="json"):
         load_pairs(str(tmp_path / "missing.safetensors"))

@@ -1,0 +1,41 @@
+"""How well a trained LoRA separates held-out pairs: DPO's implicit accuracy."""
+from __future__ import annotations
+
+import comfy.model_management
+import torch
+
+from ..pure.dpo_sampling import sample_percents
+from ..pure.pairs import PreferencePairs
+from .lora_adapters import LoraOnModel
+from .pair_batches import PairBatcher
+
+
+@torch.no_grad()
+def implicit_accuracy(lora: LoraOnModel, pairs: PreferencePairs, seed: int = 0, repeats: int = 4,
+                      timestep_start: float = 0.0, timestep_end: float = 1.0) -> float:
+    """Share of (pair, timestep, noise) draws where the LoRA model prefers the winner more than
+    the reference does (DPO's implicit reward: inside > 0; exact ties count one half).
+
+    Uses plain (unweighted) errors, so numbers are comparable across loss modes.
+    """
+    comfy.model_management.load_models_gpu([lora.patcher], force_full_load=True)
+    batcher = PairBatcher(lora.patcher, pairs)
+    generator = torch.Generator().manual_seed(seed)
+    score = total = 0.0
+    indices = list(range(len(pairs)))
+    count = len(indices)
+    with torch.inference_mode(False):
+        for _ in range(repeats):
+            percents = sample_percents(count, timestep_start, timestep_end, "uniform", generator)
+            batch = batcher.batch(indices, percents, generator)
+
+            def errors(batch=batch):
+                return batch.errors(batcher.predict(batch.x_t, batch.sigma, batch.kwargs, batch)).mean(dim=(1, 2, 3))
+
+            with lora.switch.off():
+                reference = errors()
+            policy = errors()
+            inside = -((policy[:count] - policy[count:]) - (reference[:count] - reference[count:]))
+            score += float((inside > 0).sum() + 0.5 * (inside == 0).sum())
+            total += count
+    return score / total

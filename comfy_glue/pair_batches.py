@@ -1,0 +1,151 @@
+"""Preference pairs as model inputs: scaled latents noised with shared noise and sigma, ComfyUI's
+processed conditioning, and the factor that puts x0 errors in the model's own target space.
+
+Winner and loser share timestep and noise (Diffusion-DPO). Latents are scaled with the model's
+``process_latent_in`` and noised with ``model_sampling.noise_scaling``; conditioning goes through
+``convert_cond`` / ``encode_model_conds`` / ``cond_cat`` as in sampling, so SDXL's pooled and size
+conditioning is handled by the model itself. See ``docs/algorithms.md`` (prediction spaces,
+joint-set training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_sampling
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+
+from ..pure.joint_attention import LAYOUT_KEY, JointAttentionPatch, joint_layout
+from ..pure.pairs import PreferencePairs
+
+# Smallest sigma the target-space scale divides by: percents are capped below 1 (see
+# ``pure.dpo_sampling.MAX_PERCENT``), so real sigmas stay above it; it only guards the division.
+MIN_SIGMA = 1e-4
+
+
+def target_space_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample factor turning x0 errors into errors of what the model predicts."""
+    sigma = sigma.clamp(min=MIN_SIGMA)
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        data = float(getattr(model_sampling, "sigma_data", 1.0))
+        return (sigma ** 2 + data ** 2).sqrt() / (sigma * data)
+    if isinstance(model_sampling, comfy.model_sampling.X0):
+        return torch.ones_like(sigma)
+    return 1.0 / sigma  # eps and flow (velocity) models
+
+
+def conditioning_batches(model, conditionings: list, latent_shape, device) -> list[dict]:
+    """Per conditioning, ComfyUI's processed model conds for a batch of one."""
+    processed = []
+    noise = torch.zeros((1, *latent_shape), device=device)
+    for conditioning in conditionings:
+        conds = comfy.sampler_helpers.convert_cond(conditioning)[:1]  # area/multi-entry conds: first entry
+        conds = comfy.samplers.encode_model_conds(model.extra_conds, conds, noise, device, "positive",
+                                                  latent_image=noise, denoise_mask=None, seed=0)
+        processed.append({key: value.process_cond(batch_size=1, area=None)
+                          for key, value in conds[0]["model_conds"].items()})
+    return processed
+
+
+def batch_kwargs(processed: list[dict], indices: list[int], device) -> dict[str, torch.Tensor]:
+    joined = comfy.samplers.cond_cat([processed[i] for i in indices])
+    # clone(): conditioning made under ComfyUI's inference mode cannot be saved for backward.
+    return {key: value.to(device).clone() if torch.is_tensor(value) else value for key, value in joined.items()}
+
+
+def has_joint_attention(patcher) -> bool:
+    """Whether the MODEL went through the Joint Attention node (its attn1 patch is on)."""
+    transformer_options = patcher.model_options.get("transformer_options", {})
+    replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
+    return any(isinstance(patch, JointAttentionPatch) for patch in replaced.values())
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs for the winners then the losers of some pairs (see ``PairBatcher.batch``).
+
+    ``percents``: the sampling percent each pair was noised at; ``references`` /
+    ``reference_sigma``: the noised reference latents of a joint batch (or None).
+    """
+
+    percents: torch.Tensor
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    kwargs: dict
+    x0: torch.Tensor
+    scale: torch.Tensor
+    references: torch.Tensor | None = None
+    reference_sigma: torch.Tensor | None = None
+
+    def errors(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Per-element squared errors of an x0 ``prediction``, in the model's target space."""
+        return (prediction - self.x0) ** 2 * self.scale
+
+
+class PairBatcher:
+    """Turns pair indices into model inputs: scaled latents noised with shared noise and sigma,
+    processed conditioning, and the target-space error scale. ``patcher`` must be loaded.
+
+    When the pairs have references and the MODEL has Joint Attention, every prediction is made
+    in the joint layout, references first. A MODEL with Joint Attention and pairs without
+    references is told there are none (otherwise the patch would take the first image of
+    each batch as a reference)."""
+
+    def __init__(self, patcher, pairs: PreferencePairs):
+        self.model = patcher.model
+        self.device = patcher.load_device
+        self.sampling = self.model.model_sampling
+        self.transformer_options = patcher.model_options.get("transformer_options", {})
+        self.pairs = pairs
+        self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
+        self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
+        # The per-pair maps the losses read, on the device once rather than every micro-batch.
+        self.maps = {name: getattr(pairs, name).float().to(self.device)
+                     for name in ("winner_weights", "loser_weights", "loser_quality", "loser_complexity")}
+        self.references = None
+        if has_joint_attention(patcher):
+            if pairs.references is not None:
+                self.references = self.model.process_latent_in(pairs.references.float()).to(self.device)
+            else:
+                self.transformer_options = {**self.transformer_options, LAYOUT_KEY: joint_layout(0)}
+        self.conds = conditioning_batches(self.model, pairs.conditionings, tuple(self.winners.shape[1:]), self.device)
+
+    @property
+    def joint(self) -> bool:
+        return self.references is not None
+
+    def batch(self, indices: list[int], percents: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+        """Winners then losers of ``indices``, at ``percents`` (one per pair; a joint batch uses
+        the first for all)."""
+        if self.joint:
+            percents = percents[:1].expand(len(indices))
+        sigma = torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], device=self.device)
+        noise = torch.randn((len(indices), *self.winners.shape[1:]), generator=generator).to(self.device)
+        x0 = torch.cat([self.winners[indices], self.losers[indices]])
+        sigma2 = torch.cat([sigma, sigma])
+        x_t = self.sampling.noise_scaling(sigma2.view(-1, 1, 1, 1), torch.cat([noise, noise]), x0)
+        kwargs = batch_kwargs(self.conds, [int(self.pairs.condition_index[i]) for i in indices] * 2, self.device)
+        scale = target_space_scale(self.sampling, sigma2).view(-1, 1, 1, 1) ** 2
+        batch = MicroBatch(percents, x_t, sigma2, kwargs, x0, scale)
+        if self.joint:
+            reference_noise = torch.randn(self.references.shape, generator=generator).to(self.device)
+            batch.reference_sigma = sigma[:1].expand(self.references.shape[0])
+            batch.references = self.sampling.noise_scaling(batch.reference_sigma.view(-1, 1, 1, 1), reference_noise,
+                                                           self.references)
+        return batch
+
+    def predict(self, x_t, sigma, kwargs, batch: MicroBatch | None = None) -> torch.Tensor:
+        """The model's x0 prediction of ``x_t`` (in a joint batch with ``batch``'s references)."""
+        if batch is None or batch.references is None:
+            return self.model.apply_model(x_t, sigma, transformer_options=self.transformer_options, **kwargs).float()
+        count = batch.references.shape[0]
+        joint_x = torch.cat([batch.references, x_t])
+        joint_sigma = torch.cat([batch.reference_sigma, sigma])
+        # The references take the conditioning of the micro-batch's first image.
+        joint_kwargs = {key: torch.cat([value[:1].expand(count, *value.shape[1:]), value])
+                        if torch.is_tensor(value) and value.shape[0] == x_t.shape[0] else value
+                        for key, value in kwargs.items()}
+        options = {**self.transformer_options, LAYOUT_KEY: joint_layout(count), "cond_or_uncond": [0],
+                   "sigmas": joint_sigma}
+        return self.model.apply_model(joint_x, joint_sigma, transformer_options=options, **joint_kwargs).float()[count:]

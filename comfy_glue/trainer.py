@@ -1,0 +1,260 @@
+"""DPO training of a LoRA on a ComfyUI MODEL, in the graph: the loop.
+
+``DPOTrainer`` owns a run's state (the LoRA on a cloned patcher, the pair batcher, the
+optimiser, the random generator, the history), as core ``TrainSampler`` owns its loss,
+optimizer and accumulation. The adapters are in ``lora_adapters``, pair batching and noising
+in ``pair_batches``, the losses (pure torch) in ``pure.dpo_losses``; the formulas and what the
+pack chose where the papers are silent are in ``docs/algorithms.md``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import comfy.model_management
+import folder_paths
+import safetensors.torch
+import torch
+import torch.utils.checkpoint
+
+from ..pure.dpo_losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
+from ..pure.dpo_sampling import curriculum_pool, sample_percents
+from ..pure.errors import InputError
+from ..pure.files import unused_stem, write_atomically
+from ..pure.focus import blend_focus
+from ..pure.pairs import PreferencePairs
+from .lora_adapters import LoraOnModel, attach_lora
+from .pair_batches import MicroBatch, PairBatcher, has_joint_attention
+
+TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
+
+# focus_dpo: weight added to every cell of the focus map, so cells the map rates 0 still count
+# a little and the weighted means never divide by an all-zero map.
+FOCUS_FLOOR = 1e-3
+# preserve_outside: its term is scaled like the DPO logit (0.5 * beta * error), so one setting
+# means the same at every beta.
+PRESERVE_SCALE_PER_BETA = 0.5
+
+
+@dataclass
+class DPOTrainingConfig:
+    loss_mode: str = "patch_dpo"
+    beta: float = 5000.0
+    steps: int = 100
+    learning_rate: float = 1e-4
+    rank: int = 8
+    alpha: float = 8.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seed: int = 0
+    timestep_start: float = 0.0  # ComfyUI percent: 0 = noisiest
+    timestep_end: float = 1.0
+    timestep_sampling: str = "uniform"
+    dtype: torch.dtype = torch.float32
+    gradient_checkpointing: bool = False
+    stats_weight: float = 0.1  # hg_dpo colour-statistics term
+    focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
+    preserve_outside: float = 0.0  # patch_dpo / focus_dpo: anchor low-weight cells to the reference
+
+
+@dataclass
+class DPOTrainingResult:
+    lora: LoraOnModel
+    history: dict[str, list[float]] = field(default_factory=dict)
+    steps_done: int = 0
+
+
+class NonFiniteLoss(InputError):
+    """The loss became NaN or infinite; raised before the bad update is applied."""
+
+
+StepCallback = Callable[[int, dict[str, float], LoraOnModel], None]
+
+
+class DPOTrainer:
+    """One training run: a LoRA on a clone of ``model_patcher`` (never modified), trained on
+    ``pairs`` with ``config``. ``train_dpo_lora`` builds and runs one with autograd on."""
+
+    def __init__(self, model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
+                 resume: dict[str, torch.Tensor] | None = None):
+        self.pairs = pairs
+        self.config = config
+        self.lora = attach_lora(model_patcher, config.rank, config.alpha, resume, seed=config.seed)
+        patcher = self.lora.patcher
+        if config.dtype != torch.float32:
+            patcher.set_model_compute_dtype(config.dtype)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        self.device = patcher.load_device
+        self._warn_about_references(has_joint_attention(patcher))
+        self.batcher = PairBatcher(patcher, pairs)
+        if self.batcher.joint:
+            logging.info("Training in the joint batch with %d reference latents.", pairs.references.shape[0])
+        trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.autocast = torch.autocast(device_type=self.device.type, dtype=config.dtype,
+                                       enabled=config.dtype != torch.float32)
+        self.history: dict[str, list[float]] = {name: [] for name in METRICS}
+        self.steps_done = 0
+
+    def _warn_about_references(self, joint: bool) -> None:
+        references = self.pairs.references
+        if references is not None and not joint:
+            logging.warning("The pairs carry %d reference latents but the MODEL has no Joint Attention; training "
+                            "without them (connect the MODEL through Joint Attention for joint-set training).",
+                            references.shape[0])
+        elif joint and references is None:
+            logging.warning("The MODEL has Joint Attention but the pairs carry no references; it is off while "
+                            "training (give the pair builder the reference photos for joint-set training).")
+
+    def run(self, on_step: StepCallback | None = None) -> DPOTrainingResult:
+        """Train ``config.steps`` optimiser steps. ``on_step(step, metrics, lora)`` runs after
+        each (progress, previews, checkpoints, interrupts: it may raise)."""
+        config = self.config
+        stages = self.pairs.difficulty_indices()
+        try:
+            for step in range(config.steps):
+                pool = curriculum_pool(stages, len(self.pairs), config.loss_mode == "hg_dpo", step, config.steps)
+                totals = self.step(pool, step)
+                self.steps_done = step + 1
+                for name in METRICS:
+                    self.history[name].append(totals[name])
+                if on_step is not None:
+                    on_step(self.steps_done, totals, self.lora)
+        finally:
+            self.release()
+        return DPOTrainingResult(lora=self.lora, history=self.history, steps_done=self.steps_done)
+
+    def step(self, pool: list[int], step: int) -> dict[str, float]:
+        """One optimiser step over ``grad_accumulation`` micro-batches drawn from ``pool``;
+        returns the metrics averaged over them."""
+        config = self.config
+        totals = {name: 0.0 for name in METRICS}
+        for _ in range(config.grad_accumulation):
+            picks = torch.randint(len(pool), (config.batch_size,), generator=self.generator)
+            indices = [pool[i] for i in picks.tolist()]
+            percents = sample_percents(len(indices), config.timestep_start, config.timestep_end,
+                                       config.timestep_sampling, self.generator)
+            terms = self.loss_terms(indices, self.batcher.batch(indices, percents, self.generator))
+            loss = terms.pop("loss")
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}. Lower the learning rate or "
+                                    "beta, or check the pairs (NaN latents, a VAE of another model).")
+            (loss / config.grad_accumulation).backward()
+            totals["loss"] += float(loss.detach()) / config.grad_accumulation
+            for name, value in terms.items():
+                totals[name] += float(value) / config.grad_accumulation
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def release(self) -> None:
+        """Also on Cancel or an error: gradients and optimiser state go, the cache is emptied."""
+        for parameter in self.lora.parameters.values():
+            parameter.requires_grad_(False)
+            parameter.grad = None
+        self.optimizer.state.clear()
+        comfy.model_management.soft_empty_cache()
+
+    def policy_prediction(self, batch: MicroBatch) -> torch.Tensor:
+        """The LoRA model's x0 prediction for ``batch``, with gradients."""
+        predict = self.batcher.predict
+        x_t, sigma, kwargs = batch.x_t, batch.sigma, batch.kwargs
+        if not self.config.gradient_checkpointing:
+            return predict(x_t, sigma, kwargs, batch)
+        # Winner and loser halves are recomputed one at a time in backward, so only one image's
+        # activations are alive at once (one extra forward of compute; a joint batch's
+        # references go with each half).
+        half = x_t.shape[0] // 2
+        outputs = []
+        for part in (slice(0, half), slice(half, None)):
+            part_kwargs = {k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v
+                           for k, v in kwargs.items()}
+            outputs.append(torch.utils.checkpoint.checkpoint(
+                lambda x, s, kw=part_kwargs: predict(x, s, kw, batch), x_t[part], sigma[part], use_reentrant=False))
+        return torch.cat(outputs)
+
+    def loss_terms(self, indices: list[int], micro: MicroBatch) -> dict[str, torch.Tensor]:
+        """One micro-batch's loss and diagnostics for the configured mode."""
+        config = self.config
+        batch = len(indices)
+        mode = config.loss_mode
+        maps = {name: value[indices] for name, value in self.batcher.maps.items()}
+        with self.autocast:
+            if mode == "patchdpo_paper":
+                reference = None
+            else:
+                with self.lora.switch.off(), torch.no_grad():
+                    reference = self.batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
+            prediction = self.policy_prediction(micro)
+        errors = micro.errors(prediction)
+        model_w, model_l = errors[:batch], errors[batch:]
+        zero = torch.zeros((), device=self.device)
+        if mode == "patchdpo_paper":
+            loss = patchdpo_paper_loss(model_w, model_l, maps["winner_weights"], maps["loser_quality"])
+            return {"loss": loss, "accuracy": zero, "margin": zero, "model_winner": model_w.mean().detach(),
+                    "model_loser": model_l.mean().detach(), "reference_winner": zero, "reference_loser": zero}
+        reference_errors = micro.errors(reference)
+        weights_w = weights_l = None
+        if mode == "patch_dpo":
+            weights_w, weights_l = maps["winner_weights"], maps["loser_weights"]
+        elif mode == "focus_dpo":
+            # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
+            gate_start, gate_end, weight = config.focus_gate
+            focus = blend_focus(1.0 - maps["loser_quality"], maps["loser_complexity"], micro.percents.to(self.device),
+                                gate_start, gate_end, weight)
+            weights_w = weights_l = focus + FOCUS_FLOOR
+        terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
+                         weights_w, weights_l)
+        loss = terms.loss
+        if weights_w is not None and config.preserve_outside > 0:
+            preserve = outside_preservation_loss(prediction, reference, torch.cat([weights_w, weights_l]), micro.scale)
+            loss = loss + PRESERVE_SCALE_PER_BETA * config.beta * config.preserve_outside * preserve
+        if mode == "hg_dpo" and config.stats_weight > 0:
+            # What the policy makes of the generated (loser) image should carry the real photo's
+            # colour statistics.
+            loss = loss + config.stats_weight * channel_stats_loss(prediction[batch:], micro.x0[:batch])
+        return {"loss": loss, "accuracy": terms.accuracy, "margin": terms.margin,
+                "model_winner": terms.model_winner, "model_loser": terms.model_loser,
+                "reference_winner": terms.reference_winner, "reference_loser": terms.reference_loser}
+
+
+def train_dpo_lora(model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
+                   resume: dict[str, torch.Tensor] | None = None,
+                   on_step: StepCallback | None = None) -> DPOTrainingResult:
+    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``).
+
+    Raises:
+        InputError: pairs of another latent family, an unusable resume LoRA or rank.
+        NonFiniteLoss: a NaN/inf loss, before the bad update is applied.
+    """
+    pairs.validate()
+    latent_format = model_patcher.model.latent_format
+    if pairs.latent_channels != latent_format.latent_channels or pairs.winners.shape[1] != latent_format.latent_channels:
+        raise InputError(f"the pairs were encoded by a VAE with {pairs.latent_channels}-channel latents but this "
+                         f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE")
+    # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        return DPOTrainer(model_patcher, pairs, config, resume).run(on_step)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """A ``TRAINING_DTYPES`` choice; ``auto``: bf16 on a GPU that supports it, else fp32 (CPU
+    autocast is slow and lossy)."""
+    if TRAINING_DTYPES[choice] is not None:
+        return TRAINING_DTYPES[choice]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
+    """Write a LoRA to output/loras/<stem>.safetensors (``<stem>_2`` ... if taken) atomically;
+    returns the path."""
+    folder = os.path.join(folder_paths.get_output_directory(), "loras")
+    path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")
+    tensors = {key: value.contiguous() for key, value in state.items()}
+    return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
