@@ -1,4 +1,5 @@
 """ComfyUI entry point: registers the pack's nodes (V3 schema), nothing else."""
+
 from comfy_api.latest import ComfyExtension
 
 from .comfy_glue.backbone import register_model_folders

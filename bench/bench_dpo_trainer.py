@@ -14,6 +14,7 @@ the training adds over what was resident before it.
 ``--references N`` adds a row for joint-set training: the same pairs carrying N reference
 latents, on the MODEL through Joint Attention (every forward then holds N more images).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,16 +57,27 @@ def worker(args) -> dict:
     latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
     ones = torch.ones(count, grid, grid)
     pairs = PreferencePairs(
-        winners=latents[:count], losers=latents[count:], conditionings=[positive],
-        condition_index=torch.zeros(count, dtype=torch.long), winner_weights=ones, loser_weights=ones,
-        winner_quality=ones, loser_quality=ones, winner_complexity=ones, loser_complexity=ones,
-        thumbnails_winner=torch.zeros(count, 3, 8, 8), thumbnails_loser=torch.zeros(count, 3, 8, 8),
-        metadata=[{}] * count, latent_channels=4)
+        winners=latents[:count],
+        losers=latents[count:],
+        conditionings=[positive],
+        condition_index=torch.zeros(count, dtype=torch.long),
+        winner_weights=ones,
+        loser_weights=ones,
+        winner_quality=ones,
+        loser_quality=ones,
+        winner_complexity=ones,
+        loser_complexity=ones,
+        thumbnails_winner=torch.zeros(count, 3, 8, 8),
+        thumbnails_loser=torch.zeros(count, 3, 8, 8),
+        metadata=[{}] * count,
+        latent_channels=4,
+    )
 
     def time_ours(steps, trained_model=model, pair_set=pairs):
         marks = []
-        config = DPOTrainingConfig(loss_mode="patch_dpo", steps=steps, rank=args.rank, alpha=args.rank,
-                                   batch_size=count, dtype=dtype)
+        config = DPOTrainingConfig(
+            loss_mode="patch_dpo", steps=steps, rank=args.rank, alpha=args.rank, batch_size=count, dtype=dtype
+        )
 
         def on_step(step, metrics, lora):
             if device == "cuda":
@@ -81,11 +93,23 @@ def worker(args) -> dict:
         def run(n):
             start = time.perf_counter()
             TrainLoraNode.execute(
-                model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(2 * count)],
-                positive=[positive], batch_size=[2 * count], grad_accumulation_steps=[1], steps=[n],
-                learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-                training_dtype=[dtype_name], lora_dtype=["fp32"], algorithm=["LoRA"],
-                gradient_checkpointing=[False], existing_lora=["[None]"])
+                model=[model],
+                latents=[{"samples": latents[i : i + 1]} for i in range(2 * count)],
+                positive=[positive],
+                batch_size=[2 * count],
+                grad_accumulation_steps=[1],
+                steps=[n],
+                learning_rate=[1e-4],
+                rank=[args.rank],
+                optimizer=["AdamW"],
+                loss_function=["MSE"],
+                seed=[0],
+                training_dtype=[dtype_name],
+                lora_dtype=["fp32"],
+                algorithm=["LoRA"],
+                gradient_checkpointing=[False],
+                existing_lora=["[None]"],
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - start
@@ -102,30 +126,44 @@ def worker(args) -> dict:
 
         joint_model = apply_joint_attention(model, JointAttentionSettings())
         joint_pairs = replace(pairs, references=torch.randn(args.references, 4, grid, grid, generator=generator))
-        timers.append((f"DPO LoRA Trainer, joint (+{args.references} refs)",
-                       lambda steps: time_ours(steps, joint_model, joint_pairs)))
+        timers.append(
+            (
+                f"DPO LoRA Trainer, joint (+{args.references} refs)",
+                lambda steps: time_ours(steps, joint_model, joint_pairs),
+            )
+        )
     results = {}
     for name, timer in timers:
         timer(1)  # warm-up: weights, allocator, kernels
         with PeakMemory(device) as peak:
             seconds = timer(args.steps)
-        results[name] = {"seconds": statistics.median(seconds[1:] if len(seconds) > 2 else seconds),
-                         "peak_mib": peak.added_mib}
-    return {"device": device if device == "cpu" else torch.cuda.get_device_name(0),
-            "threads": torch.get_num_threads(), "dtype": dtype_name,
-            "checkpoint": os.path.basename(checkpoint), "results": results}
+        results[name] = {
+            "seconds": statistics.median(seconds[1:] if len(seconds) > 2 else seconds),
+            "peak_mib": peak.added_mib,
+        }
+    return {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype_name,
+        "checkpoint": os.path.basename(checkpoint),
+        "results": results,
+    }
 
 
 def report(result: dict, args) -> str:
     results = result["results"]
     base = results["TrainLoraNode (2 x pairs images)"]
-    lines = [f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, checkpoint "
-             f"{result['checkpoint']}, {args.size}x{args.size} px, {args.pairs} pair(s) = {2 * args.pairs} "
-             f"images per step, rank {args.rank}",
-             f"{'method':34s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}"]
+    lines = [
+        f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, checkpoint "
+        f"{result['checkpoint']}, {args.size}x{args.size} px, {args.pairs} pair(s) = {2 * args.pairs} "
+        f"images per step, rank {args.rank}",
+        f"{'method':34s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}",
+    ]
     for name, values in results.items():
-        lines.append(f"{name:34s} {values['seconds']:8.3f} {values['seconds'] / base['seconds']:7.2f} "
-                     f"{values['peak_mib']:10.1f} {values['peak_mib'] / max(base['peak_mib'], 1e-9):7.2f}")
+        lines.append(
+            f"{name:34s} {values['seconds']:8.3f} {values['seconds'] / base['seconds']:7.2f} "
+            f"{values['peak_mib']:10.1f} {values['peak_mib'] / max(base['peak_mib'], 1e-9):7.2f}"
+        )
     lines.append("targets: time <= 1.5x (ideal ~1.33x), peak memory <= 1.1x")
     return "\n".join(lines)
 

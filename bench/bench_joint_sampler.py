@@ -18,6 +18,7 @@ and the peak memory each run adds over what was resident before it (CPU: peak RS
 to KSampler(N); "joint overhead" divides by KSampler(R+N), i.e. the cost beyond the
 reference slots' own (target: <= 1.3).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def worker(args) -> dict:
     import torch
 
     from pack.nodes.joint import JointSampler
+
     checkpoint = args.checkpoint or tiny_checkpoint(comfyui)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
@@ -55,14 +57,29 @@ def worker(args) -> dict:
 
     def ksampler(batch):
         latent = {"samples": torch.zeros([batch, 4, args.size // 8, args.size // 8])}
-        samples = comfy_nodes.common_ksampler(model, 1, args.steps, args.cfg, "euler", "normal", positive,
-                                              negative, latent)[0]
+        samples = comfy_nodes.common_ksampler(
+            model, 1, args.steps, args.cfg, "euler", "normal", positive, negative, latent
+        )[0]
         return vae.decode(samples["samples"])
 
     def joint_sampler(image_guidance):
-        return JointSampler.execute(model, positive, negative, vae, args.images, args.size, args.size, 1,
-                                          args.steps, args.cfg, "euler", "normal", image_guidance, 1.0,
-                                          references).result[0]
+        return JointSampler.execute(
+            model,
+            positive,
+            negative,
+            vae,
+            args.images,
+            args.size,
+            args.size,
+            1,
+            args.steps,
+            args.cfg,
+            "euler",
+            "normal",
+            image_guidance,
+            1.0,
+            references,
+        ).result[0]
 
     cases = {
         "KSampler(N)": lambda: ksampler(args.images),
@@ -98,17 +115,23 @@ def worker(args) -> dict:
 def report(result: dict, args) -> str:
     seconds, peak = result["seconds"], result["peak_mib"]
     base_s, base_m = seconds["KSampler(N)"], max(peak["KSampler(N)"], 1e-9)
-    lines = [f"device: {result['device']} ({result['threads']} threads), checkpoint {result['checkpoint']}, "
-             f"{args.size}x{args.size} px, N={args.images} new images, R={args.references} reference(s), "
-             f"{args.steps} steps, euler, cfg {args.cfg}, median of {args.repeats}",
-             f"{'run':34s} {'time s':>8s} {'x KSampler(N)':>14s} {'peak +MiB':>10s} {'x KSampler(N)':>14s}"]
+    lines = [
+        f"device: {result['device']} ({result['threads']} threads), checkpoint {result['checkpoint']}, "
+        f"{args.size}x{args.size} px, N={args.images} new images, R={args.references} reference(s), "
+        f"{args.steps} steps, euler, cfg {args.cfg}, median of {args.repeats}",
+        f"{'run':34s} {'time s':>8s} {'x KSampler(N)':>14s} {'peak +MiB':>10s} {'x KSampler(N)':>14s}",
+    ]
     for name in seconds:
-        lines.append(f"{name:34s} {seconds[name]:8.3f} {seconds[name] / base_s:14.2f} {peak[name]:10.1f} "
-                     f"{peak[name] / base_m:14.2f}")
+        lines.append(
+            f"{name:34s} {seconds[name]:8.3f} {seconds[name] / base_s:14.2f} {peak[name]:10.1f} "
+            f"{peak[name] / base_m:14.2f}"
+        )
     slots = seconds["KSampler(R+N)"]
-    lines.append(f"joint overhead beyond the reference slots (Joint Sampler / KSampler(R+N)): time "
-                 f"{seconds['Joint Sampler'] / slots:.2f}x, peak memory "
-                 f"{peak['Joint Sampler'] / max(peak['KSampler(R+N)'], 1e-9):.2f}x (target <= 1.3)")
+    lines.append(
+        f"joint overhead beyond the reference slots (Joint Sampler / KSampler(R+N)): time "
+        f"{seconds['Joint Sampler'] / slots:.2f}x, peak memory "
+        f"{peak['Joint Sampler'] / max(peak['KSampler(R+N)'], 1e-9):.2f}x (target <= 1.3)"
+    )
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: peak-memory measurement, loading ComfyUI and the pack in a
 worker process, and running one worker subprocess per device."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,9 @@ class PeakMemory:
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-            self.added_mib = (torch.cuda.max_memory_allocated() - self.start) / 2 ** 20
+            self.added_mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
         else:
-            self.added_mib = (self._status("VmHWM") - self.start) / 2 ** 20
+            self.added_mib = (self._status("VmHWM") - self.start) / 2**20
 
     @staticmethod
     def _status(field: str) -> int:
@@ -120,9 +121,10 @@ def run_per_device(script: str, argv: list[str], devices: str | None, report) ->
             chosen.append("cuda")
     failed = []
     for device in chosen:
-        process = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", device],
-                                 capture_output=True, text=True)
-        results = [line[len("RESULT "):] for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        process = subprocess.run(
+            [sys.executable, os.path.abspath(script), *argv, "--worker", device], capture_output=True, text=True
+        )
+        results = [line[len("RESULT ") :] for line in process.stdout.splitlines() if line.startswith("RESULT ")]
         if process.returncode != 0 or not results:
             print(f"[{device}] failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
             failed.append(device)

@@ -1,5 +1,6 @@
 """Patch backbones in ComfyUI's model folders: ``models/patch_backbones/`` (DINOv2 folders and
 files, tuned heads) and the built-in offline backbone."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ BUILTIN_BACKBONE = "built-in: EfficientNet-Lite0 (ImageNet, offline)"
 WHERE_TO_PUT = (
     "Put a DINOv2 model in ComfyUI/models/patch_backbones/: either a transformers folder "
     "(e.g. models/patch_backbones/dinov2-small/ holding config.json and model.safetensors from "
-    "facebook/dinov2-small) or that single model.safetensors renamed (e.g. dinov2-small.safetensors).")
+    "facebook/dinov2-small) or that single model.safetensors renamed (e.g. dinov2-small.safetensors)."
+)
 # What reading a damaged or foreign file raises (a wrong file is the user's to fix; anything
 # else is a bug and propagates).
 UNREADABLE_FILE_ERRORS = (InputError, OSError, json.JSONDecodeError, SafetensorError, KeyError)

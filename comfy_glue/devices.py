@@ -1,4 +1,5 @@
 """Running the pack's own torch modules (patch backbones) on ComfyUI's compute device."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,4 +1,5 @@
 """How well a trained LoRA separates held-out pairs: DPO's implicit accuracy."""
+
 from __future__ import annotations
 
 import comfy.model_management
@@ -11,8 +12,14 @@ from .pair_batches import PairBatcher
 
 
 @torch.no_grad()
-def implicit_accuracy(lora: LoraOnModel, pairs: PreferencePairs, seed: int = 0, repeats: int = 4,
-                      timestep_start: float = 0.0, timestep_end: float = 1.0) -> float:
+def implicit_accuracy(
+    lora: LoraOnModel,
+    pairs: PreferencePairs,
+    seed: int = 0,
+    repeats: int = 4,
+    timestep_start: float = 0.0,
+    timestep_end: float = 1.0,
+) -> float:
     """Share of (pair, timestep, noise) draws where the LoRA model prefers the winner more than
     the reference does (DPO's implicit reward: inside > 0; exact ties count one half).
 

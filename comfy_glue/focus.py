@@ -1,4 +1,5 @@
 """Focus Regions' link to a sampler: which sampling progress each strip frame shows."""
+
 from __future__ import annotations
 
 import torch

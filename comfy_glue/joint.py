@@ -11,6 +11,7 @@ kernels, image guidance, and sampling the joint batch.
   KSampler;
 - image guidance is a ``sampler_calc_cond_batch_function`` (composing with one already set).
 """
+
 from __future__ import annotations
 
 
@@ -19,24 +20,38 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy.ldm.modules.attention import (SpatialTransformer, SpatialVideoTransformer, attention_basic,
-                                        attention_split, attention_sub_quad, optimized_attention)
+from comfy.ldm.modules.attention import (
+    SpatialTransformer,
+    SpatialVideoTransformer,
+    attention_basic,
+    attention_split,
+    attention_sub_quad,
+    optimized_attention,
+)
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..pure.errors import InputError
 from ..pure.images import maps_to_grid
-from ..pure.joint_attention import (LAYOUT_KEY, JointAttentionPatch, JointAttentionSettings, check_strength,
-                                   joint_layout, sdpa_kernel)
+from ..pure.joint_attention import (
+    LAYOUT_KEY,
+    JointAttentionPatch,
+    JointAttentionSettings,
+    check_strength,
+    joint_layout,
+    sdpa_kernel,
+)
 from ..pure.joint_sampling import image_guided_pair, joint_batch
 
-SUPPORTED_FAMILIES = ("SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer "
-                      "self-attention blocks)")
+SUPPORTED_FAMILIES = (
+    "SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer self-attention blocks)"
+)
 
 
 def comfy_attention(q, k, v, heads, extra_options):
     """ComfyUI's own attention kernel (xformers, SDPA, sage, ... as the user chose)."""
-    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                               transformer_options=extra_options)
+    return optimized_attention(
+        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+    )
 
 
 # ComfyUI's fallback kernels (chosen where it enables no fused one, e.g. on CPU). They are several
@@ -62,13 +77,16 @@ def self_attention_blocks(model) -> list[tuple[str, int]]:
         middle = [unet.middle_block] if unet.middle_block is not None else []
         for name, blocks in (("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)):
             for index, block in enumerate(blocks):
-                if any(isinstance(layer, SpatialTransformer) and not isinstance(layer, SpatialVideoTransformer)
-                       for layer in block):
+                if any(
+                    isinstance(layer, SpatialTransformer) and not isinstance(layer, SpatialVideoTransformer)
+                    for layer in block
+                ):
                     found.append((name, index))
     if not found:
         raise InputError(
             f"this MODEL ({type(model.model).__name__}) has no UNet self-attention blocks that joint "
-            f"attention can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those with Load Checkpoint.")
+            f"attention can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those with Load Checkpoint."
+        )
     return found
 
 
@@ -136,12 +154,23 @@ class ImageGuidance:
         return [cond, out[1] if guided_uncond is None else guided_uncond, *out[2:]]
 
 
-
-
-def sample_joint(model, positive, negative, new_images: int, size: tuple[int, int], seed: int, steps: int,
-                 cfg: float, sampler_name: str, scheduler: str, image_guidance: float, strength: float,
-                 encode=None, references: torch.Tensor | None = None,
-                 masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_joint(
+    model,
+    positive,
+    negative,
+    new_images: int,
+    size: tuple[int, int],
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    image_guidance: float,
+    strength: float,
+    encode=None,
+    references: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``new_images`` of ``size`` (height, width) in one joint batch with ``references``.
 
     Args:
@@ -163,8 +192,10 @@ def sample_joint(model, positive, negative, new_images: int, size: tuple[int, in
     try:
         check_strength(mode, strength)
     except InputError as error:
-        raise InputError(f"{error} (the mode is set on the Joint Attention node; with one, the strength is the "
-                         "product of both nodes' strengths).") from error
+        raise InputError(
+            f"{error} (the mode is set on the Joint Attention node; with one, the strength is the "
+            "product of both nodes' strengths)."
+        ) from error
     height, width = size
     targets = comfy.sample.fix_empty_latent_channels(model, torch.zeros([new_images, 4, height // 8, width // 8]))
     target_noise = comfy.sample.prepare_noise(targets, seed)
@@ -175,10 +206,12 @@ def sample_joint(model, positive, negative, new_images: int, size: tuple[int, in
     else:
         reference_latents = encode(references)
         if reference_latents.shape[1:] != targets.shape[1:]:
-            raise InputError(f"the VAE makes latents of shape {tuple(reference_latents.shape[1:])} but the model "
-                             f"samples {tuple(targets.shape[1:])}; use the VAE that belongs to the checkpoint.")
+            raise InputError(
+                f"the VAE makes latents of shape {tuple(reference_latents.shape[1:])} but the model "
+                f"samples {tuple(targets.shape[1:])}; use the VAE that belongs to the checkpoint."
+            )
         count = reference_latents.shape[0]
-        reference_noise = comfy.sample.prepare_noise(reference_latents, (seed + 1) % 2 ** 64)
+        reference_noise = comfy.sample.prepare_noise(reference_latents, (seed + 1) % 2**64)
         latent, noise, mask = joint_batch(reference_latents, target_noise, reference_noise)
         if masks is not None:
             masks = maps_to_grid(masks, tuple(latent.shape[-2:])).contiguous()
@@ -195,6 +228,19 @@ def sample_joint(model, positive, negative, new_images: int, size: tuple[int, in
         preview(step, x0[count:], x[count:], total_steps)
 
     samples = comfy.sample.sample(
-        patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
-        noise_mask=mask, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        patched,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent,
+        denoise=1.0,
+        noise_mask=mask,
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
     return samples[count:], samples

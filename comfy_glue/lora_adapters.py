@@ -5,6 +5,7 @@ As core ``TrainLoraNode``: every layer with a ``weight_function`` and a 2-D+ wei
 every forward, so the forward is differentiable. The reference prediction is the same network
 with the adapters switched off (peft's ``disable_adapter()``): no second copy in memory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,9 @@ class LoraOnModel:
         return {key: value.detach().to("cpu", copy=True) for key, value in self.parameters.items()}
 
 
-def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.Tensor] | None = None,
-                seed: int = 0) -> LoraOnModel:
+def attach_lora(
+    model_patcher, rank: int, alpha: float, resume: dict[str, torch.Tensor] | None = None, seed: int = 0
+) -> LoraOnModel:
     """Clone ``model_patcher`` and register a trainable LoRA on every adaptable layer.
 
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
@@ -133,7 +135,7 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
                 clamped.append(f"{name} ({limit})")
             adapter = LoRAAdapter.create_train(weight, rank=min(rank, limit), alpha=alpha * min(rank, limit) / rank)
             up = torch.empty(adapter.lora_up.weight.shape)
-            torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)
+            torch.nn.init.kaiming_uniform_(up, a=5**0.5, generator=generator)
             adapter.lora_up.weight.data.copy_(up)
         adapter = adapter.float()
         for parameter_name, parameter in adapter.named_parameters():
@@ -144,8 +146,12 @@ def attach_lora(model_patcher, rank: int, alpha: float, resume: dict[str, torch.
     if clamped and len(clamped) == layers:
         raise InputError(f"rank {rank} is larger than every layer of this model allows; use a smaller rank")
     if clamped:
-        logging.warning("LoRA rank %d is larger than %d layer(s) allow; they use their largest rank instead: %s",
-                        rank, len(clamped), ", ".join(clamped[:5]) + (" ..." if len(clamped) > 5 else ""))
+        logging.warning(
+            "LoRA rank %d is larger than %d layer(s) allow; they use their largest rank instead: %s",
+            rank,
+            len(clamped),
+            ", ".join(clamped[:5]) + (" ..." if len(clamped) > 5 else ""),
+        )
     for key, parameter in parameters.items():
         parameter.requires_grad_(not key.endswith(".alpha"))
     return LoraOnModel(patcher, parameters, switch)

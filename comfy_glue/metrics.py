@@ -1,4 +1,5 @@
 """Personalization Metrics' CLIP-T: the prompt's embedding from a ComfyUI CLIP text encoder."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ Winner and loser share timestep and noise (Diffusion-DPO). Latents are scaled wi
 conditioning is handled by the model itself. See ``docs/algorithms.md`` (prediction spaces,
 joint-set training).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ def target_space_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     sigma = sigma.clamp(min=MIN_SIGMA)
     if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
         data = float(getattr(model_sampling, "sigma_data", 1.0))
-        return (sigma ** 2 + data ** 2).sqrt() / (sigma * data)
+        return (sigma**2 + data**2).sqrt() / (sigma * data)
     if isinstance(model_sampling, comfy.model_sampling.X0):
         return torch.ones_like(sigma)
     return 1.0 / sigma  # eps and flow (velocity) models
@@ -41,10 +42,12 @@ def conditioning_batches(model, conditionings: list, latent_shape, device) -> li
     noise = torch.zeros((1, *latent_shape), device=device)
     for conditioning in conditionings:
         conds = comfy.sampler_helpers.convert_cond(conditioning)[:1]  # area/multi-entry conds: first entry
-        conds = comfy.samplers.encode_model_conds(model.extra_conds, conds, noise, device, "positive",
-                                                  latent_image=noise, denoise_mask=None, seed=0)
-        processed.append({key: value.process_cond(batch_size=1, area=None)
-                          for key, value in conds[0]["model_conds"].items()})
+        conds = comfy.samplers.encode_model_conds(
+            model.extra_conds, conds, noise, device, "positive", latent_image=noise, denoise_mask=None, seed=0
+        )
+        processed.append(
+            {key: value.process_cond(batch_size=1, area=None) for key, value in conds[0]["model_conds"].items()}
+        )
     return processed
 
 
@@ -101,8 +104,10 @@ class PairBatcher:
         self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
         self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
         # The per-pair maps the losses read, on the device once rather than every micro-batch.
-        self.maps = {name: getattr(pairs, name).float().to(self.device)
-                     for name in ("winner_weights", "loser_weights", "loser_quality", "loser_complexity")}
+        self.maps = {
+            name: getattr(pairs, name).float().to(self.device)
+            for name in ("winner_weights", "loser_weights", "loser_quality", "loser_complexity")
+        }
         self.references = None
         if has_joint_attention(patcher):
             if pairs.references is not None:
@@ -131,8 +136,9 @@ class PairBatcher:
         if self.joint:
             reference_noise = torch.randn(self.references.shape, generator=generator).to(self.device)
             batch.reference_sigma = sigma[:1].expand(self.references.shape[0])
-            batch.references = self.sampling.noise_scaling(batch.reference_sigma.view(-1, 1, 1, 1), reference_noise,
-                                                           self.references)
+            batch.references = self.sampling.noise_scaling(
+                batch.reference_sigma.view(-1, 1, 1, 1), reference_noise, self.references
+            )
         return batch
 
     def predict(self, x_t, sigma, kwargs, batch: MicroBatch | None = None) -> torch.Tensor:
@@ -143,9 +149,16 @@ class PairBatcher:
         joint_x = torch.cat([batch.references, x_t])
         joint_sigma = torch.cat([batch.reference_sigma, sigma])
         # The references take the conditioning of the micro-batch's first image.
-        joint_kwargs = {key: torch.cat([value[:1].expand(count, *value.shape[1:]), value])
-                        if torch.is_tensor(value) and value.shape[0] == x_t.shape[0] else value
-                        for key, value in kwargs.items()}
-        options = {**self.transformer_options, LAYOUT_KEY: joint_layout(count), "cond_or_uncond": [0],
-                   "sigmas": joint_sigma}
+        joint_kwargs = {
+            key: torch.cat([value[:1].expand(count, *value.shape[1:]), value])
+            if torch.is_tensor(value) and value.shape[0] == x_t.shape[0]
+            else value
+            for key, value in kwargs.items()
+        }
+        options = {
+            **self.transformer_options,
+            LAYOUT_KEY: joint_layout(count),
+            "cond_or_uncond": [0],
+            "sigmas": joint_sigma,
+        }
         return self.model.apply_model(joint_x, joint_sigma, transformer_options=options, **joint_kwargs).float()[count:]

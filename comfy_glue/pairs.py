@@ -1,5 +1,6 @@
 """Preference pairs in ComfyUI: encoding images with the graph's VAE, and the output folder
 pair sets are saved to."""
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,20 @@ def encode(vae, images_rgb: torch.Tensor) -> torch.Tensor:
     return vae.encode(images_rgb.movedim(1, -1)).float().cpu()
 
 
-def build_pairs(vae, positive, winner_images: torch.Tensor, winner_index: list[int], loser_images: torch.Tensor,
-                loser_index: list[int], winner_quality, loser_quality, winner_weights, loser_weights,
-                metadata: list[dict], references: torch.Tensor | None = None) -> PreferencePairs:
+def build_pairs(
+    vae,
+    positive,
+    winner_images: torch.Tensor,
+    winner_index: list[int],
+    loser_images: torch.Tensor,
+    loser_index: list[int],
+    winner_quality,
+    loser_quality,
+    winner_weights,
+    loser_weights,
+    metadata: list[dict],
+    references: torch.Tensor | None = None,
+) -> PreferencePairs:
     """Assemble a pair set: pair i is ``winner_images[winner_index[i]]`` against
     ``loser_images[loser_index[i]]`` (``[B, 3, H, W]`` batches of one size). Each image is encoded,
     measured and thumbnailed once however many pairs it is in. Maps are per pair, ``[N, H, W]``
@@ -49,11 +61,19 @@ def build_pairs(vae, positive, winner_images: torch.Tensor, winner_index: list[i
         return maps_to_grid(local_entropy(images).cpu(), grid)
 
     return PreferencePairs(
-        winners=winners[winner_index], losers=losers[loser_index], conditionings=[positive],
+        winners=winners[winner_index],
+        losers=losers[loser_index],
+        conditionings=[positive],
         condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=grid_map(winner_weights), loser_weights=grid_map(loser_weights),
-        winner_quality=grid_map(winner_quality), loser_quality=grid_map(loser_quality),
-        winner_complexity=complexity(winner_images)[winner_index], loser_complexity=complexity(loser_images)[loser_index],
-        thumbnails_winner=thumbnails(winner_images)[winner_index], thumbnails_loser=thumbnails(loser_images)[loser_index],
-        metadata=metadata, latent_channels=int(winners.shape[1]), references=reference_latents,
+        winner_weights=grid_map(winner_weights),
+        loser_weights=grid_map(loser_weights),
+        winner_quality=grid_map(winner_quality),
+        loser_quality=grid_map(loser_quality),
+        winner_complexity=complexity(winner_images)[winner_index],
+        loser_complexity=complexity(loser_images)[loser_index],
+        thumbnails_winner=thumbnails(winner_images)[winner_index],
+        thumbnails_loser=thumbnails(loser_images)[loser_index],
+        metadata=metadata,
+        latent_channels=int(winners.shape[1]),
+        references=reference_latents,
     )

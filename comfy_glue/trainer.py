@@ -6,6 +6,7 @@ optimizer and accumulation. The adapters are in ``lora_adapters``, pair batching
 in ``pair_batches``, the losses (pure torch) in ``pure.dpo_losses``; the formulas and what the
 pack chose where the papers are silent are in ``docs/algorithms.md``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -78,8 +79,13 @@ class DPOTrainer:
     """One training run: a LoRA on a clone of ``model_patcher`` (never modified), trained on
     ``pairs`` with ``config``. ``train_dpo_lora`` builds and runs one with autograd on."""
 
-    def __init__(self, model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
-                 resume: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model_patcher,
+        pairs: PreferencePairs,
+        config: DPOTrainingConfig,
+        resume: dict[str, torch.Tensor] | None = None,
+    ):
         self.pairs = pairs
         self.config = config
         self.lora = attach_lora(model_patcher, config.rank, config.alpha, resume, seed=config.seed)
@@ -95,20 +101,25 @@ class DPOTrainer:
         trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.autocast = torch.autocast(device_type=self.device.type, dtype=config.dtype,
-                                       enabled=config.dtype != torch.float32)
+        self.autocast = torch.autocast(
+            device_type=self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
+        )
         self.history: dict[str, list[float]] = {name: [] for name in METRICS}
         self.steps_done = 0
 
     def _warn_about_references(self, joint: bool) -> None:
         references = self.pairs.references
         if references is not None and not joint:
-            logging.warning("The pairs carry %d reference latents but the MODEL has no Joint Attention; training "
-                            "without them (connect the MODEL through Joint Attention for joint-set training).",
-                            references.shape[0])
+            logging.warning(
+                "The pairs carry %d reference latents but the MODEL has no Joint Attention; training "
+                "without them (connect the MODEL through Joint Attention for joint-set training).",
+                references.shape[0],
+            )
         elif joint and references is None:
-            logging.warning("The MODEL has Joint Attention but the pairs carry no references; it is off while "
-                            "training (give the pair builder the reference photos for joint-set training).")
+            logging.warning(
+                "The MODEL has Joint Attention but the pairs carry no references; it is off while "
+                "training (give the pair builder the reference photos for joint-set training)."
+            )
 
     def run(self, on_step: StepCallback | None = None) -> DPOTrainingResult:
         """Train ``config.steps`` optimiser steps. ``on_step(step, metrics, lora)`` runs after
@@ -136,13 +147,16 @@ class DPOTrainer:
         for _ in range(config.grad_accumulation):
             picks = torch.randint(len(pool), (config.batch_size,), generator=self.generator)
             indices = [pool[i] for i in picks.tolist()]
-            percents = sample_percents(len(indices), config.timestep_start, config.timestep_end,
-                                       config.timestep_sampling, self.generator)
+            percents = sample_percents(
+                len(indices), config.timestep_start, config.timestep_end, config.timestep_sampling, self.generator
+            )
             terms = self.loss_terms(indices, self.batcher.batch(indices, percents, self.generator))
             loss = terms.pop("loss")
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {float(loss)} at step {step + 1}. Lower the learning rate or "
-                                    "beta, or check the pairs (NaN latents, a VAE of another model).")
+                raise NonFiniteLoss(
+                    f"the loss became {float(loss)} at step {step + 1}. Lower the learning rate or "
+                    "beta, or check the pairs (NaN latents, a VAE of another model)."
+                )
             (loss / config.grad_accumulation).backward()
             totals["loss"] += float(loss.detach()) / config.grad_accumulation
             for name, value in terms.items():
@@ -171,10 +185,14 @@ class DPOTrainer:
         half = x_t.shape[0] // 2
         outputs = []
         for part in (slice(0, half), slice(half, None)):
-            part_kwargs = {k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v
-                           for k, v in kwargs.items()}
-            outputs.append(torch.utils.checkpoint.checkpoint(
-                lambda x, s, kw=part_kwargs: predict(x, s, kw, batch), x_t[part], sigma[part], use_reentrant=False))
+            part_kwargs = {
+                k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v for k, v in kwargs.items()
+            }
+            outputs.append(
+                torch.utils.checkpoint.checkpoint(
+                    lambda x, s, kw=part_kwargs: predict(x, s, kw, batch), x_t[part], sigma[part], use_reentrant=False
+                )
+            )
         return torch.cat(outputs)
 
     def loss_terms(self, indices: list[int], micro: MicroBatch) -> dict[str, torch.Tensor]:
@@ -195,8 +213,15 @@ class DPOTrainer:
         zero = torch.zeros((), device=self.device)
         if mode == "patchdpo_paper":
             loss = patchdpo_paper_loss(model_w, model_l, maps["winner_weights"], maps["loser_quality"])
-            return {"loss": loss, "accuracy": zero, "margin": zero, "model_winner": model_w.mean().detach(),
-                    "model_loser": model_l.mean().detach(), "reference_winner": zero, "reference_loser": zero}
+            return {
+                "loss": loss,
+                "accuracy": zero,
+                "margin": zero,
+                "model_winner": model_w.mean().detach(),
+                "model_loser": model_l.mean().detach(),
+                "reference_winner": zero,
+                "reference_loser": zero,
+            }
         reference_errors = micro.errors(reference)
         weights_w = weights_l = None
         if mode == "patch_dpo":
@@ -204,11 +229,18 @@ class DPOTrainer:
         elif mode == "focus_dpo":
             # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
             gate_start, gate_end, weight = config.focus_gate
-            focus = blend_focus(1.0 - maps["loser_quality"], maps["loser_complexity"], micro.percents.to(self.device),
-                                gate_start, gate_end, weight)
+            focus = blend_focus(
+                1.0 - maps["loser_quality"],
+                maps["loser_complexity"],
+                micro.percents.to(self.device),
+                gate_start,
+                gate_end,
+                weight,
+            )
             weights_w = weights_l = focus + FOCUS_FLOOR
-        terms = dpo_loss(model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta,
-                         weights_w, weights_l)
+        terms = dpo_loss(
+            model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta, weights_w, weights_l
+        )
         loss = terms.loss
         if weights_w is not None and config.preserve_outside > 0:
             preserve = outside_preservation_loss(prediction, reference, torch.cat([weights_w, weights_l]), micro.scale)
@@ -217,14 +249,24 @@ class DPOTrainer:
             # What the policy makes of the generated (loser) image should carry the real photo's
             # colour statistics.
             loss = loss + config.stats_weight * channel_stats_loss(prediction[batch:], micro.x0[:batch])
-        return {"loss": loss, "accuracy": terms.accuracy, "margin": terms.margin,
-                "model_winner": terms.model_winner, "model_loser": terms.model_loser,
-                "reference_winner": terms.reference_winner, "reference_loser": terms.reference_loser}
+        return {
+            "loss": loss,
+            "accuracy": terms.accuracy,
+            "margin": terms.margin,
+            "model_winner": terms.model_winner,
+            "model_loser": terms.model_loser,
+            "reference_winner": terms.reference_winner,
+            "reference_loser": terms.reference_loser,
+        }
 
 
-def train_dpo_lora(model_patcher, pairs: PreferencePairs, config: DPOTrainingConfig,
-                   resume: dict[str, torch.Tensor] | None = None,
-                   on_step: StepCallback | None = None) -> DPOTrainingResult:
+def train_dpo_lora(
+    model_patcher,
+    pairs: PreferencePairs,
+    config: DPOTrainingConfig,
+    resume: dict[str, torch.Tensor] | None = None,
+    on_step: StepCallback | None = None,
+) -> DPOTrainingResult:
     """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``).
 
     Raises:
@@ -233,9 +275,14 @@ def train_dpo_lora(model_patcher, pairs: PreferencePairs, config: DPOTrainingCon
     """
     pairs.validate()
     latent_format = model_patcher.model.latent_format
-    if pairs.latent_channels != latent_format.latent_channels or pairs.winners.shape[1] != latent_format.latent_channels:
-        raise InputError(f"the pairs were encoded by a VAE with {pairs.latent_channels}-channel latents but this "
-                         f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE")
+    if (
+        pairs.latent_channels != latent_format.latent_channels
+        or pairs.winners.shape[1] != latent_format.latent_channels
+    ):
+        raise InputError(
+            f"the pairs were encoded by a VAE with {pairs.latent_channels}-channel latents but this "
+            f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE"
+        )
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
     with torch.inference_mode(False), torch.enable_grad():
         return DPOTrainer(model_patcher, pairs, config, resume).run(on_step)

@@ -1,11 +1,18 @@
 """Patch Backbone Loader nodes: DINOv2 from the pack's models folder, the built-in offline
 backbone, or a CLIP_VISION the graph already loaded."""
+
 from __future__ import annotations
 
 from comfy import model_management
 from comfy_api.latest import io
 
-from ..comfy_glue.backbone import BUILTIN_BACKBONE, WHERE_TO_PUT, available_backbones, backbone_path, load_backbone_choice
+from ..comfy_glue.backbone import (
+    BUILTIN_BACKBONE,
+    WHERE_TO_PUT,
+    available_backbones,
+    backbone_path,
+    load_backbone_choice,
+)
 from ..pure.backbone import ClipVisionPatchBackbone
 from .errors import node_errors
 from .types import CATEGORY, PatchBackbone
@@ -23,14 +30,20 @@ class PatchBackboneLoader(io.ComfyNode):
             description=(
                 "Loads the vision model whose patch features Patch Quality Score compares. DINOv2 "
                 "(best) comes from ComfyUI/models/patch_backbones/; the built-in EfficientNet-Lite0 "
-                "needs no download but matches patches less reliably than DINOv2."),
+                "needs no download but matches patches less reliably than DINOv2."
+            ),
             inputs=[
-                io.Combo.Input("backbone", options=available_backbones(), default=BUILTIN_BACKBONE,
-                               tooltip="Built-in offline backbone, or a DINOv2 folder/.safetensors file "
-                                       "from ComfyUI/models/patch_backbones/."),
+                io.Combo.Input(
+                    "backbone",
+                    options=available_backbones(),
+                    default=BUILTIN_BACKBONE,
+                    tooltip="Built-in offline backbone, or a DINOv2 folder/.safetensors file "
+                    "from ComfyUI/models/patch_backbones/.",
+                ),
             ],
-            outputs=[PatchBackbone.Output(display_name="backbone",
-                                          tooltip="Patch-feature model for the scoring nodes.")],
+            outputs=[
+                PatchBackbone.Output(display_name="backbone", tooltip="Patch-feature model for the scoring nodes.")
+            ],
         )
 
     @classmethod
@@ -59,10 +72,12 @@ class PatchBackboneFromClipVision(io.ComfyNode):
             description=(
                 "Uses a CLIP_VISION model (e.g. the one loaded for IP-Adapter, or a DINOv2 loaded with "
                 "Load CLIP Vision) as the patch backbone: its penultimate-layer patch tokens. The image "
-                "is squashed to the encoder's square input, so the grid is coarse (16x16 for ViT-L/14)."),
+                "is squashed to the encoder's square input, so the grid is coarse (16x16 for ViT-L/14)."
+            ),
             inputs=[io.ClipVision.Input("clip_vision", tooltip="Output of Load CLIP Vision.")],
-            outputs=[PatchBackbone.Output(display_name="backbone",
-                                          tooltip="Patch-feature model for the scoring nodes.")],
+            outputs=[
+                PatchBackbone.Output(display_name="backbone", tooltip="Patch-feature model for the scoring nodes.")
+            ],
         )
 
     @classmethod

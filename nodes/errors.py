@@ -1,6 +1,7 @@
 """The node layer's half of the error convention: an ``InputError`` (a problem the user can fix)
 reaches ComfyUI as "<node title>: <message>[. <hint>]"; every other exception propagates
 unchanged, so ComfyUI shows the real traceback of a bug."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,5 +1,6 @@
 """Train Patch Quality Estimator node: PatchDPO's self-supervised tuning of the patch backbone
 on the artist's own reference photos (no labels)."""
+
 from __future__ import annotations
 
 import logging
@@ -34,22 +35,48 @@ class TrainPatchQualityEstimator(io.ComfyNode):
                 "gets the same feature across views (PatchDPO's self-supervised step). Pairs of randomly "
                 "warped views with known geometry give the true patch matches; a dense contrastive loss "
                 "trains a small head on top of the frozen backbone. Reports patch-matching accuracy on "
-                "held-out views before and after."),
+                "held-out views before and after."
+            ),
             is_output_node=True,
             inputs=[
                 PatchBackbone.Input("backbone", tooltip="From Patch Backbone Loader (built-in or DINOv2)."),
                 io.Image.Input("references", tooltip="Reference photos of the subject (one or more)."),
-                io.Int.Input("steps", default=200, min=0, max=20000,
-                             tooltip="Training steps; 0 measures accuracy only and returns the backbone unchanged."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1e-1, step=1e-5,
-                               tooltip="AdamW learning rate of the tuned head."),
-                io.Int.Input("resolution", default=224, min=64, max=1024, step=16,
-                             tooltip="Side of the square training views in pixels."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of the random views: same seed, same result."),
-                io.String.Input("save_name", default="",
-                                tooltip="If set, saves the tuned head to models/patch_backbones/<name>.safetensors, "
-                                        "selectable in Patch Backbone Loader (its base must stay there too)."),
+                io.Int.Input(
+                    "steps",
+                    default=200,
+                    min=0,
+                    max=20000,
+                    tooltip="Training steps; 0 measures accuracy only and returns the backbone unchanged.",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-3,
+                    min=1e-6,
+                    max=1e-1,
+                    step=1e-5,
+                    tooltip="AdamW learning rate of the tuned head.",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=224,
+                    min=64,
+                    max=1024,
+                    step=16,
+                    tooltip="Side of the square training views in pixels.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    tooltip="Seed of the random views: same seed, same result.",
+                ),
+                io.String.Input(
+                    "save_name",
+                    default="",
+                    tooltip="If set, saves the tuned head to models/patch_backbones/<name>.safetensors, "
+                    "selectable in Patch Backbone Loader (its base must stay there too).",
+                ),
             ],
             outputs=[
                 PatchBackbone.Output(display_name="backbone", tooltip="The tuned backbone."),
@@ -66,8 +93,10 @@ class TrainPatchQualityEstimator(io.ComfyNode):
                 raise InputError(f"save_name '{save_name}' has no usable characters; use letters and digits.")
             base_id = backbone.base_id if isinstance(backbone, TunedPatchBackbone) else backbone.source_id
             if stem and base_id is None:
-                raise InputError("this backbone cannot be saved (it was not loaded by Patch Backbone Loader); "
-                                 "connect the loader's output or clear save_name.")
+                raise InputError(
+                    "this backbone cannot be saved (it was not loaded by Patch Backbone Loader); "
+                    "connect the loader's output or clear save_name."
+                )
             progress = comfy.utils.ProgressBar(max(steps, 1))
 
             def on_step(step, loss):
@@ -76,12 +105,21 @@ class TrainPatchQualityEstimator(io.ComfyNode):
                     logging.info("%s: step %d/%d, loss %.4f", cls.TITLE, step, steps, loss)
 
             with on_compute_device(backbone) as device, torch.inference_mode(False), torch.enable_grad():
-                result = train_patch_estimator(backbone, base_id or "", photos.clone().to(device), steps=steps,
-                                               learning_rate=learning_rate, resolution=resolution, seed=seed,
-                                               on_step=on_step)
+                result = train_patch_estimator(
+                    backbone,
+                    base_id or "",
+                    photos.clone().to(device),
+                    steps=steps,
+                    learning_rate=learning_rate,
+                    resolution=resolution,
+                    seed=seed,
+                    on_step=on_step,
+                )
         tuned = result.backbone.cpu()
-        report = (f"patch-matching top-1 on held-out views: {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}"
-                  f" ({steps} steps")
+        report = (
+            f"patch-matching top-1 on held-out views: {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}"
+            f" ({steps} steps"
+        )
         report += f", loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})" if result.losses else ")"
         if stem:
             folder = backbones_folder()

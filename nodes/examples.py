@@ -1,4 +1,5 @@
 """Example Subject Photo node: the pack's bundled CC0 photos, so workflows run out of the box."""
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,15 @@ class ExampleSubjectPhoto(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY,
             description="A photo bundled with the pack (CC0, from scikit-image's samples), for trying the "
-                        "workflows without your own reference photos. Use Load Image for your own.",
-            inputs=[io.Combo.Input("photo", options=bundled_photos(), default="chelsea.png",
-                                   tooltip="chelsea.png: a cat (the example subject); coffee.png: an unrelated scene.")],
+            "workflows without your own reference photos. Use Load Image for your own.",
+            inputs=[
+                io.Combo.Input(
+                    "photo",
+                    options=bundled_photos(),
+                    default="chelsea.png",
+                    tooltip="chelsea.png: a cat (the example subject); coffee.png: an unrelated scene.",
+                )
+            ],
             outputs=[io.Image.Output(display_name="image", tooltip="The photo as an IMAGE.")],
         )
 

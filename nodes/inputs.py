@@ -1,5 +1,6 @@
 """Checking and converting IMAGE and MASK inputs; warnings name the node they come from, errors
 are ``InputError`` (the node's ``node_errors`` block adds its title)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,13 @@ def image_input_to_rgb(images: torch.Tensor, label: str, title: str) -> torch.Te
     check_image_batch(images, label)
     channels = images.shape[-1]
     if channels != 3:
-        logging.warning("%s: '%s' has %d channel(s); converted to RGB%s.", title, label, channels,
-                        " (alpha applied over black)" if channels == 4 else "")
+        logging.warning(
+            "%s: '%s' has %d channel(s); converted to RGB%s.",
+            title,
+            label,
+            channels,
+            " (alpha applied over black)" if channels == 4 else "",
+        )
     return to_rgb_channels_first(images)
 
 
@@ -29,14 +35,27 @@ def image_input_fitted(images: torch.Tensor, label: str, title: str, size: tuple
     (logged when that changes anything). Returns ``[B, 3, height, width]``."""
     rgb = image_input_to_rgb(images, label, title)
     if tuple(rgb.shape[-2:]) != tuple(size):
-        logging.info("%s: '%s' of %dx%d centre-cropped and resized to %dx%d.", title, label, rgb.shape[-1],
-                     rgb.shape[-2], size[1], size[0])
+        logging.info(
+            "%s: '%s' of %dx%d centre-cropped and resized to %dx%d.",
+            title,
+            label,
+            rgb.shape[-1],
+            rgb.shape[-2],
+            size[1],
+            size[0],
+        )
     return fit_to_size(rgb, tuple(size))
 
 
-def optional_mask(mask: torch.Tensor | None, label: str, title: str, count: int | None = None,
-                  meaning_when_empty: str = "it is ignored", masks_noun: str = "masks",
-                  count_of: str = "images") -> torch.Tensor | None:
+def optional_mask(
+    mask: torch.Tensor | None,
+    label: str,
+    title: str,
+    count: int | None = None,
+    meaning_when_empty: str = "it is ignored",
+    masks_noun: str = "masks",
+    count_of: str = "images",
+) -> torch.Tensor | None:
     """An optional MASK input as ``[N, H, W]``, or None when absent or unpainted (all zero, as
     ComfyUI's mask editor leaves it; logged as "<label> is empty; <meaning_when_empty>").
 
@@ -50,6 +69,7 @@ def optional_mask(mask: torch.Tensor | None, label: str, title: str, count: int 
         logging.warning("%s: %s is empty; %s.", title, label, meaning_when_empty)
         return None
     if count is not None and mask.shape[0] not in (1, count):
-        raise InputError(f"got {mask.shape[0]} {masks_noun} for {count} {count_of}; give one mask for all or one "
-                         "for each.")
+        raise InputError(
+            f"got {mask.shape[0]} {masks_noun} for {count} {count_of}; give one mask for all or one for each."
+        )
     return mask.float()

@@ -4,6 +4,7 @@ The attention algorithm is ``pure/joint_attention.py`` (with the batch layout co
 joint batch and image guidance ``pure/joint_sampling.py``; installing them on ComfyUI and
 sampling is ``comfy_glue/joint.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,41 +36,86 @@ class JointAttention(io.ComfyNode):
                 "being generated also attend to the reference images of the same batch. The references are "
                 "the first `reference_count` images of each batch (with the Joint Sampler: its reference "
                 "photos; the two nodes' strengths multiply). Works with KSampler, SamplerCustomAdvanced and every "
-                "ComfyUI sampler on SD1.x/SD2.x/SDXL; strength 0 = off."),
+                "ComfyUI sampler on SD1.x/SD2.x/SDXL; strength 0 = off."
+            ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
-                io.Float.Input("strength", default=1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="0 = off. joint mode: weight of the reference tokens (1 = plain joint "
-                                       "attention, >1 follows the references more). blend mode: RefDrop mix "
-                                       "c in [-1, 1] (negative pushes away from the references)."),
-                io.Combo.Input("mode", options=list(MODES), default="joint",
-                               tooltip="joint: one softmax over own + reference tokens, reference logits "
-                                       "shifted by log(strength). blend (RefDrop): (1-c)*own attention + "
-                                       "c*attention to the references."),
-                io.Int.Input("reference_count", default=1, min=1, max=64,
-                             tooltip="How many images at the start of each batch are references when a stock "
-                                     "sampler is used (StyleAligned-style: the first image leads the others). "
-                                     "The Joint Sampler sets this itself."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Sampling progress at which joint attention starts (0 = first step)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Sampling progress at which joint attention stops (1 = last step)."),
-                io.Boolean.Input("input_blocks", default=True,
-                                 tooltip="Patch the self-attention of the UNet's input (down) blocks."),
-                io.Boolean.Input("middle_block", default=True,
-                                 tooltip="Patch the self-attention of the UNet's middle block."),
-                io.Boolean.Input("output_blocks", default=True,
-                                 tooltip="Patch the self-attention of the UNet's output (up) blocks."),
-                io.Boolean.Input("adain", default=False,
-                                 tooltip="StyleAligned AdaIN: match the targets' queries and keys to the "
-                                         "references' mean and std before attending."),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-1.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="0 = off. joint mode: weight of the reference tokens (1 = plain joint "
+                    "attention, >1 follows the references more). blend mode: RefDrop mix "
+                    "c in [-1, 1] (negative pushes away from the references).",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default="joint",
+                    tooltip="joint: one softmax over own + reference tokens, reference logits "
+                    "shifted by log(strength). blend (RefDrop): (1-c)*own attention + "
+                    "c*attention to the references.",
+                ),
+                io.Int.Input(
+                    "reference_count",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip="How many images at the start of each batch are references when a stock "
+                    "sampler is used (StyleAligned-style: the first image leads the others). "
+                    "The Joint Sampler sets this itself.",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Sampling progress at which joint attention starts (0 = first step).",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Sampling progress at which joint attention stops (1 = last step).",
+                ),
+                io.Boolean.Input(
+                    "input_blocks", default=True, tooltip="Patch the self-attention of the UNet's input (down) blocks."
+                ),
+                io.Boolean.Input(
+                    "middle_block", default=True, tooltip="Patch the self-attention of the UNet's middle block."
+                ),
+                io.Boolean.Input(
+                    "output_blocks", default=True, tooltip="Patch the self-attention of the UNet's output (up) blocks."
+                ),
+                io.Boolean.Input(
+                    "adain",
+                    default=False,
+                    tooltip="StyleAligned AdaIN: match the targets' queries and keys to the "
+                    "references' mean and std before attending.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with joint attention.")],
         )
 
     @classmethod
-    def execute(cls, model, strength, mode, reference_count, start_percent, end_percent, input_blocks,
-                middle_block, output_blocks, adain) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        strength,
+        mode,
+        reference_count,
+        start_percent,
+        end_percent,
+        input_blocks,
+        middle_block,
+        output_blocks,
+        adain,
+    ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             check_strength(mode, strength)
             if start_percent > end_percent:
@@ -79,10 +125,15 @@ class JointAttention(io.ComfyNode):
                 raise InputError("no blocks chosen; switch on input_blocks, middle_block or output_blocks.")
             sampling = model.get_model_object("model_sampling")
             settings = JointAttentionSettings(
-                strength=strength, mode=mode,
+                strength=strength,
+                mode=mode,
                 sigma_start=float(sampling.percent_to_sigma(start_percent)),
                 sigma_end=float(sampling.percent_to_sigma(end_percent)),
-                blocks=frozenset(chosen), adain_queries=adain, adain_keys=adain, reference_count=reference_count)
+                blocks=frozenset(chosen),
+                adain_queries=adain,
+                adain_keys=adain,
+                reference_count=reference_count,
+            )
             return io.NodeOutput(apply_joint_attention(model, settings))
 
 
@@ -95,8 +146,15 @@ def prepare_references(references: torch.Tensor, size: tuple[int, int]) -> torch
 def prepare_masks(masks: torch.Tensor, references: int, image_size: tuple[int, int]) -> torch.Tensor | None:
     """Subject MASK (one for all or one per reference) -> ``[R, height, width]``, cropped and
     resized like the references, or None for an empty (unpainted) mask."""
-    masks = optional_mask(masks, "the subject mask", JointSampler.TITLE, references,
-                          "the whole reference images are used", "subject masks", "reference image(s)")
+    masks = optional_mask(
+        masks,
+        "the subject mask",
+        JointSampler.TITLE,
+        references,
+        "the whole reference images are used",
+        "subject masks",
+        "reference image(s)",
+    )
     if masks is None:
         return None
     return fit_to_size(masks.unsqueeze(1), image_size).squeeze(1).expand(references, -1, -1)
@@ -116,52 +174,112 @@ class JointSampler(io.ComfyNode):
                 "denoised as one batch. Reference slots are held to the reference latent noised to the current "
                 "step (like inpainting) while the new images attend to them in every self-attention layer. "
                 "Put a Joint Attention node before it for blocks, schedule, mode and AdaIN. Without references "
-                "it samples exactly like KSampler."),
+                "it samples exactly like KSampler."
+            ),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL model (LoRAs and other patches are kept)."),
                 io.Conditioning.Input("positive", tooltip="Prompt for the new images (describe the subject)."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Vae.Input("vae", tooltip="Encodes the references and decodes the new images."),
-                io.Image.Input("references", optional=True,
-                               tooltip="Photos of the subject (one or a batch). Other sizes are centre-cropped "
-                                       "to the output aspect ratio and resized; grayscale/RGBA become RGB. "
-                                       "Without references: a plain sampler."),
-                io.Mask.Input("subject_mask", optional=True,
-                              tooltip="Optional subject mask(s) for the references (one for all or one per "
-                                      "reference): the new images attend only to the subject, not its "
-                                      "background. Empty = whole image."),
-                io.Int.Input("new_images", default=4, min=1, max=64,
-                             tooltip="How many new images of the subject to generate."),
+                io.Image.Input(
+                    "references",
+                    optional=True,
+                    tooltip="Photos of the subject (one or a batch). Other sizes are centre-cropped "
+                    "to the output aspect ratio and resized; grayscale/RGBA become RGB. "
+                    "Without references: a plain sampler.",
+                ),
+                io.Mask.Input(
+                    "subject_mask",
+                    optional=True,
+                    tooltip="Optional subject mask(s) for the references (one for all or one per "
+                    "reference): the new images attend only to the subject, not its "
+                    "background. Empty = whole image.",
+                ),
+                io.Int.Input(
+                    "new_images", default=4, min=1, max=64, tooltip="How many new images of the subject to generate."
+                ),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Width of the new images."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Height of the new images."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="Noise seed; the new images get the same noise as KSampler with this seed."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Noise seed; the new images get the same noise as KSampler with this seed.",
+                ),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Denoising steps."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (text)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
-                               tooltip="Sampling algorithm, as in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
-                               tooltip="Noise schedule, as in KSampler."),
-                io.Float.Input("image_guidance", default=1.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="How strongly the references pull the images: 1 = plain joint sampling; "
-                                       ">1 strengthens the subject (one extra model pass per step), <1 weakens it."),
-                io.Float.Input("strength", default=1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="Joint attention strength (0 = the references are ignored). With a "
-                                       "Joint Attention node on the model, its strength is multiplied by this."),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance scale (text).",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=comfy.samplers.SAMPLER_NAMES,
+                    default="euler",
+                    tooltip="Sampling algorithm, as in KSampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.SCHEDULER_NAMES,
+                    default="normal",
+                    tooltip="Noise schedule, as in KSampler.",
+                ),
+                io.Float.Input(
+                    "image_guidance",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="How strongly the references pull the images: 1 = plain joint sampling; "
+                    ">1 strengthens the subject (one extra model pass per step), <1 weakens it.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-1.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="Joint attention strength (0 = the references are ignored). With a "
+                    "Joint Attention node on the model, its strength is multiplied by this.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The new images (decoded)."),
                 io.Latent.Output(display_name="latent", tooltip="Latents of the new images."),
-                io.Latent.Output(display_name="joint_latent",
-                                 tooltip="The whole joint batch as sampled: references first (equal to their "
-                                         "encoded latents), then the new images."),
+                io.Latent.Output(
+                    display_name="joint_latent",
+                    tooltip="The whole joint batch as sampled: references first (equal to their "
+                    "encoded latents), then the new images.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, vae, new_images, width, height, seed, steps, cfg, sampler_name,
-                scheduler, image_guidance, strength, references=None, subject_mask=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        positive,
+        negative,
+        vae,
+        new_images,
+        width,
+        height,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        image_guidance,
+        strength,
+        references=None,
+        subject_mask=None,
+    ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             self_attention_blocks(model)  # raises for models without supported attention
             if new_images < 1:
@@ -174,9 +292,23 @@ class JointSampler(io.ComfyNode):
                 images = prepare_references(references, size)
                 if subject_mask is not None:
                     masks = prepare_masks(subject_mask, images.shape[0], size)
-            generated, samples = sample_joint(model, positive, negative, new_images, size, seed, steps, cfg,
-                                              sampler_name, scheduler, image_guidance, strength, vae.encode, images,
-                                              masks)
+            generated, samples = sample_joint(
+                model,
+                positive,
+                negative,
+                new_images,
+                size,
+                seed,
+                steps,
+                cfg,
+                sampler_name,
+                scheduler,
+                image_guidance,
+                strength,
+                vae.encode,
+                images,
+                masks,
+            )
         decoded = vae.decode(generated)
         if decoded.ndim == 5:
             decoded = decoded.reshape(-1, *decoded.shape[-3:])

@@ -1,5 +1,6 @@
 """Preference-pair nodes: build pairs from ranked candidates, real photos (HG-DPO) or an
 artist's choice; merge, preview, save and load them."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,12 @@ def fitted_references(references, title: str, size: tuple[int, int]):
 
 def reference_input():
     return io.Image.Input(
-        "references", optional=True,
+        "references",
+        optional=True,
         tooltip="Optional: the subject's reference photos, stored with the pairs. The trainer then trains in "
-                "JeDi's joint batch (the images attend to the references) when its MODEL went through Joint "
-                "Attention. Center-cropped and resized to the pairs' size.")
+        "JeDi's joint batch (the images attend to the references) when its MODEL went through Joint "
+        "Attention. Center-cropped and resized to the pairs' size.",
+    )
 
 
 class PairsFromRankedCandidates(io.ComfyNode):
@@ -41,16 +44,27 @@ class PairsFromRankedCandidates(io.ComfyNode):
             description=(
                 "Ranks generated candidates of one prompt by mean patch quality and pairs better against "
                 "worse. The loser's weight map is 1 - its patch quality, so training concentrates on the "
-                "patches that disagree with the subject; the winner's is its quality."),
+                "patches that disagree with the subject; the winner's is its quality."
+            ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (latents are stored)."),
                 io.Conditioning.Input("positive", tooltip="The conditioning the candidates were generated with."),
                 io.Image.Input("candidates", tooltip="Generated candidates for one prompt (a batch of 2 or more)."),
                 PatchQuality.Input("patch_quality", tooltip="Patch Quality Score of exactly these candidates."),
-                io.Combo.Input("pairing", options=["best_vs_worst", "all_above_margin"], default="best_vs_worst",
-                               tooltip="One pair (best vs worst), or every pair whose score gap exceeds the margin."),
-                io.Float.Input("margin", default=0.02, min=0.0, max=1.0, step=0.005,
-                               tooltip="Minimum difference of mean patch quality for a pair."),
+                io.Combo.Input(
+                    "pairing",
+                    options=["best_vs_worst", "all_above_margin"],
+                    default="best_vs_worst",
+                    tooltip="One pair (best vs worst), or every pair whose score gap exceeds the margin.",
+                ),
+                io.Float.Input(
+                    "margin",
+                    default=0.02,
+                    min=0.0,
+                    max=1.0,
+                    step=0.005,
+                    tooltip="Minimum difference of mean patch quality for a pair.",
+                ),
                 reference_input(),
             ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Preference pairs for the trainer.")],
@@ -62,19 +76,37 @@ class PairsFromRankedCandidates(io.ComfyNode):
             images = image_input_to_rgb(candidates, "candidates", cls.TITLE)
             quality = patch_quality.quality
             if quality.shape[0] != images.shape[0] or tuple(patch_quality.image_size) != tuple(images.shape[-2:]):
-                raise InputError(f"patch_quality scores {quality.shape[0]} images of size "
-                                 f"{tuple(patch_quality.image_size)} but candidates are {images.shape[0]} of size "
-                                 f"{tuple(images.shape[-2:])}; score exactly these candidates.")
+                raise InputError(
+                    f"patch_quality scores {quality.shape[0]} images of size "
+                    f"{tuple(patch_quality.image_size)} but candidates are {images.shape[0]} of size "
+                    f"{tuple(images.shape[-2:])}; score exactly these candidates."
+                )
             scores = [float(s) for s in patch_quality.scores]
             chosen = rank_pairs(scores, pairing, margin)
             reference_images = fitted_references(references, cls.TITLE, tuple(images.shape[-2:]))
         maps = patch_quality.upsampled(tuple(images.shape[-2:]))
         w_index = [w for w, _, _ in chosen]
         l_index = [l for _, l, _ in chosen]
-        metadata = [{"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[l]}
-                    for w, l, difficulty in chosen]
-        return io.NodeOutput(build_pairs(vae, positive, images, w_index, images, l_index, maps[w_index], maps[l_index],
-                                         maps[w_index], 1.0 - maps[l_index], metadata, reference_images))
+        metadata = [
+            {"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[l]}
+            for w, l, difficulty in chosen
+        ]
+        return io.NodeOutput(
+            build_pairs(
+                vae,
+                positive,
+                images,
+                w_index,
+                images,
+                l_index,
+                maps[w_index],
+                maps[l_index],
+                maps[w_index],
+                1.0 - maps[l_index],
+                metadata,
+                reference_images,
+            )
+        )
 
 
 class PairsFromRealPhotos(io.ComfyNode):
@@ -89,14 +121,18 @@ class PairsFromRealPhotos(io.ComfyNode):
             description=(
                 "HG-DPO style: real photos are the winners, generated images the losers (the 'hard' stage "
                 "of the hg_dpo curriculum). Photos are center-cropped to the generated images' aspect and "
-                "resized to their size; they are cycled if there are fewer photos than generated images."),
+                "resized to their size; they are cycled if there are fewer photos than generated images."
+            ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train."),
                 io.Conditioning.Input("positive", tooltip="The conditioning the generated images were made with."),
                 io.Image.Input("real_photos", tooltip="Real photos of the subject (winners)."),
                 io.Image.Input("generated", tooltip="Generated images (losers)."),
-                PatchQuality.Input("patch_quality", optional=True,
-                                   tooltip="Optional Patch Quality Score of `generated`: their bad patches weigh most."),
+                PatchQuality.Input(
+                    "patch_quality",
+                    optional=True,
+                    tooltip="Optional Patch Quality Score of `generated`: their bad patches weigh most.",
+                ),
                 reference_input(),
             ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Preference pairs for the trainer.")],
@@ -112,15 +148,30 @@ class PairsFromRealPhotos(io.ComfyNode):
             loser_quality = None
             if patch_quality is not None:
                 if patch_quality.quality.shape[0] != count:
-                    raise InputError(f"patch_quality scores {patch_quality.quality.shape[0]} images but {count} are "
-                                     "generated; score exactly these images.")
+                    raise InputError(
+                        f"patch_quality scores {patch_quality.quality.shape[0]} images but {count} are "
+                        "generated; score exactly these images."
+                    )
                 loser_quality = patch_quality.upsampled(size)
             reference_images = fitted_references(references, cls.TITLE, size)
         metadata = [{"source": "real", "difficulty": "hard"} for _ in range(count)]
         photo_index = [i % photos.shape[0] for i in range(count)]  # photos are cycled
-        return io.NodeOutput(build_pairs(vae, positive, photos, photo_index, losers, list(range(count)), None,
-                                         loser_quality, None, None if loser_quality is None else 1.0 - loser_quality,
-                                         metadata, reference_images))
+        return io.NodeOutput(
+            build_pairs(
+                vae,
+                positive,
+                photos,
+                photo_index,
+                losers,
+                list(range(count)),
+                None,
+                loser_quality,
+                None,
+                None if loser_quality is None else 1.0 - loser_quality,
+                metadata,
+                reference_images,
+            )
+        )
 
 
 class PairsFromArtistChoice(io.ComfyNode):
@@ -136,7 +187,8 @@ class PairsFromArtistChoice(io.ComfyNode):
                 "You pick: a winner image and a loser image (or batches, paired in order). Paint masks in "
                 "ComfyUI's mask editor to say where: loser_bad_mask marks the regions that are wrong, "
                 "winner_good_mask the regions that are right; training then counts those regions most. "
-                "A winner of another size is center-cropped and resized to the loser's size."),
+                "A winner of another size is center-cropped and resized to the loser's size."
+            ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train."),
                 io.Conditioning.Input("positive", tooltip="The conditioning both images stand for."),
@@ -150,16 +202,19 @@ class PairsFromArtistChoice(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None,
-                references=None) -> io.NodeOutput:
+    def execute(
+        cls, vae, positive, winner, loser, winner_good_mask=None, loser_bad_mask=None, references=None
+    ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             losers = image_input_to_rgb(loser, "loser", cls.TITLE)
             size = tuple(losers.shape[-2:])
             winners = image_input_fitted(winner, "winner", cls.TITLE, size)
             count = max(winners.shape[0], losers.shape[0])
             if winners.shape[0] not in (1, count) or losers.shape[0] not in (1, count):
-                raise InputError(f"{winners.shape[0]} winners and {losers.shape[0]} losers cannot be paired; give "
-                                 "equal counts, or one image on either side.")
+                raise InputError(
+                    f"{winners.shape[0]} winners and {losers.shape[0]} losers cannot be paired; give "
+                    "equal counts, or one image on either side."
+                )
 
             def mask_maps(mask, label):
                 """Per pair, cropped and resized like the images (so a winner's mask stays on it)."""
@@ -169,9 +224,22 @@ class PairsFromArtistChoice(io.ComfyNode):
             good, bad = mask_maps(winner_good_mask, "winner_good_mask"), mask_maps(loser_bad_mask, "loser_bad_mask")
             reference_images = fitted_references(references, cls.TITLE, size)
         metadata = [{"source": "artist", "difficulty": "normal"} for _ in range(count)]
-        return io.NodeOutput(build_pairs(vae, positive, winners, [i % winners.shape[0] for i in range(count)],
-                                         losers, [i % losers.shape[0] for i in range(count)], None,
-                                         None if bad is None else 1.0 - bad, good, bad, metadata, reference_images))
+        return io.NodeOutput(
+            build_pairs(
+                vae,
+                positive,
+                winners,
+                [i % winners.shape[0] for i in range(count)],
+                losers,
+                [i % losers.shape[0] for i in range(count)],
+                None,
+                None if bad is None else 1.0 - bad,
+                good,
+                bad,
+                metadata,
+                reference_images,
+            )
+        )
 
 
 class MergePreferencePairs(io.ComfyNode):
@@ -184,8 +252,10 @@ class MergePreferencePairs(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY,
             description="Joins two pair sets (e.g. several prompts, or ranked + real-photo pairs) into one.",
-            inputs=[PreferencePairsType.Input("pairs_a", tooltip="First pair set."),
-                    PreferencePairsType.Input("pairs_b", tooltip="Second pair set (same image size).")],
+            inputs=[
+                PreferencePairsType.Input("pairs_a", tooltip="First pair set."),
+                PreferencePairsType.Input("pairs_b", tooltip="Second pair set (same image size)."),
+            ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="Both sets together.")],
         )
 
@@ -206,8 +276,10 @@ class PreviewPreferencePairs(io.ComfyNode):
             category=CATEGORY,
             description="A labelled grid: winner | loser | winner weights | loser weights (red = counts most).",
             is_output_node=True,
-            inputs=[PreferencePairsType.Input("pairs", tooltip="The pair set to look at."),
-                    io.Int.Input("max_pairs", default=8, min=1, max=64, tooltip="How many pairs to show.")],
+            inputs=[
+                PreferencePairsType.Input("pairs", tooltip="The pair set to look at."),
+                io.Int.Input("max_pairs", default=8, min=1, max=64, tooltip="How many pairs to show."),
+            ],
             outputs=[io.Image.Output(display_name="grid", tooltip="The preview grid as an IMAGE.")],
         )
 
@@ -227,10 +299,12 @@ class SavePreferencePairs(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY,
             description="Writes the pairs to output/preference_pairs/<name>.safetensors + .json (atomically), "
-                        "to train many times or share. An existing name gets a numbered suffix.",
+            "to train many times or share. An existing name gets a numbered suffix.",
             is_output_node=True,
-            inputs=[PreferencePairsType.Input("pairs", tooltip="The pair set to save."),
-                    io.String.Input("name", default="my_subject_pairs", tooltip="File name (letters, digits, -, _).")],
+            inputs=[
+                PreferencePairsType.Input("pairs", tooltip="The pair set to save."),
+                io.String.Input("name", default="my_subject_pairs", tooltip="File name (letters, digits, -, _)."),
+            ],
             outputs=[],
         )
 
@@ -255,8 +329,13 @@ class LoadPreferencePairs(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY,
             description="Loads a pair set saved by Save Preference Pairs from output/preference_pairs/.",
-            inputs=[io.Combo.Input("file", options=saved_pair_files(),
-                                   tooltip="A .safetensors in output/preference_pairs/ (its .json must be beside it).")],
+            inputs=[
+                io.Combo.Input(
+                    "file",
+                    options=saved_pair_files(),
+                    tooltip="A .safetensors in output/preference_pairs/ (its .json must be beside it).",
+                )
+            ],
             outputs=[PreferencePairsType.Output(display_name="pairs", tooltip="The loaded pair set.")],
         )
 

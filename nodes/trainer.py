@@ -1,4 +1,5 @@
 """DPO LoRA Trainer node: finetunes a LoRA on the graph's MODEL from preference pairs."""
+
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..comfy_glue.trainer import (TRAINING_DTYPES, DPOTrainingConfig, resolve_dtype, save_lora_file,
-                                  train_dpo_lora)
+from ..comfy_glue.trainer import TRAINING_DTYPES, DPOTrainingConfig, resolve_dtype, save_lora_file, train_dpo_lora
 from ..pure.dpo_losses import LOSS_MODES
 from ..pure.dpo_sampling import TIMESTEP_SAMPLING
 from ..pure.drawing import training_plot
@@ -35,65 +35,155 @@ class DPOLoraTrainer(io.ComfyNode):
                 "weighted MSE; focus_dpo uses FocusDPO focus maps gated by timestep; hg_dpo trains real-photo "
                 "pairs with an easy->normal->hard curriculum and a colour-statistics term. Pairs that carry "
                 "reference photos train in JeDi's joint batch when the MODEL went through Joint Attention. "
-                "The input MODEL is never changed. Cancel stops cleanly and saves the last good LoRA to output/loras/."),
+                "The input MODEL is never changed. Cancel stops cleanly and saves the last good LoRA to output/loras/."
+            ),
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to train a LoRA on (stays unchanged)."),
-                PreferencePairsType.Input("pairs", tooltip="From a Preference Pairs node (built with this model's VAE)."),
-                io.Combo.Input("loss_mode", options=list(LOSS_MODES), default="patch_dpo",
-                               tooltip="dpo, patch_dpo (patch-weighted), patchdpo_paper, focus_dpo or hg_dpo."),
-                io.Float.Input("beta", default=5000.0, min=1.0, max=100000.0, step=50.0,
-                               tooltip="DPO temperature: 5000 for SD1.5/SDXL; flow models use ~100-2000."),
+                PreferencePairsType.Input(
+                    "pairs", tooltip="From a Preference Pairs node (built with this model's VAE)."
+                ),
+                io.Combo.Input(
+                    "loss_mode",
+                    options=list(LOSS_MODES),
+                    default="patch_dpo",
+                    tooltip="dpo, patch_dpo (patch-weighted), patchdpo_paper, focus_dpo or hg_dpo.",
+                ),
+                io.Float.Input(
+                    "beta",
+                    default=5000.0,
+                    min=1.0,
+                    max=100000.0,
+                    step=50.0,
+                    tooltip="DPO temperature: 5000 for SD1.5/SDXL; flow models use ~100-2000.",
+                ),
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
-                               tooltip="AdamW learning rate of the LoRA."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=1e-7,
+                    max=1e-1,
+                    step=1e-6,
+                    tooltip="AdamW learning rate of the LoRA.",
+                ),
                 io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
-                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5,
-                               tooltip="LoRA alpha (scale = alpha / rank)."),
+                io.Float.Input(
+                    "alpha", default=8.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank)."
+                ),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pairs per micro-batch."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
-                             tooltip="Micro-batches per optimiser step."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of pair order, timesteps and noise: same seed, same LoRA."),
-                io.Float.Input("timestep_start", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Lowest sampling percent trained (0 = the noisiest step)."),
-                io.Float.Input("timestep_end", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Highest sampling percent trained (1 = the last step)."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="uniform",
-                               tooltip="How percents are drawn in the range: uniform, or logit-normal (middle-heavy)."),
-                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
-                               tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute activations in backward, one image at a time: less memory, "
-                                         "one extra forward."),
-                io.Float.Input("stats_weight", default=0.1, min=0.0, max=100.0, step=0.01,
-                               tooltip="hg_dpo only: weight of the colour-statistics matching term."),
-                io.Float.Input("preserve_outside", default=0.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="patch_dpo / focus_dpo: also keep the model's prediction unchanged where the "
-                                       "pairs' weights are 0 (e.g. outside a painted mask), so the LoRA's effect "
-                                       "stays in the weighted regions. 0 = plain patch-weighted DPO: weights choose "
-                                       "which differences are learned, but what is learned can show anywhere. "
-                                       "~1 is a good start; it also slows learning."),
-                io.Int.Input("save_every", default=0, min=0, max=100000,
-                             tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel)."),
+                io.Int.Input(
+                    "grad_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per optimiser step."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    tooltip="Seed of pair order, timesteps and noise: same seed, same LoRA.",
+                ),
+                io.Float.Input(
+                    "timestep_start",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Lowest sampling percent trained (0 = the noisiest step).",
+                ),
+                io.Float.Input(
+                    "timestep_end",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Highest sampling percent trained (1 = the last step).",
+                ),
+                io.Combo.Input(
+                    "timestep_sampling",
+                    options=list(TIMESTEP_SAMPLING),
+                    default="uniform",
+                    tooltip="How percents are drawn in the range: uniform, or logit-normal (middle-heavy).",
+                ),
+                io.Combo.Input(
+                    "training_dtype",
+                    options=list(TRAINING_DTYPES),
+                    default="auto",
+                    tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=False,
+                    tooltip="Recompute activations in backward, one image at a time: less memory, one extra forward.",
+                ),
+                io.Float.Input(
+                    "stats_weight",
+                    default=0.1,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="hg_dpo only: weight of the colour-statistics matching term.",
+                ),
+                io.Float.Input(
+                    "preserve_outside",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="patch_dpo / focus_dpo: also keep the model's prediction unchanged where the "
+                    "pairs' weights are 0 (e.g. outside a painted mask), so the LoRA's effect "
+                    "stays in the weighted regions. 0 = plain patch-weighted DPO: weights choose "
+                    "which differences are learned, but what is learned can show anywhere. "
+                    "~1 is a good start; it also slows learning.",
+                ),
+                io.Int.Input(
+                    "save_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel).",
+                ),
                 io.String.Input("save_prefix", default="dpo_lora", tooltip="File name prefix of saved checkpoints."),
-                io.LoraModel.Input("resume_lora", optional=True,
-                                   tooltip="Optional LoRA (e.g. from Load LoRA Model) to continue training."),
+                io.LoraModel.Input(
+                    "resume_lora",
+                    optional=True,
+                    tooltip="Optional LoRA (e.g. from Load LoRA Model) to continue training.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA (Save LoRA Weights writes it)."),
                 io.LossMap.Output(display_name="loss_map", tooltip="Loss and diagnostics per step."),
                 io.Image.Output(display_name="plot", tooltip="Loss, accuracy, margin and the four raw errors."),
-                io.Int.Output(display_name="steps", tooltip="Steps trained (Save LoRA Weights puts it in the file name)."),
+                io.Int.Output(
+                    display_name="steps", tooltip="Steps trained (Save LoRA Weights puts it in the file name)."
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, pairs, loss_mode, beta, steps, learning_rate, rank, alpha, batch_size,
-                grad_accumulation, seed, timestep_start, timestep_end, timestep_sampling, training_dtype,
-                gradient_checkpointing, stats_weight, preserve_outside, save_every, save_prefix,
-                resume_lora=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        pairs,
+        loss_mode,
+        beta,
+        steps,
+        learning_rate,
+        rank,
+        alpha,
+        batch_size,
+        grad_accumulation,
+        seed,
+        timestep_start,
+        timestep_end,
+        timestep_sampling,
+        training_dtype,
+        gradient_checkpointing,
+        stats_weight,
+        preserve_outside,
+        save_every,
+        save_prefix,
+        resume_lora=None,
+    ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             if timestep_end <= timestep_start:
                 raise InputError(f"timestep_end ({timestep_end}) must be above timestep_start ({timestep_start}).")
@@ -101,11 +191,23 @@ class DPOLoraTrainer(io.ComfyNode):
                 raise InputError("the pair set is empty; build pairs first.")
         prefix = sanitize_file_stem(save_prefix) or "dpo_lora"
         config = DPOTrainingConfig(
-            loss_mode=loss_mode, beta=beta, steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
-            batch_size=batch_size, grad_accumulation=grad_accumulation, seed=seed, timestep_start=timestep_start,
-            timestep_end=timestep_end, timestep_sampling=timestep_sampling,
-            dtype=resolve_dtype(training_dtype, model.load_device), gradient_checkpointing=gradient_checkpointing,
-            stats_weight=stats_weight, preserve_outside=preserve_outside)
+            loss_mode=loss_mode,
+            beta=beta,
+            steps=steps,
+            learning_rate=learning_rate,
+            rank=rank,
+            alpha=alpha,
+            batch_size=batch_size,
+            grad_accumulation=grad_accumulation,
+            seed=seed,
+            timestep_start=timestep_start,
+            timestep_end=timestep_end,
+            timestep_sampling=timestep_sampling,
+            dtype=resolve_dtype(training_dtype, model.load_device),
+            gradient_checkpointing=gradient_checkpointing,
+            stats_weight=stats_weight,
+            preserve_outside=preserve_outside,
+        )
         progress = comfy.utils.ProgressBar(steps)
         last_good = {"step": 0, "lora": None}
         history: dict[str, list[float]] = {}
@@ -117,8 +219,15 @@ class DPOLoraTrainer(io.ComfyNode):
             if save_every and step % save_every == 0:
                 save_lora_file(lora.state_dict(), f"{prefix}_step{step:05d}")
             if step == 1 or step % 25 == 0 or step == steps:
-                logging.info("%s: step %d/%d loss %.4f accuracy %.2f margin %.3f", cls.TITLE, step, steps,
-                             metrics["loss"], metrics["accuracy"], metrics["margin"])
+                logging.info(
+                    "%s: step %d/%d loss %.4f accuracy %.2f margin %.3f",
+                    cls.TITLE,
+                    step,
+                    steps,
+                    metrics["loss"],
+                    metrics["accuracy"],
+                    metrics["margin"],
+                )
             preview = None
             if step % max(1, steps // 10) == 0 or step == steps:
                 plot = training_plot(history)
@@ -130,12 +239,21 @@ class DPOLoraTrainer(io.ComfyNode):
                 result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=on_step)
         except comfy.model_management.InterruptProcessingException:
             if last_good["lora"] is not None:
-                path = save_lora_file(last_good["lora"].state_dict(), f"{prefix}_interrupted_step{last_good['step']:05d}")
-                logging.warning("%s: cancelled after %d steps; saved the last good LoRA to %s",
-                                cls.TITLE, last_good["step"], path)
+                path = save_lora_file(
+                    last_good["lora"].state_dict(), f"{prefix}_interrupted_step{last_good['step']:05d}"
+                )
+                logging.warning(
+                    "%s: cancelled after %d steps; saved the last good LoRA to %s", cls.TITLE, last_good["step"], path
+                )
             raise
 
         plot = training_plot(result.history).unsqueeze(0)
         loss_map = {name: values for name, values in result.history.items()}
-        return io.NodeOutput(result.lora.patcher, result.lora.state_dict(), loss_map, plot, result.steps_done,
-                             ui=ui.PreviewImage(plot, cls=cls))
+        return io.NodeOutput(
+            result.lora.patcher,
+            result.lora.state_dict(),
+            loss_map,
+            plot,
+            result.steps_done,
+            ui=ui.PreviewImage(plot, cls=cls),
+        )

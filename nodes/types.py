@@ -1,4 +1,5 @@
 """The pack's own ComfyUI socket types and category, defined once for every node file."""
+
 from comfy_api.latest import io
 
 CATEGORY = "personalization"

@@ -13,6 +13,7 @@ features ``[B, C, H / patch_size, W / patch_size]``. Three kinds:
 - ``ClipVisionPatchBackbone``: an adapter around a ComfyUI ``CLIP_VISION`` model (the encoder
   users already load for IP-Adapter), using its penultimate-layer patch tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ class PatchBackbone(torch.nn.Module):
 
 
 @torch.no_grad()
-def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolution: int,
-                           chunk_size: int = 8, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+def extract_patch_features(
+    backbone: PatchBackbone,
+    images: torch.Tensor,
+    resolution: int,
+    chunk_size: int = 8,
+    on_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Patch features for a batch, resized so the short side is about ``resolution``.
 
     Args:
@@ -72,7 +78,7 @@ def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolu
         images = resize_to_patch_grid(images, resolution, backbone.patch_size)
     chunks = []
     for start in range(0, images.shape[0], chunk_size):
-        batch = images[start:start + chunk_size].to(backbone.device)
+        batch = images[start : start + chunk_size].to(backbone.device)
         chunks.append(backbone(batch).float().to(images.device))
         if on_chunk is not None:
             on_chunk(batch.shape[0])
@@ -80,6 +86,7 @@ def extract_patch_features(backbone: PatchBackbone, images: torch.Tensor, resolu
 
 
 # --- built-in offline backbone ---------------------------------------------------------------
+
 
 class EfficientNetLitePatchBackbone(PatchBackbone):
     """EfficientNet-Lite0 hypercolumns on a stride-16 grid.
@@ -132,6 +139,7 @@ class EfficientNetLitePatchBackbone(PatchBackbone):
 
 # --- DINOv2 through transformers -------------------------------------------------------------
 
+
 class Dinov2PatchBackbone(PatchBackbone):
     """DINOv2 (with or without registers) patch tokens after the final layer norm."""
 
@@ -146,7 +154,7 @@ class Dinov2PatchBackbone(PatchBackbone):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        tokens = self._tokens(images)[:, self.num_prefix_tokens:]
+        tokens = self._tokens(images)[:, self.num_prefix_tokens :]
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,8 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(
                 f"{path} has no config.json: put a transformers DINOv2 folder there "
-                "(config.json and model.safetensors from facebook/dinov2-small, -base, ...).")
+                "(config.json and model.safetensors from facebook/dinov2-small, -base, ...)."
+            )
         with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
             model_type = json.load(handle).get("model_type", "")
         if not model_type.startswith("dinov2"):
@@ -220,8 +229,11 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
     if "embeddings.cls_token" not in state:
         raise InputError(f"{path} is not a transformers DINOv2 checkpoint (no embeddings.cls_token).")
     config = dinov2_config_from_state_dict(state)
-    model_class = (transformers.Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers"
-                   else transformers.Dinov2Model)
+    model_class = (
+        transformers.Dinov2WithRegistersModel
+        if config.model_type == "dinov2_with_registers"
+        else transformers.Dinov2Model
+    )
     model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The pooler is optional in released files; anything else missing is a wrong file.
@@ -232,6 +244,7 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
 
 
 # --- ComfyUI CLIP_VISION adapter -------------------------------------------------------------
+
 
 class ClipVisionPatchBackbone(PatchBackbone):
     """Patch tokens of a ComfyUI ``CLIP_VISION`` model's penultimate layer.
@@ -255,7 +268,7 @@ class ClipVisionPatchBackbone(PatchBackbone):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.clip_vision.encode_image(images.movedim(1, -1), crop=False)["penultimate_hidden_states"]
         grid = math.isqrt(tokens.shape[1])
-        tokens = tokens[:, tokens.shape[1] - grid * grid:]  # drop the class (and register) tokens
+        tokens = tokens[:, tokens.shape[1] - grid * grid :]  # drop the class (and register) tokens
         self.patch_size = self.fixed_input_size // grid
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid, grid).float()
 

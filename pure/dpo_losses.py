@@ -22,6 +22,7 @@ Modes:
 Diagnostics: implicit accuracy = mean(inside > 0); reward margin = mean(inside), the logit of
 the preference (beta is inside it, so compare margins only at one beta).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,9 +62,15 @@ class DPOTerms:
     accuracy: torch.Tensor
 
 
-def dpo_loss(model_winner: torch.Tensor, model_loser: torch.Tensor, reference_winner: torch.Tensor,
-             reference_loser: torch.Tensor, beta: float, winner_weights: torch.Tensor | None = None,
-             loser_weights: torch.Tensor | None = None) -> DPOTerms:
+def dpo_loss(
+    model_winner: torch.Tensor,
+    model_loser: torch.Tensor,
+    reference_winner: torch.Tensor,
+    reference_loser: torch.Tensor,
+    beta: float,
+    winner_weights: torch.Tensor | None = None,
+    loser_weights: torch.Tensor | None = None,
+) -> DPOTerms:
     """Diffusion-DPO on per-element squared errors, optionally patch-weighted.
 
     Args:
@@ -77,30 +84,39 @@ def dpo_loss(model_winner: torch.Tensor, model_loser: torch.Tensor, reference_wi
     inside = -0.5 * beta * ((l_w - l_l) - (r_w - r_l).detach())
     return DPOTerms(
         loss=-F.logsigmoid(inside).mean(),
-        model_winner=l_w.mean().detach(), model_loser=l_l.mean().detach(),
-        reference_winner=r_w.mean().detach(), reference_loser=r_l.mean().detach(),
-        margin=inside.mean().detach(), accuracy=(inside > 0).float().mean().detach(),
+        model_winner=l_w.mean().detach(),
+        model_loser=l_l.mean().detach(),
+        reference_winner=r_w.mean().detach(),
+        reference_loser=r_l.mean().detach(),
+        margin=inside.mean().detach(),
+        accuracy=(inside > 0).float().mean().detach(),
     )
 
 
-def patchdpo_paper_loss(model_winner: torch.Tensor, model_loser: torch.Tensor,
-                        winner_weights: torch.Tensor | None = None,
-                        loser_weights: torch.Tensor | None = None) -> torch.Tensor:
+def patchdpo_paper_loss(
+    model_winner: torch.Tensor,
+    model_loser: torch.Tensor,
+    winner_weights: torch.Tensor | None = None,
+    loser_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """PatchDPO's released weighted MSE: ``mean(cat(W_w * e_w, W_l * e_l))``.
 
     Args:
         model_winner, model_loser: ``[B, C, h, w]`` policy errors.
         winner_weights, loser_weights: ``[B, h, w]`` maps (ones when None).
     """
+
     def weighted(errors, weights):
         return errors if weights is None else errors * weights.to(errors.dtype).unsqueeze(1)
 
-    return torch.cat([weighted(model_winner, winner_weights).flatten(),
-                      weighted(model_loser, loser_weights).flatten()]).mean()
+    return torch.cat(
+        [weighted(model_winner, winner_weights).flatten(), weighted(model_loser, loser_weights).flatten()]
+    ).mean()
 
 
-def outside_preservation_loss(policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor,
-                              scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def outside_preservation_loss(
+    policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """Keep the policy's prediction equal to the reference's where the weights are low.
 
     Patch weights only choose which cells the preference is read from; a LoRA's weights are

@@ -1,5 +1,6 @@
 """What a DPO step draws: the sampling percents pairs are noised at, and the pairs it draws from
 (HG-DPO's curriculum). See ``docs/algorithms.md``."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Drawing with kornia colour maps and PIL (no plotting library inside ComfyUI): heat maps of
 [0, 1] maps over images, labelled strips of frames, line plots and text tables as images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,9 @@ def heat_colors(heat: torch.Tensor, colormap: str = "turbo") -> torch.Tensor:
     return apply_colormap(levels, palette)
 
 
-def overlay_heat(images: torch.Tensor, heat: torch.Tensor, opacity: float = 0.55,
-                 colormap: str = "turbo") -> torch.Tensor:
+def overlay_heat(
+    images: torch.Tensor, heat: torch.Tensor, opacity: float = 0.55, colormap: str = "turbo"
+) -> torch.Tensor:
     """Blend the colours of ``heat`` over ``images``.
 
     Args:
@@ -64,11 +66,13 @@ def labelled_strip(frames: torch.Tensor, labels: list[str], gap: int = 4) -> tor
         draw.text((left + 3, 1), label, fill=(235, 235, 235))
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
+
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: dict[str, list[float]]) -> None:
+def _panel(
+    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[str, list[float]]
+) -> None:
     left, top, right, bottom = box
     draw.rectangle(box, outline=(180, 180, 180))
     draw.text((left + 4, top + 2), title, fill=(20, 20, 20))
@@ -85,16 +89,23 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
     for index, (name, line) in enumerate(series.items()):
         color = COLORS[index % len(COLORS)]
         draw.text((left + 4 + 110 * index, bottom + 2), name, fill=color)
-        points = [(left + 4 + (right - left - 8) * i / max(len(line) - 1, 1),
-                   inner_bottom - (inner_bottom - inner_top) * (v - low) / (high - low))
-                  for i, v in enumerate(line) if np.isfinite(v)]
+        points = [
+            (
+                left + 4 + (right - left - 8) * i / max(len(line) - 1, 1),
+                inner_bottom - (inner_bottom - inner_top) * (v - low) / (high - low),
+            )
+            for i, v in enumerate(line)
+            if np.isfinite(v)
+        ]
         if len(points) == 1:
             draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=color)
         elif points:
             draw.line(points, fill=color, width=2)
 
 
-def line_panels(panels: list[tuple[str, dict[str, list[float]]]], width: int = 720, panel_height: int = 150) -> torch.Tensor:
+def line_panels(
+    panels: list[tuple[str, dict[str, list[float]]]], width: int = 720, panel_height: int = 150
+) -> torch.Tensor:
     """Stack titled line-plot panels vertically.
 
     Args:
@@ -115,13 +126,20 @@ def line_panels(panels: list[tuple[str, dict[str, list[float]]]], width: int = 7
 
 def training_plot(history: dict[str, list[float]]) -> torch.Tensor:
     """The DPO trainer's plot: loss; implicit accuracy and reward margin; the four raw errors."""
-    return line_panels([
-        ("DPO loss", {"loss": history.get("loss", [])}),
-        ("implicit accuracy", {"accuracy": history.get("accuracy", [])}),
-        ("reward margin (preference logit)", {"margin": history.get("margin", [])}),
-        ("raw errors (model / reference, winner / loser)",
-         {name: history.get(name, []) for name in ("model_winner", "model_loser", "reference_winner", "reference_loser")}),
-    ])
+    return line_panels(
+        [
+            ("DPO loss", {"loss": history.get("loss", [])}),
+            ("implicit accuracy", {"accuracy": history.get("accuracy", [])}),
+            ("reward margin (preference logit)", {"margin": history.get("margin", [])}),
+            (
+                "raw errors (model / reference, winner / loser)",
+                {
+                    name: history.get(name, [])
+                    for name in ("model_winner", "model_loser", "reference_winner", "reference_loser")
+                },
+            ),
+        ]
+    )
 
 
 def render_text_image(text: str, padding: int = 10, scale: int = 2) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The one error type for problems a user can fix (sizes, counts, settings, files)."""
+
 from __future__ import annotations
 
 

@@ -14,6 +14,7 @@ PatchDPO does not publish this objective (see ALGORITHMS.md); our design:
 - evidence: top-1 correspondence accuracy on held-out views (a fixed seed different from
   training) before and after.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,16 @@ class ViewPair:
     target: torch.Tensor
 
 
-def random_affine(size: int, generator: torch.Generator, max_rotation: float = 20.0,
-                  scale_range: tuple[float, float] = (0.8, 1.25), max_shift: float = 0.1,
-                  flip: bool = True) -> torch.Tensor:
+def random_affine(
+    size: int,
+    generator: torch.Generator,
+    max_rotation: float = 20.0,
+    scale_range: tuple[float, float] = (0.8, 1.25),
+    max_shift: float = 0.1,
+    flip: bool = True,
+) -> torch.Tensor:
     """A random ``[3, 3]`` map from canvas pixels to view pixels, about the canvas centre."""
+
     def uniform(low, high):
         return low + (high - low) * torch.rand((), generator=generator).item()
 
@@ -64,7 +71,9 @@ def random_affine(size: int, generator: torch.Generator, max_rotation: float = 2
     return matrix
 
 
-def patch_correspondences(map_a: torch.Tensor, map_b: torch.Tensor, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_correspondences(
+    map_a: torch.Tensor, map_b: torch.Tensor, size: int, patch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """True matches between the patch grids of two views of one canvas.
 
     Args:
@@ -94,7 +103,9 @@ def square_canvases(photos: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(photos, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def make_view_pairs(photos: torch.Tensor, count: int, size: int, patch: int, generator: torch.Generator) -> list[ViewPair]:
+def make_view_pairs(
+    photos: torch.Tensor, count: int, size: int, patch: int, generator: torch.Generator
+) -> list[ViewPair]:
     """``count`` view pairs of randomly chosen photos.
 
     Args:
@@ -108,8 +119,9 @@ def make_view_pairs(photos: torch.Tensor, count: int, size: int, patch: int, gen
         maps = [random_affine(size, generator) for _ in range(2)]
         views = []
         for matrix in maps:
-            view = kornia.geometry.transform.warp_affine(canvas, matrix[:2].unsqueeze(0), (size, size),
-                                                         padding_mode="zeros", align_corners=False)
+            view = kornia.geometry.transform.warp_affine(
+                canvas, matrix[:2].unsqueeze(0), (size, size), padding_mode="zeros", align_corners=False
+            )
             brightness = 0.8 + 0.4 * torch.rand((), generator=generator).item()
             saturation = 0.7 + 0.6 * torch.rand((), generator=generator).item()
             view = kornia.enhance.adjust_saturation(view * brightness, saturation).clamp(0, 1)
@@ -124,8 +136,13 @@ def _flat(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.flatten(1).T, dim=1)
 
 
-def dense_info_nce(features_a: torch.Tensor, features_b: torch.Tensor, source: torch.Tensor,
-                   target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def dense_info_nce(
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
     """Mean cross-entropy of each source patch of A picking its true match among B's patches.
 
     Args:
@@ -137,8 +154,9 @@ def dense_info_nce(features_a: torch.Tensor, features_b: torch.Tensor, source: t
 
 
 @torch.no_grad()
-def correspondence_accuracy(project: Callable[[torch.Tensor], torch.Tensor], base: Callable[[torch.Tensor], torch.Tensor],
-                            pairs: list[ViewPair]) -> float:
+def correspondence_accuracy(
+    project: Callable[[torch.Tensor], torch.Tensor], base: Callable[[torch.Tensor], torch.Tensor], pairs: list[ViewPair]
+) -> float:
     """Top-1 accuracy of nearest-neighbour patch matching over view pairs.
 
     Args:
@@ -162,10 +180,19 @@ class EstimatorTrainingResult:
     losses: list[float] = field(default_factory=list)
 
 
-def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.Tensor, steps: int = 200,
-                          learning_rate: float = 1e-3, resolution: int = 224, pairs_per_step: int = 2,
-                          temperature: float = 0.1, seed: int = 0, held_out_pairs: int = 16,
-                          on_step: Callable[[int, float], None] | None = None) -> EstimatorTrainingResult:
+def train_patch_estimator(
+    backbone: PatchBackbone,
+    base_id: str,
+    photos: torch.Tensor,
+    steps: int = 200,
+    learning_rate: float = 1e-3,
+    resolution: int = 224,
+    pairs_per_step: int = 2,
+    temperature: float = 0.1,
+    seed: int = 0,
+    held_out_pairs: int = 16,
+    on_step: Callable[[int, float], None] | None = None,
+) -> EstimatorTrainingResult:
     """Tune a residual patch head on augmented views of ``photos``.
 
     Args:
@@ -197,7 +224,9 @@ def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.T
     photos = square_canvases(photos.to(device), size)  # once, not every step
 
     # Held-out views come from their own seed, so training never sees them.
-    held_out = make_view_pairs(photos, held_out_pairs, size, tuned.patch_size, torch.Generator().manual_seed(seed + 1_000_003))
+    held_out = make_view_pairs(
+        photos, held_out_pairs, size, tuned.patch_size, torch.Generator().manual_seed(seed + 1_000_003)
+    )
     accuracy_before = correspondence_accuracy(tuned.project, tuned.base_features, held_out)
 
     generator = torch.Generator().manual_seed(seed)  # every draw uses it: the process's RNG is left alone
@@ -207,10 +236,13 @@ def train_patch_estimator(backbone: PatchBackbone, base_id: str, photos: torch.T
         pairs = make_view_pairs(photos, pairs_per_step, size, tuned.patch_size, generator)
         base = tuned.base_features(torch.stack([view for pair in pairs for view in (pair.view_a, pair.view_b)]))
         features = tuned.project(base)
-        loss = torch.stack([
-            dense_info_nce(features[2 * i], features[2 * i + 1], pair.source, pair.target, temperature)
-            for i, pair in enumerate(pairs) if len(pair.source)
-        ]).mean()
+        loss = torch.stack(
+            [
+                dense_info_nce(features[2 * i], features[2 * i + 1], pair.source, pair.target, temperature)
+                for i, pair in enumerate(pairs)
+                if len(pair.source)
+            ]
+        ).mean()
         if not torch.isfinite(loss):
             raise InputError(f"non-finite loss at step {step + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

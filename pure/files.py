@@ -1,5 +1,6 @@
 """Naming and writing output files so that nothing is overwritten by accident and a failure or
 an interrupt never leaves a half-written file behind."""
+
 from __future__ import annotations
 
 import os

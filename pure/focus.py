@@ -18,6 +18,7 @@ ALGORITHMS.md) with these choices, each a plain function below:
 ``FocusMaps`` keeps both ingredients so a trainer can ask for the focus weights of any sample at
 any timestep on its latent grid without recomputing features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ def local_entropy(images: torch.Tensor, blur_sigma: float = 1.5, window: int = 9
     return (entropy / torch.log(torch.tensor(float(bins)))).clamp(0, 1)
 
 
-def correspondence_priority(generated: torch.Tensor, references: torch.Tensor,
-                            subject_weights: list[torch.Tensor | None]) -> torch.Tensor:
+def correspondence_priority(
+    generated: torch.Tensor, references: torch.Tensor, subject_weights: list[torch.Tensor | None]
+) -> torch.Tensor:
     """Priority = 1 - best match of each generated patch against any subject's patches.
 
     Args:
@@ -112,8 +114,14 @@ def percent_for_sigma(sigma: float, percent_to_sigma: Callable[[float], float], 
     return (low + high) / 2
 
 
-def blend_focus(correspondence: torch.Tensor, complexity: torch.Tensor, progress: torch.Tensor | float,
-                gate_start: float = 0.3, gate_end: float = 0.7, complexity_weight: float = 1.0) -> torch.Tensor:
+def blend_focus(
+    correspondence: torch.Tensor,
+    complexity: torch.Tensor,
+    progress: torch.Tensor | float,
+    gate_start: float = 0.3,
+    gate_end: float = 0.7,
+    complexity_weight: float = 1.0,
+) -> torch.Tensor:
     """Focus weights ``(corr + w g(p) cplx) / (1 + w g(p))``.
 
     Args:
@@ -143,19 +151,28 @@ class FocusMaps:
 
     def on_grid(self, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both maps resized to ``grid_size`` (area for downsampling, bilinear otherwise)."""
-        return (maps_to_grid(self.correspondence, grid_size).clamp(0, 1),
-                maps_to_grid(self.complexity, grid_size).clamp(0, 1))
+        return (
+            maps_to_grid(self.correspondence, grid_size).clamp(0, 1),
+            maps_to_grid(self.complexity, grid_size).clamp(0, 1),
+        )
 
-    def focus(self, progress: torch.Tensor | float, grid_size: tuple[int, int], gate_start: float = 0.3,
-              gate_end: float = 0.7, complexity_weight: float = 1.0) -> torch.Tensor:
+    def focus(
+        self,
+        progress: torch.Tensor | float,
+        grid_size: tuple[int, int],
+        gate_start: float = 0.3,
+        gate_end: float = 0.7,
+        complexity_weight: float = 1.0,
+    ) -> torch.Tensor:
         """``[B, gh, gw]`` focus weights at ``progress`` (scalar or one per sample) on a grid,
         e.g. a latent grid for training."""
         correspondence, complexity = self.on_grid(grid_size)
         return blend_focus(correspondence, complexity, progress, gate_start, gate_end, complexity_weight)
 
 
-def subject_weights_for(masks: torch.Tensor | None, reference_count: int,
-                        grid_size: tuple[int, int]) -> list[torch.Tensor | None]:
+def subject_weights_for(
+    masks: torch.Tensor | None, reference_count: int, grid_size: tuple[int, int]
+) -> list[torch.Tensor | None]:
     """Per-subject coverage of the reference patches from a MASK batch.
 
     - no masks: one subject, all reference patches;
@@ -182,12 +199,19 @@ def subject_weights_for(masks: torch.Tensor | None, reference_count: int,
         return subjects
     raise InputError(
         f"got {masks.shape[0]} subject masks for {reference_count} reference images; give one mask, one "
-        "per reference image, or several masks (one per subject) for a single reference image")
+        "per reference image, or several masks (one per subject) for a single reference image"
+    )
 
 
-def compute_focus_maps(backbone: PatchBackbone, generated: torch.Tensor, references: torch.Tensor,
-                       subject_masks: torch.Tensor | None = None, resolution: int = 448,
-                       blur_sigma: float = 1.5, window: int = 9) -> FocusMaps:
+def compute_focus_maps(
+    backbone: PatchBackbone,
+    generated: torch.Tensor,
+    references: torch.Tensor,
+    subject_masks: torch.Tensor | None = None,
+    resolution: int = 448,
+    blur_sigma: float = 1.5,
+    window: int = 9,
+) -> FocusMaps:
     """Correspondence and complexity maps of generated images against reference photos.
 
     Args:
@@ -209,9 +233,16 @@ def compute_focus_maps(backbone: PatchBackbone, generated: torch.Tensor, referen
     )
 
 
-def focus_strips(images: torch.Tensor, correspondence: torch.Tensor, complexity: torch.Tensor,
-                 frames: list[tuple[float, str]], opacity: float, gate_start: float = 0.3, gate_end: float = 0.7,
-                 complexity_weight: float = 1.0) -> torch.Tensor:
+def focus_strips(
+    images: torch.Tensor,
+    correspondence: torch.Tensor,
+    complexity: torch.Tensor,
+    frames: list[tuple[float, str]],
+    opacity: float,
+    gate_start: float = 0.3,
+    gate_end: float = 0.7,
+    complexity_weight: float = 1.0,
+) -> torch.Tensor:
     """One labelled strip per image: its focus overlay at each ``(progress, label)`` frame.
 
     The blend is per pixel, so callers pass thumbnails and maps at thumbnail size.
@@ -223,9 +254,16 @@ def focus_strips(images: torch.Tensor, correspondence: torch.Tensor, complexity:
     Returns:
         ``[B, 3, H + caption, F * W + gaps]``.
     """
-    overlays = [overlay_heat(images, blend_focus(correspondence, complexity, progress, gate_start, gate_end,
-                                                 complexity_weight), opacity)
-                for progress, _ in frames]  # each [B, 3, H, W]
+    overlays = [
+        overlay_heat(
+            images, blend_focus(correspondence, complexity, progress, gate_start, gate_end, complexity_weight), opacity
+        )
+        for progress, _ in frames
+    ]  # each [B, 3, H, W]
     labels = [label for _, label in frames]
-    return torch.stack([labelled_strip(torch.stack([overlay[index] for overlay in overlays]), labels)
-                        for index in range(images.shape[0])])
+    return torch.stack(
+        [
+            labelled_strip(torch.stack([overlay[index] for overlay in overlays]), labels)
+            for index in range(images.shape[0])
+        ]
+    )

@@ -3,6 +3,7 @@
 ComfyUI passes images as ``[B, H, W, C]`` floats in 0..1 and masks as ``[B, H, W]``; the
 algorithms work channels-first. These helpers do the conversions and the checks once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -88,11 +89,11 @@ def fit_to_size(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if height * target_w > width * target_h:  # too tall: crop rows
         crop = max(1, round(width * target_h / target_w))
         top = (height - crop) // 2
-        images = images[..., top:top + crop, :]
+        images = images[..., top : top + crop, :]
     elif height * target_w < width * target_h:  # too wide: crop columns
         crop = max(1, round(height * target_w / target_h))
         left = (width - crop) // 2
-        images = images[..., :, left:left + crop]
+        images = images[..., :, left : left + crop]
     if tuple(images.shape[-2:]) == (target_h, target_w):
         return images
     return F.interpolate(images, size=(target_h, target_w), mode="bilinear", antialias=True, align_corners=False)

@@ -37,6 +37,7 @@ ComfyUI's ``optimized_attention`` and the tests a plain PyTorch one. The targets
 their own plus the reference tokens may use a kernel of its own (``joint_kernel``): the node
 uses PyTorch's fused SDPA there when ComfyUI runs one of its unfused fallbacks (CPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                   key_bias: torch.Tensor | None = None, upcast: bool = False) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    key_bias: torch.Tensor | None = None,
+    upcast: bool = False,
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention with an optional additive bias per key.
 
     Args:
@@ -87,8 +94,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     mask = None if key_bias is None else key_bias.to(device=q.device, dtype=q.dtype).view(1, 1, 1, -1)
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-                                         attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask
+    )
     return merge_heads(out).to(dtype)
 
 
@@ -133,8 +141,9 @@ def masks_to_tokens(masks: torch.Tensor, grid: tuple[int, int], threshold: float
     return keep
 
 
-def joint_layout(references: int, strength: float | None = None, reference_masks: torch.Tensor | None = None,
-                 enabled: bool = True) -> dict:
+def joint_layout(
+    references: int, strength: float | None = None, reference_masks: torch.Tensor | None = None, enabled: bool = True
+) -> dict:
     """The ``transformer_options[LAYOUT_KEY]`` entry a joint sampler writes.
 
     Args:
@@ -161,19 +170,30 @@ def check_strength(mode: str, strength: float) -> None:
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     if mode == "joint" and strength < 0:
-        raise InputError(f"strength {strength} is negative; negative strength (pushing away from the references) "
-                         "needs mode 'blend'")
+        raise InputError(
+            f"strength {strength} is negative; negative strength (pushing away from the references) needs mode 'blend'"
+        )
     if mode == "blend" and not -1.0 <= strength <= 1.0:
         raise InputError(f"strength {strength} is outside [-1, 1], the range of mode 'blend'")
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, references: int, chunks: int,
-                    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                    strength: float = 1.0, mode: str = "joint", plain: torch.Tensor | None = None,
-                    adain_queries: bool = False, adain_keys: bool = False,
-                    reference_keep: torch.Tensor | None = None, upcast: bool = False,
-                    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                    ) -> torch.Tensor:
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    references: int,
+    chunks: int,
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    strength: float = 1.0,
+    mode: str = "joint",
+    plain: torch.Tensor | None = None,
+    adain_queries: bool = False,
+    adain_keys: bool = False,
+    reference_keep: torch.Tensor | None = None,
+    upcast: bool = False,
+    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Self-attention of a joint batch in which targets also attend to the references.
 
     Args:
@@ -203,8 +223,9 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     per_chunk = batch // chunks
     targets = per_chunk - references
     if batch % chunks or references < 1 or targets < 1:
-        raise InputError(f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) "
-                         "and at least one target")
+        raise InputError(
+            f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) and at least one target"
+        )
 
     def chunked(x):  # [B, T, C] -> [chunks, per_chunk, T, C]
         return x.view(chunks, per_chunk, x.shape[1], channels)
@@ -247,7 +268,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
             attended = joint(flat(q_t), keys, values)
         else:
             bias = torch.zeros(keys.shape[1], device=q.device)
-            bias[k_t.shape[2]:] = math.log(strength)
+            bias[k_t.shape[2] :] = math.log(strength)
             attended = sdpa_attention(flat(q_t), keys, values, heads, key_bias=bias, upcast=upcast)
         out_t.copy_(attended.view_as(out_t))
     elif mode == "blend":
@@ -299,8 +320,13 @@ class JointAttentionPatch:
             ``kernel``).
     """
 
-    def __init__(self, settings: JointAttentionSettings, kernel: AttentionKernel = sdpa_kernel,
-                 previous: Callable | None = None, joint_kernel: AttentionKernel | None = None):
+    def __init__(
+        self,
+        settings: JointAttentionSettings,
+        kernel: AttentionKernel = sdpa_kernel,
+        previous: Callable | None = None,
+        joint_kernel: AttentionKernel | None = None,
+    ):
         self.settings = settings
         self.kernel = kernel
         self.previous = previous
@@ -351,9 +377,19 @@ class JointAttentionPatch:
         if keep is not None:
             keep = keep.to(q.device)
         return joint_attention(
-            q, k, v, heads, references, chunks,
+            q,
+            k,
+            v,
+            heads,
+            references,
+            chunks,
             attention=lambda q_, k_, v_: self.kernel(q_, k_, v_, heads, extra_options),
             joint=lambda q_, k_, v_: self.joint_kernel(q_, k_, v_, heads, extra_options),
-            strength=strength, mode=settings.mode, plain=plain,
-            adain_queries=settings.adain_queries, adain_keys=settings.adain_keys,
-            reference_keep=keep, upcast=extra_options.get("attn_precision") == torch.float32)
+            strength=strength,
+            mode=settings.mode,
+            plain=plain,
+            adain_queries=settings.adain_queries,
+            adain_keys=settings.adain_keys,
+            reference_keep=keep,
+            upcast=extra_options.get("attn_precision") == torch.float32,
+        )

@@ -18,14 +18,16 @@ model pass (unconditional, references switched off) instead of the two a per-bra
 ``e_noref + s * (e_ref - e_noref)`` would need. ``image_guided_pair`` rewrites the (cond,
 uncond) pair so that any CFG rule applied afterwards gives this formula for plain CFG.
 """
+
 from __future__ import annotations
 
 import torch
 from .errors import InputError
 
 
-def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
-                reference_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def joint_batch(
+    reference_latents: torch.Tensor, target_noise: torch.Tensor, reference_noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latent, noise and denoise mask of a joint batch, references first.
 
     Args:
@@ -40,8 +42,10 @@ def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
     if target_noise.shape[0] < 1:
         raise InputError("no new images to generate; ask for at least 1")
     if reference_latents.shape[1:] != target_noise.shape[1:] or reference_noise.shape != reference_latents.shape:
-        raise InputError(f"references {tuple(reference_latents.shape)} and targets {tuple(target_noise.shape)} "
-                         "must share channels and latent size")
+        raise InputError(
+            f"references {tuple(reference_latents.shape)} and targets {tuple(target_noise.shape)} "
+            "must share channels and latent size"
+        )
     references, targets = reference_latents.shape[0], target_noise.shape[0]
     latent = torch.cat([reference_latents, torch.zeros_like(target_noise)])
     noise = torch.cat([reference_noise.to(target_noise.dtype), target_noise])
@@ -49,8 +53,9 @@ def joint_batch(reference_latents: torch.Tensor, target_noise: torch.Tensor,
     return latent, noise, mask
 
 
-def image_guided_pair(cond_refs: torch.Tensor, uncond_refs: torch.Tensor | None,
-                      without_refs: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def image_guided_pair(
+    cond_refs: torch.Tensor, uncond_refs: torch.Tensor | None, without_refs: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewrite the model's (cond, uncond) predictions for image guidance.
 
     Predictions are ComfyUI's denoised outputs; they are affine in the noise prediction with

@@ -9,6 +9,7 @@
 
 These are plain functions on embeddings; where the embeddings come from is the caller's choice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def dreambench_crop(images: torch.Tensor, resize: int = 256, crop: int = 224) ->
     size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
     images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-    return images[..., top:top + crop, left:left + crop]
+    return images[..., top : top + crop, left : left + crop]
 
 
 def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,6 +66,7 @@ class MetricRow:
 
 def format_table(rows: list[MetricRow]) -> str:
     """A plain-text table: metric, after, before, delta (n/a where not computed)."""
+
     def cell(value):
         return "n/a" if value is None else f"{value:.4f}"
 
@@ -96,5 +98,6 @@ def dino_label(backbone) -> tuple[str, str]:
     base = backbone.base if isinstance(backbone, TunedPatchBackbone) else backbone
     if isinstance(base, Dinov2PatchBackbone):
         return "DINO", ""
-    return "DINO*", (f"approximate, from {backbone.name}; put DINOv2 in models/patch_backbones/ for the "
-                     "DreamBench DINO number")
+    return "DINO*", (
+        f"approximate, from {backbone.name}; put DINOv2 in models/patch_backbones/ for the DreamBench DINO number"
+    )

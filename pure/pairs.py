@@ -12,6 +12,7 @@ that turn quality maps into weights live here so they are tested on tensors:
 - quality and complexity maps are kept too: ``patchdpo_paper`` weights the loser by its quality
   (PatchDPO's released form) and ``focus_dpo`` rebuilds FocusDPO focus maps per timestep.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,10 +81,18 @@ class PreferencePairs:
         if n == 0:
             raise InputError("the pair set is empty")
         if self.losers.shape != self.winners.shape:
-            raise InputError(f"winner latents {tuple(self.winners.shape)} and loser latents "
-                             f"{tuple(self.losers.shape)} differ in size")
-        for name in ("winner_weights", "loser_weights", "winner_quality", "loser_quality",
-                     "winner_complexity", "loser_complexity"):
+            raise InputError(
+                f"winner latents {tuple(self.winners.shape)} and loser latents "
+                f"{tuple(self.losers.shape)} differ in size"
+            )
+        for name in (
+            "winner_weights",
+            "loser_weights",
+            "winner_quality",
+            "loser_quality",
+            "winner_complexity",
+            "loser_complexity",
+        ):
             value = getattr(self, name)
             if tuple(value.shape) != (n, *self.latent_size):
                 raise InputError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
@@ -91,8 +100,10 @@ class PreferencePairs:
             raise InputError("the latents contain NaN or infinite values")
         if self.references is not None:
             if self.references.ndim != 4 or tuple(self.references.shape[1:]) != tuple(self.winners.shape[1:]):
-                raise InputError(f"reference latents {tuple(self.references.shape)} do not match the pairs' "
-                                 f"{tuple(self.winners.shape[1:])}; encode the references at the pairs' image size")
+                raise InputError(
+                    f"reference latents {tuple(self.references.shape)} do not match the pairs' "
+                    f"{tuple(self.winners.shape[1:])}; encode the references at the pairs' image size"
+                )
             if not torch.isfinite(self.references).all():
                 raise InputError("the reference latents contain NaN or infinite values")
         if len(self.metadata) != n or self.condition_index.shape[0] != n:
@@ -108,8 +119,10 @@ class PreferencePairs:
 def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePairs:
     """Concatenate two pair sets of the same latent size and VAE family."""
     if first.latent_size != second.latent_size or first.winners.shape[1] != second.winners.shape[1]:
-        raise InputError(f"pair sets have different latent sizes ({tuple(first.winners.shape[1:])} vs "
-                         f"{tuple(second.winners.shape[1:])}); build them at one image size, or train separately")
+        raise InputError(
+            f"pair sets have different latent sizes ({tuple(first.winners.shape[1:])} vs "
+            f"{tuple(second.winners.shape[1:])}); build them at one image size, or train separately"
+        )
     if first.latent_channels != second.latent_channels:
         raise InputError("pair sets were built with VAEs of different families")
     thumb_size = first.thumbnails_winner.shape[-2:]
@@ -122,7 +135,8 @@ def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePa
         references = second.references if references is None else torch.cat([references, second.references])
     cat = torch.cat
     return PreferencePairs(
-        winners=cat([first.winners, second.winners]), losers=cat([first.losers, second.losers]),
+        winners=cat([first.winners, second.winners]),
+        losers=cat([first.losers, second.losers]),
         conditionings=first.conditionings + second.conditionings,
         condition_index=cat([first.condition_index, second.condition_index + len(first.conditionings)]),
         winner_weights=cat([first.winner_weights, second.winner_weights]),
@@ -158,21 +172,35 @@ def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: floa
     if pairing == "best_vs_worst":
         candidates = [(best, worst)]
     elif pairing == "all_above_margin":
-        candidates = [(w, l) for a, w in enumerate(order) for l in order[a + 1:]]
+        candidates = [(w, l) for a, w in enumerate(order) for l in order[a + 1 :]]
     else:
         raise InputError(f"unknown pairing '{pairing}'")
-    pairs = [(w, l, "easy" if (w, l) == (best, worst) else "normal")
-             for w, l in candidates if scores[w] - scores[l] > margin]
+    pairs = [
+        (w, l, "easy" if (w, l) == (best, worst) else "normal") for w, l in candidates if scores[w] - scores[l] > margin
+    ]
     if not pairs:
-        raise InputError(f"no two candidates differ by more than the margin {margin:.3f} "
-                         f"(scores {min(scores):.3f}..{max(scores):.3f}); lower the margin or add candidates")
+        raise InputError(
+            f"no two candidates differ by more than the margin {margin:.3f} "
+            f"(scores {min(scores):.3f}..{max(scores):.3f}); lower the margin or add candidates"
+        )
     return pairs
 
 
 # --- storage: safetensors for tensors, JSON for the rest -------------------------------------------
 
-_TENSORS = ("winners", "losers", "condition_index", "winner_weights", "loser_weights", "winner_quality",
-            "loser_quality", "winner_complexity", "loser_complexity", "thumbnails_winner", "thumbnails_loser")
+_TENSORS = (
+    "winners",
+    "losers",
+    "condition_index",
+    "winner_weights",
+    "loser_weights",
+    "winner_quality",
+    "loser_quality",
+    "winner_complexity",
+    "loser_complexity",
+    "thumbnails_winner",
+    "thumbnails_loser",
+)
 
 
 def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
@@ -195,19 +223,27 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
             dropped |= {key for key in options if key != "pooled_output"}
             entries.append({"pooled": has_pooled})
         conditioning_layout.append(entries)
-    info = {"format": FORMAT, "pairs": len(pairs), "latent_channels": pairs.latent_channels,
-            "latent_size": list(pairs.latent_size), "conditionings": conditioning_layout,
-            "dropped_conditioning_keys": sorted(dropped), "metadata": pairs.metadata}
+    info = {
+        "format": FORMAT,
+        "pairs": len(pairs),
+        "latent_channels": pairs.latent_channels,
+        "latent_size": list(pairs.latent_size),
+        "conditionings": conditioning_layout,
+        "dropped_conditioning_keys": sorted(dropped),
+        "metadata": pairs.metadata,
+    }
     tensor_path, json_path = f"{path_stem}.safetensors", f"{path_stem}.json"
 
     def write_json(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=1)
 
-    write_all_atomically({
-        tensor_path: lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={"format": FORMAT}),
-        json_path: write_json,
-    })
+    write_all_atomically(
+        {
+            tensor_path: lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={"format": FORMAT}),
+            json_path: write_json,
+        }
+    )
     return tensor_path, json_path
 
 
@@ -239,14 +275,19 @@ def _read_pairs(tensor_path: str) -> PreferencePairs:
             options = {"pooled_output": tensors[f"pooled.{c_index}.{e_index}"]} if entry["pooled"] else {}
             conditioning.append([tensors[f"cond.{c_index}.{e_index}"], options])
         conditionings.append(conditioning)
-    pairs = PreferencePairs(conditionings=conditionings, metadata=info["metadata"],
-                            latent_channels=int(info["latent_channels"]), references=tensors.get("references"),
-                            **{name: tensors[name] for name in _TENSORS})
+    pairs = PreferencePairs(
+        conditionings=conditionings,
+        metadata=info["metadata"],
+        latent_channels=int(info["latent_channels"]),
+        references=tensors.get("references"),
+        **{name: tensors[name] for name in _TENSORS},
+    )
     pairs.validate()
     return pairs
 
 
 # --- looking at pairs ------------------------------------------------------------------------
+
 
 def thumbnails(images_rgb: torch.Tensor) -> torch.Tensor:
     """``[B, 3, H, W]`` -> ``[B, 3, THUMBNAIL_HEIGHT, w]`` (aspect kept), on the CPU."""
@@ -259,18 +300,29 @@ def preview_grid(pairs: PreferencePairs, max_pairs: int) -> torch.Tensor:
     """Rows of winner | loser | winner weights | loser weights, labelled; ``[1, H, W, 3]``."""
     rows = []
     for index in range(min(max_pairs, len(pairs))):
-        winner, loser = pairs.thumbnails_winner[index:index + 1].float(), pairs.thumbnails_loser[index:index + 1].float()
+        winner, loser = (
+            pairs.thumbnails_winner[index : index + 1].float(),
+            pairs.thumbnails_loser[index : index + 1].float(),
+        )
         size = tuple(winner.shape[-2:])
 
         def heat(weights, index=index, size=size):
-            upsampled = F.interpolate(weights[index:index + 1].unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+            upsampled = F.interpolate(
+                weights[index : index + 1].unsqueeze(1).float(), size=size, mode="nearest"
+            ).squeeze(1)
             return overlay_heat(torch.full((1, 3, *size), 0.5), upsampled, 0.85)[0]
 
         meta = pairs.metadata[index]
         score = f" {meta['winner_score']:.2f} vs {meta['loser_score']:.2f}" if "winner_score" in meta else ""
         labels = [f"#{index + 1} winner ({meta.get('source', '?')}){score}", "loser", "winner weights", "loser weights"]
-        frames = torch.stack([winner[0], F.interpolate(loser, size=size, mode="area")[0],
-                              heat(pairs.winner_weights), heat(pairs.loser_weights)])
+        frames = torch.stack(
+            [
+                winner[0],
+                F.interpolate(loser, size=size, mode="area")[0],
+                heat(pairs.winner_weights),
+                heat(pairs.loser_weights),
+            ]
+        )
         rows.append(labelled_strip(frames, labels))
     width = max(row.shape[-1] for row in rows)
     rows = [F.pad(row, (0, width - row.shape[-1], 0, 4)) for row in rows]

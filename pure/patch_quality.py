@@ -9,6 +9,7 @@ features share a large common component (every patch looks a bit like every othe
 makes unrelated content score deceptively high; removing the reference mean keeps identical
 content at exactly 1 while pushing unrelated content toward 0 or below (clamped to 0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,13 +47,19 @@ class PatchQuality:
     def upsampled(self, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``[B, H, W]`` quality bilinearly resized to ``size`` (default: the image size)."""
         size = tuple(size or self.image_size)
-        return F.interpolate(self.quality.unsqueeze(1), size=size, mode="bilinear",
-                             align_corners=False).squeeze(1).clamp(0, 1)
+        return (
+            F.interpolate(self.quality.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+            .squeeze(1)
+            .clamp(0, 1)
+        )
 
 
-def best_match_quality(generated: torch.Tensor, references: torch.Tensor,
-                       reference_weights: torch.Tensor | None = None,
-                       min_coverage: float = 0.5) -> torch.Tensor:
+def best_match_quality(
+    generated: torch.Tensor,
+    references: torch.Tensor,
+    reference_weights: torch.Tensor | None = None,
+    min_coverage: float = 0.5,
+) -> torch.Tensor:
     """Best-match cosine quality of each generated patch against the reference patches.
 
     Args:
@@ -85,9 +92,14 @@ def best_match_quality(generated: torch.Tensor, references: torch.Tensor,
     return best.clamp(0, 1).reshape(batch, height, width)
 
 
-def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: torch.Tensor,
-                  reference_masks: torch.Tensor | None = None, resolution: int = 448,
-                  on_images: Callable[[int], None] | None = None) -> PatchQuality:
+def score_patches(
+    backbone: PatchBackbone,
+    generated: torch.Tensor,
+    references: torch.Tensor,
+    reference_masks: torch.Tensor | None = None,
+    resolution: int = 448,
+    on_images: Callable[[int], None] | None = None,
+) -> PatchQuality:
     """Patch quality of generated images against reference photos.
 
     Args:
@@ -113,7 +125,8 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
         if reference_masks.shape[0] not in (1, references.shape[0]):
             raise InputError(
                 f"got {reference_masks.shape[0]} subject masks for {references.shape[0]} reference "
-                "images; give one mask for all references or one per reference")
+                "images; give one mask for all references or one per reference"
+            )
         reference_weights = maps_to_grid(reference_masks, reference_features.shape[-2:])
         reference_weights = reference_weights.expand(references.shape[0], -1, -1)
     generated_features = extract_patch_features(backbone, generated, resolution, on_chunk=on_images)
@@ -122,6 +135,9 @@ def score_patches(backbone: PatchBackbone, generated: torch.Tensor, references: 
         quality=quality,
         image_size=(generated.shape[-2], generated.shape[-1]),
         backbone=backbone.name,
-        metadata={"resolution": resolution, "references": int(references.shape[0]),
-                  "masked": reference_masks is not None},
+        metadata={
+            "resolution": resolution,
+            "references": int(references.shape[0]),
+            "masked": reference_masks is not None,
+        },
     )

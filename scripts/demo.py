@@ -6,6 +6,7 @@ runs in seconds on a CPU, queues it from the page, and copies what they produced
 scores, focus strips, metrics, new images, the trained LoRA, a screenshot of each graph) into
 demo_output/<timestamp>/. The folder's path is the last line printed.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,11 @@ def text_outputs(entry: dict, workflow: dict) -> dict:
     """Text outputs of a finished prompt (scores, reports), by node title."""
     titles = node_titles(workflow)
     previews = {str(node["id"]) for node in workflow["nodes"] if node["type"] == "PreviewAny"}
-    return {titles.get(node_id, node_id): output["text"][0] for node_id, output in entry["outputs"].items()
-            if output.get("text") and node_id not in previews}  # PreviewAny only repeats a node's text
+    return {
+        titles.get(node_id, node_id): output["text"][0]
+        for node_id, output in entry["outputs"].items()
+        if output.get("text") and node_id not in previews
+    }  # PreviewAny only repeats a node's text
 
 
 def main() -> int:
@@ -52,10 +56,15 @@ def main() -> int:
                     name = os.path.basename(path)[: -len(".json")]
                     with open(path, encoding="utf-8") as handle:
                         workflow = json.load(handle)
-                    shrunk = {node["type"]: QUICK_RUN_WIDGETS[node["type"]] for node in workflow["nodes"]
-                              if node["type"] in QUICK_RUN_WIDGETS}
-                    print(f"Running workflows/{name}.json in the real frontend (quick run: {json.dumps(shrunk)})...",
-                          flush=True)
+                    shrunk = {
+                        node["type"]: QUICK_RUN_WIDGETS[node["type"]]
+                        for node in workflow["nodes"]
+                        if node["type"] in QUICK_RUN_WIDGETS
+                    }
+                    print(
+                        f"Running workflows/{name}.json in the real frontend (quick run: {json.dumps(shrunk)})...",
+                        flush=True,
+                    )
                     page.load_workflow(workflow)
                     page.set_widgets(QUICK_RUN_WIDGETS)
                     started = time.time()

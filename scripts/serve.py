@@ -5,6 +5,7 @@ linked into custom_nodes/. When models/checkpoints/ is empty, the tiny random-we
 checkpoint is put there under the name the sample workflows use, so they run (into noise:
 put a real SD1.5 checkpoint there for real images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--base-directory", default=os.path.join(REPO_ROOT, ".serve"))
     args = parser.parse_args()
-    server = ComfyServer(base_directory=args.base_directory, port=args.port,
-                         log_path=os.path.join(args.base_directory, "comfyui.log"))
+    server = ComfyServer(
+        base_directory=args.base_directory, port=args.port, log_path=os.path.join(args.base_directory, "comfyui.log")
+    )
     server.prepare()
     checkpoints = os.path.join(args.base_directory, "models", "checkpoints")
     if not any(name.endswith((".safetensors", ".ckpt")) for name in os.listdir(checkpoints)):

@@ -8,6 +8,7 @@
   into its ``custom_nodes/``; its log is copied to ``test_artifacts/`` at the end.
 - Tests that need ComfyUI skip cleanly where there is none (``make test`` always has one).
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ server with the pack, the headless frontend, random-weight checkpoints, the work
 Callers put ``dev/`` on ``sys.path`` (never the repository root, where the pack's ``nodes``
 package would shadow ComfyUI's ``nodes`` module) and import ``harness.<module>``.
 """
+
 from __future__ import annotations
 
 import importlib.machinery

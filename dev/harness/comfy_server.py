@@ -4,6 +4,7 @@ Used by the integration tests, the browser tests and ``make demo``. The server g
 ``--base-directory`` (models/, custom_nodes/, input/, output/, user/) with the pack linked into
 ``custom_nodes/`` and generated tiny checkpoints under every checkpoint name asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import uuid
 from .tiny_checkpoint import ensure_checkpoint
 
 from . import REPO_ROOT
+
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
 
@@ -53,8 +55,13 @@ class ComfyServer:
     Use as a context manager, or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, base_directory: str | None = None, port: int | None = None,
-                 cache_dir: str = DEFAULT_CACHE, log_path: str | None = None):
+    def __init__(
+        self,
+        base_directory: str | None = None,
+        port: int | None = None,
+        cache_dir: str = DEFAULT_CACHE,
+        log_path: str | None = None,
+    ):
         self._own_base = base_directory is None
         self.base_directory = base_directory or tempfile.mkdtemp(prefix="comfy-base-")
         self.port = port or free_port()
@@ -91,7 +98,9 @@ class ComfyServer:
 
     def provide_clip_vision(self, name: str, seed: int = 0) -> str:
         """Serve a random CLIP ViT-L/14 vision model under ``name`` in models/clip_vision/."""
-        source = ensure_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed, kind="clip_vision")
+        source = ensure_checkpoint(
+            comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed, kind="clip_vision"
+        )
         target = os.path.join(self.base_directory, "models", "clip_vision", name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.lexists(target):
@@ -101,13 +110,23 @@ class ComfyServer:
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         self.prepare()
         command = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", self.base_directory, "--disable-auto-launch",
-            "--database-url", "sqlite:///:memory:",
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            self.base_directory,
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
         ]
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, cwd=comfyui_path(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, cwd=comfyui_path(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -180,8 +199,9 @@ class ComfyServer:
             return json.loads(response.read())
 
     def post(self, path: str, payload: dict, timeout: float = 30) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
             return json.loads(body) if body else {}

@@ -5,6 +5,7 @@ type is registered, converts it with the frontend's own ``app.graphToPrompt`` an
 screenshots. Chromium comes from Debian (``/usr/bin/chromium``); Playwright never downloads a
 browser here.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ import shutil
 import time
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -48,7 +55,8 @@ class Frontend:
         self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         # The app finishes registering node definitions from /object_info after the graph exists.
         self.page.wait_for_function(
-            "() => Object.keys(window.LiteGraph.registered_node_types).length > 50", timeout=120_000)
+            "() => Object.keys(window.LiteGraph.registered_node_types).length > 50", timeout=120_000
+        )
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,6 +23,7 @@ generations (a random-weight UNet is no denoiser: its samples have no stable sta
 Run as a script (``python tiny_checkpoint.py COMFYUI_PATH OUT [SEED]``) so ComfyUI's modules
 load in a process of their own; ``ensure_checkpoint`` does that.
 """
+
 from __future__ import annotations
 
 import copy
@@ -134,8 +135,11 @@ def build_clip_vision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.disable_weight_init)
     generator = torch.Generator().manual_seed(seed)
-    return {name: _init_like(name, shape, generator).to(torch.float16)
-            for name, shape in _state_dict_shapes(model).items() if not name.endswith("position_ids")}
+    return {
+        name: _init_like(name, shape, generator).to(torch.float16)
+        for name, shape in _state_dict_shapes(model).items()
+        if not name.endswith("position_ids")
+    }
 
 
 def synthetic_latents(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -143,8 +147,9 @@ def synthetic_latents(count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(count, *LATENT_SHAPE, generator=generator) * CONTENT_STD
 
 
-def with_property(latents: torch.Tensor, region: torch.Tensor | None = None,
-                  channel: int = PROPERTY_CHANNEL) -> torch.Tensor:
+def with_property(
+    latents: torch.Tensor, region: torch.Tensor | None = None, channel: int = PROPERTY_CHANNEL
+) -> torch.Tensor:
     """``latents`` plus the synthetic visual property: ``PROPERTY_SHIFT`` on ``channel``,
     inside ``region`` (an ``[h, w]`` 0/1 map; everywhere when None)."""
     shifted = latents.clone()
@@ -152,8 +157,9 @@ def with_property(latents: torch.Tensor, region: torch.Tensor | None = None,
     return shifted
 
 
-def pretrain_denoiser(state: dict[str, torch.Tensor], steps: int = 100, batch: int = 8,
-                      learning_rate: float = 3e-4, seed: int = 0) -> dict[str, torch.Tensor]:
+def pretrain_denoiser(
+    state: dict[str, torch.Tensor], steps: int = 100, batch: int = 8, learning_rate: float = 3e-4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Train the UNet of ``state`` to denoise ``synthetic_latents``, half of them with the
     property, conditioned on ``DENOISER_PROMPT``: the eps-prediction MSE SD1.5 is trained with,
     sigmas log-uniform over the model's range. Returns the state with the trained UNet."""
@@ -198,8 +204,11 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        builders = {"sd15": build_state_dict, "sd15_denoiser": build_denoiser_state_dict,
-                     "clip_vision": build_clip_vision_state_dict}
+        builders = {
+            "sd15": build_state_dict,
+            "sd15_denoiser": build_denoiser_state_dict,
+            "clip_vision": build_clip_vision_state_dict,
+        }
         state = builders[kind](seed)
         safetensors.torch.save_file(state, tmp, metadata={"recipe": str(RECIPE_VERSION)})
         os.replace(tmp, path)
@@ -213,12 +222,18 @@ def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: st
     """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser"
     or "clip_vision"), building it on first use in a subprocess that imports ComfyUI from
     ``comfyui_path``."""
-    stem = {"sd15": "tiny_sd15", "sd15_denoiser": f"tiny_sd15_denoiser_d{DENOISER_RECIPE_VERSION}",
-            "clip_vision": "random_clip_vision_vitl"}[kind]
+    stem = {
+        "sd15": "tiny_sd15",
+        "sd15_denoiser": f"tiny_sd15_denoiser_d{DENOISER_RECIPE_VERSION}",
+        "clip_vision": "random_clip_vision_vitl",
+    }[kind]
     path = os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
     if not os.path.exists(path):
-        subprocess.run([sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed), kind],
-                       check=True, cwd=comfyui_path)
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed), kind],
+            check=True,
+            cwd=comfyui_path,
+        )
     return path
 
 

@@ -1,4 +1,5 @@
 """Facts about the pack's workflow files that the tests and the demo share."""
+
 from __future__ import annotations
 
 import glob
@@ -6,6 +7,7 @@ import json
 import os
 
 from . import REPO_ROOT
+
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 
 # Widget values that make a workflow run in seconds on the tiny random checkpoint on a CPU.
@@ -32,12 +34,17 @@ def checkpoint_names(paths: list[str]) -> set[str]:
             workflow = json.load(handle)
         for node in workflow.get("nodes", []):
             if node.get("type") in ("CheckpointLoaderSimple", "CheckpointLoader") and node.get("widgets_values"):
-                names.add(node["widgets_values"][-1] if node["type"] == "CheckpointLoader" else node["widgets_values"][0])
+                names.add(
+                    node["widgets_values"][-1] if node["type"] == "CheckpointLoader" else node["widgets_values"][0]
+                )
     return names
 
 
 def quick_run_widget_count(workflow: dict) -> int:
     """How many widgets ``QUICK_RUN_WIDGETS`` changes in ``workflow`` (every listed widget exists
     on its node type): a quick run that sets fewer has lost one to a rename."""
-    return sum(len(QUICK_RUN_WIDGETS[node["type"]]) for node in workflow.get("nodes", [])
-               if node.get("type") in QUICK_RUN_WIDGETS)
+    return sum(
+        len(QUICK_RUN_WIDGETS[node["type"]])
+        for node in workflow.get("nodes", [])
+        if node.get("type") in QUICK_RUN_WIDGETS
+    )

@@ -1,6 +1,7 @@
 """Every workflow in workflows/ loads in the real ComfyUI frontend (headless Chromium), is
 converted by the frontend's own graphToPrompt, is queued from the page and finishes with
 execution_success on the tiny checkpoint. Screenshots land in test_artifacts/workflows/."""
+
 import json
 import os
 
@@ -42,8 +43,12 @@ def test_workflow_loads_converts_and_runs(path, frontend, comfy_server, artifact
     shot = os.path.join(artifacts_dir, "workflows", os.path.basename(path).replace(".json", ".png"))
     frontend.screenshot(shot)
 
-    saved = [image for output in entry["outputs"].values() for image in output.get("images", [])
-             if image.get("type") == "output"]
+    saved = [
+        image
+        for output in entry["outputs"].values()
+        for image in output.get("images", [])
+        if image.get("type") == "output"
+    ]
     assert saved, "the workflow saved no images"
     for image in saved:
         assert os.path.getsize(comfy_server.output_path(image)) > 0

@@ -7,21 +7,28 @@ Learning is checked on the pre-trained tiny denoiser (``tiny_checkpoint.pretrain
 DPO moves a model relative to its reference, which only means something for generations when
 the reference denoises. Mechanics use the random-weight checkpoint.
 """
+
 import os
 
 import pytest
 import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
-from harness.tiny_checkpoint import (DENOISER_PROMPT, LATENT_SHAPE, PROPERTY_SHIFT, ensure_checkpoint, synthetic_latents,
-                             with_property)
+from harness.tiny_checkpoint import (
+    DENOISER_PROMPT,
+    LATENT_SHAPE,
+    PROPERTY_SHIFT,
+    ensure_checkpoint,
+    synthetic_latents,
+    with_property,
+)
 
 pytestmark = pytest.mark.comfy
 
 LATENT = LATENT_SHAPE  # 64 px images
 LEFT, RIGHT = torch.zeros(LATENT[1:]), torch.zeros(LATENT[1:])
 LEFT[:, : LATENT[2] // 2] = 1
-RIGHT[:, LATENT[2] // 2:] = 1
+RIGHT[:, LATENT[2] // 2 :] = 1
 
 
 def load(kind):
@@ -50,11 +57,21 @@ def make_pairs(conditioning, winners, losers, weights=None):
     ones = torch.ones(count, *LATENT[1:])
     weights = ones if weights is None else weights.expand(count, *LATENT[1:]).clone()
     return PreferencePairs(
-        winners=winners, losers=losers, conditionings=[conditioning],
-        condition_index=torch.zeros(count, dtype=torch.long), winner_weights=weights, loser_weights=weights,
-        winner_quality=ones, loser_quality=ones, winner_complexity=ones * 0.5, loser_complexity=ones * 0.5,
-        thumbnails_winner=torch.zeros(count, 3, 8, 8), thumbnails_loser=torch.zeros(count, 3, 8, 8),
-        metadata=[{"source": "synthetic", "difficulty": "easy"}] * count, latent_channels=4)
+        winners=winners,
+        losers=losers,
+        conditionings=[conditioning],
+        condition_index=torch.zeros(count, dtype=torch.long),
+        winner_weights=weights,
+        loser_weights=weights,
+        winner_quality=ones,
+        loser_quality=ones,
+        winner_complexity=ones * 0.5,
+        loser_complexity=ones * 0.5,
+        thumbnails_winner=torch.zeros(count, 3, 8, 8),
+        thumbnails_loser=torch.zeros(count, 3, 8, 8),
+        metadata=[{"source": "synthetic", "difficulty": "easy"}] * count,
+        latent_channels=4,
+    )
 
 
 def synthetic_pairs(conditioning, count, seed):
@@ -66,8 +83,18 @@ def synthetic_pairs(conditioning, count, seed):
 def config(**overrides):
     from pack.comfy_glue.trainer import DPOTrainingConfig
 
-    values = dict(loss_mode="dpo", beta=2000.0, steps=30, learning_rate=5e-4, rank=4, alpha=4.0, batch_size=4,
-                  seed=0, timestep_start=0.2, timestep_end=0.95)
+    values = dict(
+        loss_mode="dpo",
+        beta=2000.0,
+        steps=30,
+        learning_rate=5e-4,
+        rank=4,
+        alpha=4.0,
+        batch_size=4,
+        seed=0,
+        timestep_start=0.2,
+        timestep_end=0.95,
+    )
     values.update(overrides)
     return DPOTrainingConfig(**values)
 
@@ -94,8 +121,9 @@ def generate(patcher, conditioning, count=16, seed=0, steps=12):
 
     empty = torch.zeros(count, *LATENT)
     noise = comfy.sample.prepare_noise(empty, seed)
-    return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "normal", conditioning, conditioning, empty,
-                               seed=seed, disable_pbar=True).float()
+    return comfy.sample.sample(
+        patcher, noise, steps, 1.0, "euler", "normal", conditioning, conditioning, empty, seed=seed, disable_pbar=True
+    ).float()
 
 
 def test_learns_a_synthetic_preference(denoiser):
@@ -153,7 +181,10 @@ def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     if prediction == "flow":
         patched, kind = ModelSamplingSD3().patch(model, shift=3.0)[0], comfy.model_sampling.CONST
     else:
-        patched, kind = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0], comfy.model_sampling.V_PREDICTION
+        patched, kind = (
+            ModelSamplingDiscrete().patch(model, "v_prediction", False)[0],
+            comfy.model_sampling.V_PREDICTION,
+        )
     train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
     result = train_dpo_lora(patched, train, config(**LEARNING))
     assert isinstance(PairBatcher(result.lora.patcher, held_out).sampling, kind)
@@ -257,10 +288,12 @@ def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
 
     from pack.comfy_glue.pair_batches import target_space_scale
 
-    base, prediction = {"eps": (sampling.ModelSamplingDiscrete, sampling.EPS),
-                        "v": (sampling.ModelSamplingDiscrete, sampling.V_PREDICTION),
-                        "flow": (sampling.ModelSamplingDiscreteFlow, sampling.CONST),
-                        "x0": (sampling.ModelSamplingDiscrete, sampling.X0)}[kind]
+    base, prediction = {
+        "eps": (sampling.ModelSamplingDiscrete, sampling.EPS),
+        "v": (sampling.ModelSamplingDiscrete, sampling.V_PREDICTION),
+        "flow": (sampling.ModelSamplingDiscreteFlow, sampling.CONST),
+        "x0": (sampling.ModelSamplingDiscrete, sampling.X0),
+    }[kind]
     model_sampling = type("Sampling", (base, prediction), {})()
     generator = torch.Generator().manual_seed(0)
     x0, noise, output = (torch.randn(3, 4, 2, 2, generator=generator) for _ in range(3))
@@ -344,8 +377,10 @@ def test_bad_training_input_is_refused(tiny):
     wrong_family.latent_channels = 16
     with pytest.raises(ValueError, match="16-channel latents but this model expects 4"):
         train_dpo_lora(model, wrong_family, config(steps=1))
-    foreign = {"diffusion_model.not_a_layer.lora_up.weight": torch.zeros(4, 2),
-               "diffusion_model.not_a_layer.lora_down.weight": torch.zeros(2, 4)}
+    foreign = {
+        "diffusion_model.not_a_layer.lora_up.weight": torch.zeros(4, 2),
+        "diffusion_model.not_a_layer.lora_down.weight": torch.zeros(2, 4),
+    }
     with pytest.raises(ValueError, match="matches no layer"):
         train_dpo_lora(model, pairs, config(steps=1), resume=foreign)
     nan_pairs = synthetic_pairs(conditioning, 2, seed=8)

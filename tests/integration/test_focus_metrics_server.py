@@ -1,5 +1,6 @@
 """Focus Regions, Train Patch Quality Estimator and Personalization Metrics inside a real
 ComfyUI server, through /prompt."""
+
 import os
 
 import numpy as np
@@ -10,7 +11,6 @@ from harness.comfy_server import PromptError
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
-
 
 
 def base_nodes():
@@ -24,16 +24,27 @@ def base_nodes():
 
 
 def focus_node(**overrides):
-    inputs = {"backbone": ["5", 0], "generated": ["4", 0], "references": ["1", 0], "percent": 0.0,
-              "gate_start": 0.3, "gate_end": 0.7, "complexity_weight": 1.0, "strip_frames": 4,
-              "resolution": 192, "overlay_opacity": 0.5}
+    inputs = {
+        "backbone": ["5", 0],
+        "generated": ["4", 0],
+        "references": ["1", 0],
+        "percent": 0.0,
+        "gate_start": 0.3,
+        "gate_end": 0.7,
+        "complexity_weight": 1.0,
+        "strip_frames": 4,
+        "resolution": 192,
+        "overlay_opacity": 0.5,
+    }
     inputs.update(overrides)
     return {"class_type": "PrefP_FocusRegions", "inputs": inputs}
 
 
 def saved_pixels(server, entry, node_id):
-    return [np.asarray(Image.open(server.output_path(image)), dtype=np.float32) / 255.0
-            for image in entry["outputs"][node_id]["images"]]
+    return [
+        np.asarray(Image.open(server.output_path(image)), dtype=np.float32) / 255.0
+        for image in entry["outputs"][node_id]["images"]
+    ]
 
 
 def test_focus_regions_mismatch_and_strip(comfy_server):
@@ -59,8 +70,10 @@ def test_focus_regions_with_scheduler_sigmas_and_model(comfy_server):
     prompt = {
         **base_nodes(),
         "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-        "21": {"class_type": "BasicScheduler", "inputs": {"model": ["20", 0], "scheduler": "normal", "steps": 8,
-                                                           "denoise": 1.0}},
+        "21": {
+            "class_type": "BasicScheduler",
+            "inputs": {"model": ["20", 0], "scheduler": "normal", "steps": 8, "denoise": 1.0},
+        },
         "10": focus_node(sigmas=["21", 0], model=["20", 0], strip_frames=3),
         "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/sigma_strip"}},
     }
@@ -87,9 +100,18 @@ def test_train_estimator_saves_a_loadable_backbone(comfy_server):
     name = "chelsea_tuned_test"
     prompt = {
         **base_nodes(),
-        "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
-            "backbone": ["5", 0], "references": ["4", 0], "steps": 15, "learning_rate": 0.002,
-            "resolution": 160, "seed": 0, "save_name": f"../{name}"}},
+        "40": {
+            "class_type": "PrefP_TrainPatchQualityEstimator",
+            "inputs": {
+                "backbone": ["5", 0],
+                "references": ["4", 0],
+                "steps": 15,
+                "learning_rate": 0.002,
+                "resolution": 160,
+                "seed": 0,
+                "save_name": f"../{name}",
+            },
+        },
     }
     entry = comfy_server.run(prompt)
     report = entry["outputs"]["40"]["text"][0]
@@ -103,9 +125,16 @@ def test_train_estimator_saves_a_loadable_backbone(comfy_server):
     scoring = {
         **base_nodes(),
         "5": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": f"{name}.safetensors"}},
-        "41": {"class_type": "PrefP_PatchQualityScore", "inputs": {
-            "backbone": ["5", 0], "generated": ["1", 0], "references": ["1", 0], "resolution": 128,
-            "overlay_opacity": 0.5}},
+        "41": {
+            "class_type": "PrefP_PatchQualityScore",
+            "inputs": {
+                "backbone": ["5", 0],
+                "generated": ["1", 0],
+                "references": ["1", 0],
+                "resolution": 128,
+                "overlay_opacity": 0.5,
+            },
+        },
     }
     text = comfy_server.run(scoring)["outputs"]["41"]["text"][0]
     assert "tuned" in text and float(text.splitlines()[0].split(": ")[1]) == pytest.approx(1.0, abs=1e-3)
@@ -113,9 +142,21 @@ def test_train_estimator_saves_a_loadable_backbone(comfy_server):
 
 def test_train_estimator_zero_steps_is_well_defined_and_never_overwrites(comfy_server):
     def prompt(seed):
-        return {**base_nodes(), "40": {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {
-            "backbone": ["5", 0], "references": ["1", 0], "steps": 0, "learning_rate": 0.001,
-            "resolution": 128, "seed": seed, "save_name": "zero_steps_head"}}}
+        return {
+            **base_nodes(),
+            "40": {
+                "class_type": "PrefP_TrainPatchQualityEstimator",
+                "inputs": {
+                    "backbone": ["5", 0],
+                    "references": ["1", 0],
+                    "steps": 0,
+                    "learning_rate": 0.001,
+                    "resolution": 128,
+                    "seed": seed,
+                    "save_name": "zero_steps_head",
+                },
+            },
+        }
 
     report = comfy_server.run(prompt(0))["outputs"]["40"]["text"][0]
     before, after = (float(x) for x in report.split(": ")[1].split(" (")[0].split(" -> "))
@@ -138,8 +179,9 @@ def test_metrics_dino_clip_i_clip_t_and_delta(comfy_server):
         **base_nodes(),
         "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
         "50": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vit_l14_random.safetensors"}},
-        "51": metrics_node(generated=["1", 0], backbone=["5", 0], clip_vision=["50", 0], clip=["20", 1],
-                           generated_before=["2", 0]),
+        "51": metrics_node(
+            generated=["1", 0], backbone=["5", 0], clip_vision=["50", 0], clip=["20", 1], generated_before=["2", 0]
+        ),
         "52": {"class_type": "SaveImage", "inputs": {"images": ["51", 4], "filename_prefix": "metrics_test/table"}},
     }
     entry = comfy_server.run(prompt)

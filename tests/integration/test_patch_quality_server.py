@@ -1,5 +1,6 @@
 """Patch-quality nodes inside a real ComfyUI server: registration, graphs queued over HTTP,
 bad input answered with clear messages while the server keeps serving."""
+
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 
 pytestmark = pytest.mark.server
 
+
 def generation(size=64, batch=2, checkpoint="tiny_sd15.safetensors"):
     """Nodes 1-6: tiny checkpoint -> KSampler -> decoded IMAGE at ["6", 0]."""
     return {
@@ -19,17 +21,34 @@ def generation(size=64, batch=2, checkpoint="tiny_sd15.safetensors"):
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 7,
+                "steps": 2,
+                "cfg": 4.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
     }
 
 
 def scoring(generated=("6", 0), references=("10", 0), backbone=BUILTIN, mask=None):
     """Nodes 10-13: example photo, backbone, Patch Quality Score, SaveImage of the heat map."""
-    score_inputs = {"backbone": ["11", 0], "generated": list(generated), "references": list(references),
-                    "resolution": 128, "overlay_opacity": 0.5}
+    score_inputs = {
+        "backbone": ["11", 0],
+        "generated": list(generated),
+        "references": list(references),
+        "resolution": 128,
+        "overlay_opacity": 0.5,
+    }
     if mask is not None:
         score_inputs["subject_mask"] = list(mask)
     return {
@@ -112,8 +131,11 @@ def test_dinov2_from_models_folder_and_corrupt_file(comfy_server):
     folder = os.path.join(comfy_server.base_directory, "models", "patch_backbones")
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(0)
-    model = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=1, patch_size=14, image_size=56))
+    model = transformers.Dinov2Model(
+        transformers.Dinov2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=1, patch_size=14, image_size=56
+        )
+    )
     model.save_pretrained(os.path.join(folder, "dinov2-tiny"))
     with open(os.path.join(folder, "broken.safetensors"), "wb") as handle:
         handle.write(b"not a safetensors file")

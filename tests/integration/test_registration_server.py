@@ -1,5 +1,6 @@
 """Every node of the pack is registered in a real ComfyUI, as the node files declare it: its
 title, the pack's category, a description and a tooltip on every input and output."""
+
 import ast
 import glob
 import os
@@ -19,11 +20,22 @@ def declared_nodes() -> dict[str, str]:
         for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
             if not isinstance(node, ast.ClassDef):
                 continue
-            title = next((statement.value.value for statement in node.body if isinstance(statement, ast.Assign)
-                          and [target.id for target in statement.targets if isinstance(target, ast.Name)] == ["TITLE"]),
-                         None)
-            node_ids = [keyword.value.value for call in ast.walk(node) if isinstance(call, ast.Call)
-                        for keyword in call.keywords if keyword.arg == "node_id"]
+            title = next(
+                (
+                    statement.value.value
+                    for statement in node.body
+                    if isinstance(statement, ast.Assign)
+                    and [target.id for target in statement.targets if isinstance(target, ast.Name)] == ["TITLE"]
+                ),
+                None,
+            )
+            node_ids = [
+                keyword.value.value
+                for call in ast.walk(node)
+                if isinstance(call, ast.Call)
+                for keyword in call.keywords
+                if keyword.arg == "node_id"
+            ]
             if node_ids:
                 assert title, f"{node.name} in {path} has no TITLE constant"
                 declared[node_ids[0]] = title

@@ -1,6 +1,7 @@
 """Preference pairs and the DPO LoRA Trainer inside a real ComfyUI server: the saved LoRA
 loads with the stock LoraLoaderModelOnly and changes the model like the trainer's MODEL does;
 pairs save and load; Cancel mid-training stops cleanly and keeps the last good LoRA."""
+
 import glob
 import os
 import shutil
@@ -23,26 +24,71 @@ def candidates_and_pairs():
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "seed": 5, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 5,
+                "steps": 3,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "PrefP_ExampleSubjectPhoto", "inputs": {"photo": "chelsea.png"}},
         "8": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": BUILTIN}},
-        "9": {"class_type": "PrefP_PatchQualityScore", "inputs": {
-            "backbone": ["8", 0], "generated": ["6", 0], "references": ["7", 0], "resolution": 128,
-            "overlay_opacity": 0.5}},
-        "10": {"class_type": "PrefP_PairsFromRankedCandidates", "inputs": {
-            "vae": ["1", 2], "positive": ["2", 0], "candidates": ["6", 0], "patch_quality": ["9", 0],
-            "pairing": "all_above_margin", "margin": 0.0}},
+        "9": {
+            "class_type": "PrefP_PatchQualityScore",
+            "inputs": {
+                "backbone": ["8", 0],
+                "generated": ["6", 0],
+                "references": ["7", 0],
+                "resolution": 128,
+                "overlay_opacity": 0.5,
+            },
+        },
+        "10": {
+            "class_type": "PrefP_PairsFromRankedCandidates",
+            "inputs": {
+                "vae": ["1", 2],
+                "positive": ["2", 0],
+                "candidates": ["6", 0],
+                "patch_quality": ["9", 0],
+                "pairing": "all_above_margin",
+                "margin": 0.0,
+            },
+        },
     }
 
 
 def trainer(steps=4, **overrides):
-    inputs = {"model": ["1", 0], "pairs": ["10", 0], "loss_mode": "patch_dpo", "beta": 2000.0, "steps": steps,
-              "learning_rate": 2e-3, "rank": 4, "alpha": 4.0, "batch_size": 1, "grad_accumulation": 1, "seed": 0,
-              "timestep_start": 0.0, "timestep_end": 1.0, "timestep_sampling": "uniform", "training_dtype": "auto",
-              "gradient_checkpointing": False, "stats_weight": 0.1, "preserve_outside": 0.0, "save_every": 0, "save_prefix": "test_lora"}
+    inputs = {
+        "model": ["1", 0],
+        "pairs": ["10", 0],
+        "loss_mode": "patch_dpo",
+        "beta": 2000.0,
+        "steps": steps,
+        "learning_rate": 2e-3,
+        "rank": 4,
+        "alpha": 4.0,
+        "batch_size": 1,
+        "grad_accumulation": 1,
+        "seed": 0,
+        "timestep_start": 0.0,
+        "timestep_end": 1.0,
+        "timestep_sampling": "uniform",
+        "training_dtype": "auto",
+        "gradient_checkpointing": False,
+        "stats_weight": 0.1,
+        "preserve_outside": 0.0,
+        "save_every": 0,
+        "save_prefix": "test_lora",
+    }
     inputs.update(overrides)
     return {"class_type": "PrefP_DPOLoraTrainer", "inputs": inputs}
 
@@ -50,9 +96,21 @@ def trainer(steps=4, **overrides):
 def sample_and_save(model_ref, prefix, node_base):
     a, b = str(node_base), str(node_base + 1)
     return {
-        a: {"class_type": "KSampler", "inputs": {
-            "model": model_ref, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "seed": 9, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        a: {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model_ref,
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 9,
+                "steps": 3,
+                "cfg": 3.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         b: {"class_type": "SaveLatent", "inputs": {"samples": [a, 0], "filename_prefix": prefix}},
     }
 
@@ -63,10 +121,14 @@ def saved_latent(server, entry, node_id):
 
 
 def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server):
-    prompt = {**candidates_and_pairs(), "11": trainer(),
-              "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/server_test"}},
-              "13": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 4}},
-              **sample_and_save(["11", 0], "trained", 20), **sample_and_save(["1", 0], "base", 22)}
+    prompt = {
+        **candidates_and_pairs(),
+        "11": trainer(),
+        "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/server_test"}},
+        "13": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 4}},
+        **sample_and_save(["11", 0], "trained", 20),
+        **sample_and_save(["1", 0], "base", 22),
+    }
     entry = comfy_server.run(prompt)
     assert len(entry["outputs"]["13"]["images"]) == 1
     trained, base = saved_latent(comfy_server, entry, "21"), saved_latent(comfy_server, entry, "23")
@@ -77,10 +139,14 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
     loras = os.path.join(comfy_server.base_directory, "models", "loras")
     os.makedirs(loras, exist_ok=True)
     shutil.copy(saved[0], os.path.join(loras, "server_test.safetensors"))
-    reload = {**candidates_and_pairs(),
-              "30": {"class_type": "LoraLoaderModelOnly", "inputs": {
-                  "model": ["1", 0], "lora_name": "server_test.safetensors", "strength_model": 1.0}},
-              **sample_and_save(["30", 0], "reloaded", 31)}
+    reload = {
+        **candidates_and_pairs(),
+        "30": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": "server_test.safetensors", "strength_model": 1.0},
+        },
+        **sample_and_save(["30", 0], "reloaded", 31),
+    }
     reloaded = saved_latent(comfy_server, comfy_server.run(reload), "32")
     assert (reloaded - trained).abs().max() < 1e-3, (reloaded - trained).abs().max()
 
@@ -88,8 +154,10 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
 @pytest.fixture(scope="module")
 def saved_pair_set(comfy_server):
     """The candidates' ranked pairs saved as 'server test' (-> server_test.safetensors)."""
-    prompt = {**candidates_and_pairs(),
-              "14": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "server test"}}}
+    prompt = {
+        **candidates_and_pairs(),
+        "14": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "server test"}},
+    }
     entry = comfy_server.run(prompt)
     assert "saved 3 pairs" in entry["outputs"]["14"]["text"][0]  # 3 candidates, all gaps > 0
     return "server_test.safetensors"
@@ -100,9 +168,11 @@ def test_pairs_reload_and_train(comfy_server, saved_pair_set):
     assert "server_test.safetensors" in saved and "server_test.json" in saved
     info = comfy_server.object_info("PrefP_LoadPreferencePairs")["PrefP_LoadPreferencePairs"]
     assert "server_test.safetensors" in info["input"]["required"]["file"][1]["options"]
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-              "10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "server_test.safetensors"}},
-              "11": trainer(steps=2, loss_mode="focus_dpo")}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "server_test.safetensors"}},
+        "11": trainer(steps=2, loss_mode="focus_dpo"),
+    }
     entry = comfy_server.run(prompt)
     assert len(entry["outputs"]["11"]["images"]) == 1  # the plot preview
 
@@ -112,17 +182,23 @@ def test_joint_set_training_in_the_graph(comfy_server):
     trainer trains in the joint batch when its MODEL went through Joint Attention."""
     prompt = candidates_and_pairs()
     prompt["10"]["inputs"]["references"] = ["7", 0]
-    prompt.update({
-        **attention_node("11"),
-        "12": trainer(steps=2, model=["11", 0]),
-        "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "with references"}},
-    })
+    prompt.update(
+        {
+            **attention_node("11"),
+            "12": trainer(steps=2, model=["11", 0]),
+            "13": {
+                "class_type": "PrefP_SavePreferencePairs",
+                "inputs": {"pairs": ["10", 0], "name": "with references"},
+            },
+        }
+    )
     offset = comfy_server.log_offset()
     entry = comfy_server.run(prompt)
     assert len(entry["outputs"]["12"]["images"]) == 1
     assert "Training in the joint batch with 1 reference latents" in comfy_server.log_since(offset)
-    saved = safetensors.torch.load_file(os.path.join(comfy_server.base_directory, "output", "preference_pairs",
-                                                     "with_references.safetensors"))
+    saved = safetensors.torch.load_file(
+        os.path.join(comfy_server.base_directory, "output", "preference_pairs", "with_references.safetensors")
+    )
     assert saved["references"].shape == (1, 4, 8, 8)  # one photo, encoded at the candidates' 64 px
 
 
@@ -130,26 +206,46 @@ def test_artist_choice_and_real_photo_pairs(comfy_server):
     """Artist Choice: a winner of another aspect is centre-cropped to the loser's size and its
     painted mask is cropped with it; mismatched counts are refused. Real Photos: photos are
     cycled over the generated images."""
-    def image(width, height, batch, color):
-        return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch,
-                                                        "color": color}}
 
-    base = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-            "3": image(128, 64, 1, 0x804020), "4": image(64, 64, 1, 0x204080), "5": image(64, 64, 3, 0x408020),
-            # winner_good_mask: columns 48..80 of the 128-px-wide winner
-            "6": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 128, "height": 64}},
-            "7": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
-            "8": {"class_type": "MaskComposite", "inputs": {"destination": ["6", 0], "source": ["7", 0], "x": 48,
-                                                            "y": 0, "operation": "add"}}}
-    prompt = {**base,
-              "10": {"class_type": "PrefP_PairsFromArtistChoice", "inputs": {
-                  "vae": ["1", 2], "positive": ["2", 0], "winner": ["3", 0], "loser": ["4", 0],
-                  "winner_good_mask": ["8", 0]}},
-              "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "artist"}},
-              "12": {"class_type": "PrefP_PairsFromRealPhotos", "inputs": {
-                  "vae": ["1", 2], "positive": ["2", 0], "real_photos": ["3", 0], "generated": ["5", 0]}},
-              "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["12", 0], "name": "real"}}}
+    def image(width, height, batch, color):
+        return {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch, "color": color},
+        }
+
+    base = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "3": image(128, 64, 1, 0x804020),
+        "4": image(64, 64, 1, 0x204080),
+        "5": image(64, 64, 3, 0x408020),
+        # winner_good_mask: columns 48..80 of the 128-px-wide winner
+        "6": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 128, "height": 64}},
+        "7": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "8": {
+            "class_type": "MaskComposite",
+            "inputs": {"destination": ["6", 0], "source": ["7", 0], "x": 48, "y": 0, "operation": "add"},
+        },
+    }
+    prompt = {
+        **base,
+        "10": {
+            "class_type": "PrefP_PairsFromArtistChoice",
+            "inputs": {
+                "vae": ["1", 2],
+                "positive": ["2", 0],
+                "winner": ["3", 0],
+                "loser": ["4", 0],
+                "winner_good_mask": ["8", 0],
+            },
+        },
+        "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "artist"}},
+        "12": {
+            "class_type": "PrefP_PairsFromRealPhotos",
+            "inputs": {"vae": ["1", 2], "positive": ["2", 0], "real_photos": ["3", 0], "generated": ["5", 0]},
+        },
+        "13": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["12", 0], "name": "real"}},
+    }
     comfy_server.run(prompt)
     folder = os.path.join(comfy_server.base_directory, "output", "preference_pairs")
     artist = safetensors.torch.load_file(os.path.join(folder, "artist.safetensors"))
@@ -162,9 +258,17 @@ def test_artist_choice_and_real_photo_pairs(comfy_server):
     torch.testing.assert_close(real["winners"][0], real["winners"][2])
 
     with pytest.raises(PromptError, match="2 winners and 3 losers cannot be paired"):
-        comfy_server.run({**base, "3": image(64, 64, 2, 0), "10": {"class_type": "PrefP_PairsFromArtistChoice", "inputs": {
-            "vae": ["1", 2], "positive": ["2", 0], "winner": ["3", 0], "loser": ["5", 0]}},
-            "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "refused"}}})
+        comfy_server.run(
+            {
+                **base,
+                "3": image(64, 64, 2, 0),
+                "10": {
+                    "class_type": "PrefP_PairsFromArtistChoice",
+                    "inputs": {"vae": ["1", 2], "positive": ["2", 0], "winner": ["3", 0], "loser": ["5", 0]},
+                },
+                "11": {"class_type": "PrefP_SavePreferencePairs", "inputs": {"pairs": ["10", 0], "name": "refused"}},
+            }
+        )
     assert not [name for name in os.listdir(folder) if name.startswith("refused") or name.endswith(".partial")]
 
 
@@ -172,9 +276,12 @@ def test_bad_trainer_input_is_reported(comfy_server):
     with pytest.raises(PromptError, match="timestep_end"):
         comfy_server.run({**candidates_and_pairs(), "11": trainer(timestep_start=0.8, timestep_end=0.2)})
     with pytest.raises(PromptError) as error:
-        comfy_server.queue({"10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "nope.safetensors"}},
-                            "11": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0],
-                                                                                            "max_pairs": 2}}})
+        comfy_server.queue(
+            {
+                "10": {"class_type": "PrefP_LoadPreferencePairs", "inputs": {"file": "nope.safetensors"}},
+                "11": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 2}},
+            }
+        )
     assert "nope.safetensors" in str(error.value.payload)
     comfy_server.assert_serving("PrefP_DPOLoraTrainer")
 

@@ -1,5 +1,6 @@
 """Backbone loading and feature shapes: DINOv2 from a transformers folder and from a single
 file, the built-in EfficientNet-Lite0, and the adapter over ComfyUI's own CLIP vision model."""
+
 import json
 
 import pytest
@@ -8,14 +9,18 @@ import torch
 import transformers
 
 from pack.pure.errors import InputError
-from pack.pure.backbone import (ClipVisionPatchBackbone, EfficientNetLitePatchBackbone,
-                                   dinov2_config_from_state_dict, extract_patch_features, load_dinov2)
+from pack.pure.backbone import (
+    ClipVisionPatchBackbone,
+    EfficientNetLitePatchBackbone,
+    dinov2_config_from_state_dict,
+    extract_patch_features,
+    load_dinov2,
+)
 
 
 def tiny_dinov2(registers: int = 0, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, mlp_ratio=4,
-                  patch_size=14, image_size=56)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, mlp_ratio=4, patch_size=14, image_size=56)
     if registers:
         config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
         return transformers.Dinov2WithRegistersModel(config).eval()
@@ -44,7 +49,7 @@ def test_dinov2_single_file_matches_folder(tmp_path, registers):
     # Same numbers as the raw transformers model's patch tokens.
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    tokens = model(pixel_values=(images - mean) / std).last_hidden_state[:, 1 + registers:]
+    tokens = model(pixel_values=(images - mean) / std).last_hidden_state[:, 1 + registers :]
     torch.testing.assert_close(features, tokens.transpose(1, 2).reshape(2, 64, 5, 7))
 
 
@@ -79,9 +84,19 @@ def test_efficientnet_lite_grid_and_resize():
 def test_clip_vision_adapter_over_comfyui_model(comfy_modules, tmp_path):
     import comfy.clip_vision
 
-    config = {"hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 56, "intermediate_size": 64,
-              "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2,
-              "num_channels": 3, "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16}
+    config = {
+        "hidden_act": "quick_gelu",
+        "hidden_size": 32,
+        "image_size": 56,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "num_hidden_layers": 3,
+        "patch_size": 14,
+        "projection_dim": 16,
+    }
     config_path = tmp_path / "tiny_clip_vision.json"
     config_path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(config_path))

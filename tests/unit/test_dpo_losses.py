@@ -1,13 +1,19 @@
 """DPO losses on tiny tensors: values against hand-written formulas (independent loops) and
 gradients against autograd of those formulas, for every loss mode, plus gradcheck."""
+
 import math
 
 import pytest
 import torch
 
 from pack.pure.focus import blend_focus
-from pack.pure.dpo_losses import (channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss,
-                                     weighted_mean)
+from pack.pure.dpo_losses import (
+    channel_stats_loss,
+    dpo_loss,
+    outside_preservation_loss,
+    patchdpo_paper_loss,
+    weighted_mean,
+)
 
 
 def errors(seed, shape=(2, 2, 2, 3)):
@@ -59,8 +65,11 @@ def test_weighted_mean_plain_and_weighted():
 def test_dpo_mode_value_and_gradients():
     mw, ml = errors(0).requires_grad_(), errors(1).requires_grad_()
     rw, rl = errors(2), errors(3)
-    compare_with_hand(lambda a, b, c, d: dpo_loss(a, b, c, d, beta=3.0).loss,
-                      lambda a, b, c, d: hand_dpo(a, b, c, d, 3.0), (mw, ml, rw, rl))
+    compare_with_hand(
+        lambda a, b, c, d: dpo_loss(a, b, c, d, beta=3.0).loss,
+        lambda a, b, c, d: hand_dpo(a, b, c, d, 3.0),
+        (mw, ml, rw, rl),
+    )
 
 
 def test_dpo_hand_numbers_and_diagnostics():
@@ -75,8 +84,11 @@ def test_patch_dpo_mode_value_and_gradients_and_ones_equal_dpo():
     mw, ml = errors(4).requires_grad_(), errors(5).requires_grad_()
     rw, rl = errors(6), errors(7)
     ww, wl = errors(8, (2, 2, 3)), errors(9, (2, 2, 3))
-    compare_with_hand(lambda a, b, c, d: dpo_loss(a, b, c, d, 2.0, ww, wl).loss,
-                      lambda a, b, c, d: hand_dpo(a, b, c, d, 2.0, ww, wl), (mw, ml, rw, rl))
+    compare_with_hand(
+        lambda a, b, c, d: dpo_loss(a, b, c, d, 2.0, ww, wl).loss,
+        lambda a, b, c, d: hand_dpo(a, b, c, d, 2.0, ww, wl),
+        (mw, ml, rw, rl),
+    )
     ones = torch.ones(2, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(dpo_loss(mw, ml, rw, rl, 2.0, ones, ones).loss, dpo_loss(mw, ml, rw, rl, 2.0).loss)
 
@@ -90,8 +102,11 @@ def test_focus_dpo_weights_value_and_gradients():
     # Early sample: focus = mismatch only; late sample: (mismatch + complexity) / 2.
     torch.testing.assert_close(focus[0], (1 - quality[0]) + 1e-3)
     torch.testing.assert_close(focus[1], (1 - quality[1] + complexity[1]) / 2 + 1e-3)
-    compare_with_hand(lambda a, b, c, d: dpo_loss(a, b, c, d, 4.0, focus, focus).loss,
-                      lambda a, b, c, d: hand_dpo(a, b, c, d, 4.0, focus, focus), (mw, ml, rw, rl))
+    compare_with_hand(
+        lambda a, b, c, d: dpo_loss(a, b, c, d, 4.0, focus, focus).loss,
+        lambda a, b, c, d: hand_dpo(a, b, c, d, 4.0, focus, focus),
+        (mw, ml, rw, rl),
+    )
 
 
 def test_patchdpo_paper_mode_value_and_gradients():

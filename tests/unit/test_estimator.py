@@ -1,5 +1,6 @@
 """PatchDPO's self-supervised estimator step: true correspondences by hand, then real tuning
 of the built-in backbone on real photos (held-out accuracy must rise)."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from pack.pure.backbone import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
-from pack.pure.estimator import (dense_info_nce, make_view_pairs, patch_correspondences, random_affine,
-                                      train_patch_estimator)
+from pack.pure.estimator import (
+    dense_info_nce,
+    make_view_pairs,
+    patch_correspondences,
+    random_affine,
+    train_patch_estimator,
+)
 
 
 def test_identity_views_match_every_patch_to_itself():
@@ -46,7 +52,7 @@ def test_dense_info_nce_hand_computed():
     b = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).T.reshape(2, 1, 2)
     loss = dense_info_nce(a, b, torch.tensor([0]), torch.tensor([1]), temperature=0.5)
     # logits = [0, 1] / 0.5 = [0, 2]; CE = log(1 + e^2) - 2.
-    assert loss.item() == pytest.approx(math.log(1 + math.e ** 2) - 2, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log(1 + math.e**2) - 2, abs=1e-6)
 
 
 def photos():
@@ -68,8 +74,7 @@ def test_view_pairs_have_matches(backbone):
 
 
 def test_tuning_raises_held_out_correspondence_accuracy(backbone, tmp_path):
-    result = train_patch_estimator(backbone, "built-in", photos(), steps=60, learning_rate=2e-3,
-                                   resolution=192, seed=0)
+    result = train_patch_estimator(backbone, "built-in", photos(), steps=60, learning_rate=2e-3, resolution=192, seed=0)
     assert result.accuracy_after > result.accuracy_before + 0.08, (result.accuracy_before, result.accuracy_after)
     assert result.losses[-1] < result.losses[0]
 

@@ -1,5 +1,6 @@
 """FocusDPO focus maps on tensors: entropy by hand, the gate's end points, correspondence on
 real photos with the built-in backbone, and the trainer-facing latent-grid call."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from pack.pure.backbone import EfficientNetLitePatchBackbone
-from pack.pure.focus import (FocusMaps, blend_focus, complexity_gate, compute_focus_maps, local_entropy,
-                               percent_for_sigma, subject_weights_for)
+from pack.pure.focus import (
+    FocusMaps,
+    blend_focus,
+    complexity_gate,
+    compute_focus_maps,
+    local_entropy,
+    percent_for_sigma,
+    subject_weights_for,
+)
 
 
 def test_entropy_zero_on_flat_and_one_on_uniform_levels():
@@ -46,6 +54,7 @@ def test_gate_end_points_and_monotone():
 def test_percent_for_sigma_inverts_a_schedule():
     def percent_to_sigma(percent):  # a log-linear schedule from 14.6 down to 0.03
         return 0.0 if percent >= 1 else math.exp(math.log(14.6) + percent * (math.log(0.03) - math.log(14.6)))
+
     for percent in (0.0, 0.25, 0.5, 0.9):
         assert percent_for_sigma(percent_to_sigma(percent), percent_to_sigma) == pytest.approx(percent, abs=1e-6)
 
@@ -90,11 +99,11 @@ def test_correspondence_high_where_subject_region_was_replaced():
     cat, coffee = photo("chelsea"), photo("coffee")
     height, width = cat.shape[-2:]
     edited = cat.clone()
-    edited[..., :, width // 2:] = F.interpolate(coffee, size=(height, width - width // 2), mode="bilinear")
+    edited[..., :, width // 2 :] = F.interpolate(coffee, size=(height, width - width // 2), mode="bilinear")
     maps = compute_focus_maps(backbone, edited, cat, resolution=320)
     priority = maps.correspondence[0]
     cols = priority.shape[1]
-    assert priority[:, cols // 2 + 1:].mean() > priority[:, : cols // 2 - 1].mean() + 0.3
+    assert priority[:, cols // 2 + 1 :].mean() > priority[:, : cols // 2 - 1].mean() + 0.3
     assert maps.complexity.shape == (1, height, width)
 
 

@@ -1,14 +1,26 @@
 """JeDi joint attention and the joint batch on tensors: the batch layout contract, exact
 formulas against hand-written softmax attention, strength modes, AdaIN, subject masks,
 composition with another attention replacement, image guidance."""
+
 import math
 
 import pytest
 import torch
 
-from pack.pure.joint_attention import (LAYOUT_KEY, JointAttentionPatch, JointAttentionSettings, adain,
-                                         check_strength, joint_attention, joint_layout, masks_to_tokens,
-                                         merge_heads, sdpa_attention, sdpa_kernel, split_heads)
+from pack.pure.joint_attention import (
+    LAYOUT_KEY,
+    JointAttentionPatch,
+    JointAttentionSettings,
+    adain,
+    check_strength,
+    joint_attention,
+    joint_layout,
+    masks_to_tokens,
+    merge_heads,
+    sdpa_attention,
+    sdpa_kernel,
+    split_heads,
+)
 from pack.pure.images import fit_to_size
 from pack.pure.joint_sampling import image_guided_pair, joint_batch
 
@@ -41,35 +53,38 @@ def expected_joint(q, k, v, heads, references, chunks, strength=1.0, keep=None):
     rows = []
     for chunk in range(chunks):
         start = chunk * per_chunk
-        ref_k = k[start:start + references]
-        ref_v = v[start:start + references]
+        ref_k = k[start : start + references]
+        ref_v = v[start : start + references]
         if keep is not None:
             ref_k, ref_v = ref_k[keep], ref_v[keep]
         ref_k, ref_v = ref_k.reshape(-1, k.shape[-1]), ref_v.reshape(-1, v.shape[-1])
         for row in range(start, start + per_chunk):
             if row - start < references:
-                rows.append(naive_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], heads))
+                rows.append(naive_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], heads))
                 continue
             keys = torch.cat([k[row], ref_k]).unsqueeze(0)
             values = torch.cat([v[row], ref_v]).unsqueeze(0)
             bias = torch.zeros(keys.shape[1])
-            bias[k.shape[1]:] = math.log(strength)
-            rows.append(naive_attention(q[row:row + 1], keys, values, heads, bias))
+            bias[k.shape[1] :] = math.log(strength)
+            rows.append(naive_attention(q[row : row + 1], keys, values, heads, bias))
     return torch.cat(rows)
 
 
 # --- kernels -----------------------------------------------------------------------------------
+
 
 def test_heads_roundtrip_and_sdpa_match_naive_attention():
     q, k, v = batch(1, 1, 1, tokens=5, channels=12, key_tokens=7)
     assert torch.equal(merge_heads(split_heads(q, 3)), q)
     torch.testing.assert_close(sdpa_attention(q, k, v, 3), naive_attention(q, k, v, 3), atol=1e-5, rtol=1e-5)
     bias = torch.linspace(-2, 2, 7)
-    torch.testing.assert_close(sdpa_attention(q, k, v, 3, key_bias=bias), naive_attention(q, k, v, 3, bias),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sdpa_attention(q, k, v, 3, key_bias=bias), naive_attention(q, k, v, 3, bias), atol=1e-5, rtol=1e-5
+    )
 
 
 # --- the joint batch ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunks,references,targets", [(1, 1, 1), (2, 1, 3), (2, 2, 3), (3, 1, 2)])
 def test_joint_attention_matches_hand_written_concatenation(chunks, references, targets):
@@ -127,11 +142,11 @@ def test_blend_mode_is_refdrop(strength):
     q, k, v = batch(2, 2, 1)
     out = joint_attention(q, k, v, 2, 2, 2, attention=kernel(2), strength=strength, mode="blend")
     for row, refs in ((2, [0, 1]), (5, [3, 4])):
-        own = naive_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], 2)
+        own = naive_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], 2)
         ref_k = k[refs].reshape(1, -1, 16)
         ref_v = v[refs].reshape(1, -1, 16)
-        to_refs = naive_attention(q[row:row + 1], ref_k, ref_v, 2)
-        torch.testing.assert_close(out[row:row + 1], (1 - strength) * own + strength * to_refs, atol=1e-5, rtol=1e-5)
+        to_refs = naive_attention(q[row : row + 1], ref_k, ref_v, 2)
+        torch.testing.assert_close(out[row : row + 1], (1 - strength) * own + strength * to_refs, atol=1e-5, rtol=1e-5)
 
 
 def test_adain_matches_statistics_and_feeds_joint_attention():
@@ -139,8 +154,9 @@ def test_adain_matches_statistics_and_feeds_joint_attention():
     style = torch.randn(1, 40, 8) * torch.arange(1, 9) - torch.arange(8)
     out = adain(x, style)
     torch.testing.assert_close(out.mean(dim=1), style.mean(dim=1).expand(2, -1), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.std(dim=1, correction=0), style.std(dim=1, correction=0).expand(2, -1),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        out.std(dim=1, correction=0), style.std(dim=1, correction=0).expand(2, -1), atol=1e-3, rtol=1e-3
+    )
 
     q, k, v = batch(1, 1, 2)
     out = joint_attention(q, k, v, 2, 1, 1, attention=kernel(2), adain_queries=True, adain_keys=True)
@@ -172,10 +188,17 @@ def test_no_room_for_targets_is_an_error():
 
 # --- the patch ----------------------------------------------------------------------------------
 
+
 def extra(batch_size, chunks=2, **options):
-    return {"n_heads": 2, "cond_or_uncond": list(range(chunks)), "sigmas": torch.full((batch_size,), 5.0),
-            "block": ("input", 1), "original_shape": [batch_size, 4, 2, 3], "activations_shape": [batch_size, 16, 2, 3],
-            **options}
+    return {
+        "n_heads": 2,
+        "cond_or_uncond": list(range(chunks)),
+        "sigmas": torch.full((batch_size,), 5.0),
+        "block": ("input", 1),
+        "original_shape": [batch_size, 4, 2, 3],
+        "activations_shape": [batch_size, 16, 2, 3],
+        **options,
+    }
 
 
 def test_patch_is_plain_attention_when_off():
@@ -214,8 +237,9 @@ def test_patch_applies_subject_masks_on_the_block_grid():
     q, k, v = batch(1, 1, 1)
     masks = torch.zeros(1, 4, 6)
     masks[0, :2, :2] = 1  # the top-left token of a 2 x 3 grid
-    out = JointAttentionPatch(JointAttentionSettings())(q, k, v, extra(2, chunks=1, **{
-        LAYOUT_KEY: joint_layout(1, reference_masks=masks)}))
+    out = JointAttentionPatch(JointAttentionSettings())(
+        q, k, v, extra(2, chunks=1, **{LAYOUT_KEY: joint_layout(1, reference_masks=masks)})
+    )
     keep = torch.tensor([[True, False, False, False, False, False]])
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 1, keep=keep), atol=1e-5, rtol=1e-5)
 
@@ -251,6 +275,7 @@ def test_layout_and_strength_validation():
 
 
 # --- the joint batch and image guidance ---------------------------------------------------------
+
 
 def test_fit_to_size_crops_centre_then_resizes():
     tall = torch.arange(8.0).view(1, 1, 8, 1).expand(1, 1, 8, 2)  # rows 0..7
@@ -297,17 +322,30 @@ def test_image_guidance_formula():
 
 # --- inside ComfyUI's own UNet (SDXL-style attention: linear proj, 64-channel heads, depth 2) ----
 
+
 @pytest.fixture(scope="module")
 def sdxl_style_unet(comfy_modules):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     torch.manual_seed(0)
-    unet = UNetModel(image_size=8, in_channels=4, model_channels=64, out_channels=4, num_res_blocks=[1, 1],
-                     channel_mult=[1, 2], num_head_channels=64, use_spatial_transformer=True,
-                     transformer_depth=[1, 2], transformer_depth_middle=2, transformer_depth_output=[1, 1, 2, 2],
-                     context_dim=96, use_linear_in_transformer=True, legacy=False,
-                     operations=comfy.ops.disable_weight_init)
+    unet = UNetModel(
+        image_size=8,
+        in_channels=4,
+        model_channels=64,
+        out_channels=4,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        num_head_channels=64,
+        use_spatial_transformer=True,
+        transformer_depth=[1, 2],
+        transformer_depth_middle=2,
+        transformer_depth_output=[1, 1, 2, 2],
+        context_dim=96,
+        use_linear_in_transformer=True,
+        legacy=False,
+        operations=comfy.ops.disable_weight_init,
+    )
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if parameter.ndim == 1:
@@ -323,15 +361,23 @@ def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
     from comfy.ldm.modules.attention import optimized_attention
 
     unet = sdxl_style_unet
-    blocks = [(name, index) for name, group in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-                                                ("output", unet.output_blocks))
-              for index, block in enumerate(group) if any(isinstance(layer, SpatialTransformer) for layer in block)]
+    blocks = [
+        (name, index)
+        for name, group in (
+            ("input", unet.input_blocks),
+            ("middle", [unet.middle_block]),
+            ("output", unet.output_blocks),
+        )
+        for index, block in enumerate(group)
+        if any(isinstance(layer, SpatialTransformer) for layer in block)
+    ]
     calls = []
 
     def kernel(q, k, v, heads, extra_options):
         calls.append((extra_options["block"], extra_options["block_index"], heads, q.shape[-1] // heads))
-        return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                   transformer_options=extra_options)
+        return optimized_attention(
+            q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+        )
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(6, 4, 8, 8, generator=generator)  # two chunks (cond, uncond) of 1 reference + 2 targets
@@ -353,11 +399,19 @@ def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
     calls.clear()
     joint = run(joint_layout(1))
     # every transformer block of every patched UNet block ran the patch; SDXL-style 64-channel heads
-    depth = {("input", 1): 1, ("input", 3): 2, ("middle", 0): 2, ("output", 0): 2, ("output", 1): 2,
-             ("output", 2): 1, ("output", 3): 1}
+    depth = {
+        ("input", 1): 1,
+        ("input", 3): 2,
+        ("middle", 0): 2,
+        ("output", 0): 2,
+        ("output", 1): 2,
+        ("output", 2): 1,
+        ("output", 3): 1,
+    }
     assert set(blocks) == set(depth)
     assert sorted({(block, index) for block, index, _, _ in calls}) == sorted(
-        (key, index) for key, count in depth.items() for index in range(count))
+        (key, index) for key, count in depth.items() for index in range(count)
+    )
     assert {dim for _, _, _, dim in calls} == {64} and {heads for _, _, heads, _ in calls} == {1, 2}
     references, targets = [0, 3], [1, 2, 4, 5]
     torch.testing.assert_close(joint[references], plain[references], atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """The layout's rules (CONTRIBUTING.md), checked on the source: what each layer may import."""
+
 import ast
 import glob
 import os
@@ -7,8 +8,18 @@ import pytest
 
 from harness import REPO_ROOT
 
-COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "latent_preview",
-                   "nodes", "server", "execution", "node_helpers"}
+COMFYUI_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "folder_paths",
+    "latent_preview",
+    "nodes",
+    "server",
+    "execution",
+    "node_helpers",
+}
 PACK_LAYERS = ("pure", "comfy_glue", "nodes")
 
 # layer -> (top-level modules it must not import, pack layers it must not import)

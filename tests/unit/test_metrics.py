@@ -1,5 +1,6 @@
 """Personalization metrics on tensors: identical images give 1, a hand-computed cosine, the
 DreamBench crop and the table."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Preference-pair sets: ranking rules, merging, validation and atomic storage."""
+
 import os
 
 import pytest
@@ -18,9 +19,14 @@ def make_pairs(count=2, size=(4, 6), channels=4, seed=0):
         losers=torch.randn(count, channels, *size, generator=generator),
         conditionings=[[[cond, {"pooled_output": torch.randn(1, 8, generator=generator), "area": (1, 1)}]]],
         condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=maps(), loser_weights=maps(), winner_quality=maps(), loser_quality=maps(),
-        winner_complexity=maps(), loser_complexity=maps(),
-        thumbnails_winner=torch.rand(count, 3, 16, 24), thumbnails_loser=torch.rand(count, 3, 16, 24),
+        winner_weights=maps(),
+        loser_weights=maps(),
+        winner_quality=maps(),
+        loser_quality=maps(),
+        winner_complexity=maps(),
+        loser_complexity=maps(),
+        thumbnails_winner=torch.rand(count, 3, 16, 24),
+        thumbnails_loser=torch.rand(count, 3, 16, 24),
         metadata=[{"source": "ranked", "difficulty": "easy", "winner_score": 0.9, "loser_score": 0.2}] * count,
         latent_channels=channels,
     )
@@ -88,7 +94,9 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
     for name in ("winners", "losers", "winner_weights", "loser_quality", "thumbnails_loser", "references"):
         torch.testing.assert_close(getattr(loaded, name), getattr(pairs, name))
     torch.testing.assert_close(loaded.conditionings[0][0][0], pairs.conditionings[0][0][0])
-    torch.testing.assert_close(loaded.conditionings[0][0][1]["pooled_output"], pairs.conditionings[0][0][1]["pooled_output"])
+    torch.testing.assert_close(
+        loaded.conditionings[0][0][1]["pooled_output"], pairs.conditionings[0][0][1]["pooled_output"]
+    )
     assert loaded.metadata == pairs.metadata and loaded.latent_channels == 4
 
 

@@ -1,5 +1,6 @@
 """The patch-quality rule on tensors: hand-computed cases, then real photos with the
 built-in offline backbone."""
+
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ def grid(*patches):
 
 
 # --- the rule, by hand ------------------------------------------------------------------------
+
 
 def test_best_match_quality_hand_computed():
     # Reference patches [1, 0] and [0, 1]: centre [0.5, 0.5], centred (1, -1)/sqrt2 and (-1, 1)/sqrt2.
@@ -58,6 +60,7 @@ def test_empty_mask_is_an_error():
 
 
 # --- image helpers ----------------------------------------------------------------------------
+
 
 def test_to_rgb_handles_grayscale_and_rgba():
     gray = torch.rand(2, 5, 7, 1)
@@ -115,6 +118,7 @@ def test_labelled_strip_layout():
 
 # --- real photos, built-in backbone -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def backbone():
     return EfficientNetLitePatchBackbone.from_package()
@@ -144,7 +148,7 @@ def test_replaced_quadrant_scores_lower_exactly_there(backbone):
     rows, cols = quality.shape
     # Patches wholly inside the replaced quadrant (one patch of margin for receptive fields).
     inside = quality[: rows // 2 - 1, : cols // 2 - 1]
-    outside = torch.cat([quality[rows // 2 + 1:].flatten(), quality[:, cols // 2 + 1:].flatten()])
+    outside = torch.cat([quality[rows // 2 + 1 :].flatten(), quality[:, cols // 2 + 1 :].flatten()])
     assert inside.mean() < 0.5, inside.mean()
     assert outside.mean() > 0.85, outside.mean()
     assert (inside.flatten().quantile(0.9) < outside.quantile(0.1)).item()
@@ -153,8 +157,9 @@ def test_replaced_quadrant_scores_lower_exactly_there(backbone):
 def test_second_view_of_subject_beats_unrelated_photo(backbone):
     from skimage import data
 
-    left, right = (torch.from_numpy(view).float().div(255).permute(2, 0, 1).unsqueeze(0)
-                   for view in data.stereo_motorcycle()[:2])
+    left, right = (
+        torch.from_numpy(view).float().div(255).permute(2, 0, 1).unsqueeze(0) for view in data.stereo_motorcycle()[:2]
+    )
     same_subject = score_patches(backbone, right, left).scores.item()
     unrelated = score_patches(backbone, photo("coffee"), left).scores.item()
     assert same_subject > unrelated + 0.3, (same_subject, unrelated)
