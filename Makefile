@@ -1,8 +1,9 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both install what they need.
 PY := .venv/bin/python
+RUFF := .venv/bin/ruff
 PORT ?= 8188
 
-.PHONY: env test unit demo serve clean
+.PHONY: env test unit lint format demo serve clean
 
 env:
 	@bash scripts/bootstrap.sh
@@ -12,6 +13,14 @@ test: env
 
 unit: env
 	$(PY) -m pytest tests/unit
+
+lint: env
+	$(RUFF) check .
+	$(RUFF) format --check .
+
+format: env
+	$(RUFF) check --fix .
+	$(RUFF) format .
 
 demo: env
 	$(PY) scripts/demo.py

@@ -86,7 +86,7 @@ def worker(args) -> dict:
 
         marks.append(time.perf_counter())
         train_dpo_lora(trained_model, pair_set, config, on_step=on_step)
-        return [b - a for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
     def time_core(steps):
         # TrainLoraNode reports no per-step hook: time whole runs of 1 and 1 + steps steps.

@@ -20,4 +20,6 @@ def strip_progress(frames: int, sigmas: torch.Tensor | None, model) -> list[tupl
         percents = [percent_for_sigma(float(sigmas[index]), sampling.percent_to_sigma) for index in picks]
     else:
         percents = [index / max(steps - 1, 1) for index in picks]
-    return [(percent, f"step {index + 1}/{steps} p={percent:.2f}") for index, percent in zip(picks, percents)]
+    return [
+        (percent, f"step {index + 1}/{steps} p={percent:.2f}") for index, percent in zip(picks, percents, strict=True)
+    ]

@@ -14,7 +14,6 @@ kernels, image guidance, and sampling the joint batch.
 
 from __future__ import annotations
 
-
 import comfy.sample
 import comfy.samplers
 import comfy.utils

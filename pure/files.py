@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 
 def sanitize_file_stem(name: str) -> str:

@@ -21,8 +21,8 @@ any timestep on its latent grid without recomputing features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import kornia
 import torch
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from .backbone import PatchBackbone, extract_patch_features
 from .drawing import labelled_strip, overlay_heat
+from .errors import InputError
 from .images import maps_to_grid
 from .patch_quality import best_match_quality
-from .errors import InputError
 
 
 def local_entropy(images: torch.Tensor, blur_sigma: float = 1.5, window: int = 9, bins: int = 16) -> torch.Tensor:

@@ -41,11 +41,12 @@ uses PyTorch's fused SDPA there when ComfyUI runs one of its unfused fallbacks (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from .errors import InputError
 
 # Key in ``transformer_options`` (and so in the patch's ``extra_options``) holding the layout.

@@ -22,6 +22,7 @@ uncond) pair so that any CFG rule applied afterwards gives this formula for plai
 from __future__ import annotations
 
 import torch
+
 from .errors import InputError
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from .backbone import Dinov2PatchBackbone, TunedPatchBackbone
 from .errors import InputError
 
@@ -80,7 +81,9 @@ def format_table(rows: list[MetricRow]) -> str:
             line += [cell(row.before), "n/a" if delta is None else f"{delta:+.4f}"]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in lines)
+    text = "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
     notes = [f"{row.label}: {row.note}" for row in rows if row.note]
     return text + ("\n" + "\n".join(notes) if notes else "")
 

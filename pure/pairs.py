@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from .drawing import labelled_strip, overlay_heat
-from .files import write_all_atomically
 from .errors import InputError
+from .files import write_all_atomically
 
 # Height of the thumbnails a pair set keeps for its preview.
 THUMBNAIL_HEIGHT = 128
@@ -172,11 +172,13 @@ def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: floa
     if pairing == "best_vs_worst":
         candidates = [(best, worst)]
     elif pairing == "all_above_margin":
-        candidates = [(w, l) for a, w in enumerate(order) for l in order[a + 1 :]]
+        candidates = [(w, loser) for a, w in enumerate(order) for loser in order[a + 1 :]]
     else:
         raise InputError(f"unknown pairing '{pairing}'")
     pairs = [
-        (w, l, "easy" if (w, l) == (best, worst) else "normal") for w, l in candidates if scores[w] - scores[l] > margin
+        (w, loser, "easy" if (w, loser) == (best, worst) else "normal")
+        for w, loser in candidates
+        if scores[w] - scores[loser] > margin
     ]
     if not pairs:
         raise InputError(

@@ -12,15 +12,15 @@ content at exactly 1 while pushing unrelated content toward 0 or below (clamped 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import PatchBackbone, extract_patch_features
-from .images import maps_to_grid
 from .errors import InputError
+from .images import maps_to_grid
 
 
 @dataclass

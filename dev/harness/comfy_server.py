@@ -19,9 +19,8 @@ import urllib.error
 import urllib.request
 import uuid
 
-from .tiny_checkpoint import ensure_checkpoint
-
 from . import REPO_ROOT
+from .tiny_checkpoint import ensure_checkpoint
 
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
@@ -107,7 +106,7 @@ class ComfyServer:
             os.symlink(source, target)
         return target
 
-    def start(self, timeout: float = 240.0) -> "ComfyServer":
+    def start(self, timeout: float = 240.0) -> ComfyServer:
         self.prepare()
         command = [
             sys.executable,
@@ -157,7 +156,7 @@ class ComfyServer:
         if self._own_base:
             shutil.rmtree(self.base_directory, ignore_errors=True)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -43,7 +43,7 @@ class Frontend:
         self.viewport = viewport
         self.console_errors: list[str] = []
 
-    def __enter__(self) -> "Frontend":
+    def __enter__(self) -> Frontend:
         from playwright.sync_api import sync_playwright
 
         self._playwright = sync_playwright().start()

@@ -254,11 +254,11 @@ def test_joint_set_training_uses_the_references(tiny):
     joint batch: the references change what is learned, and the policy and reference passes see
     the same noised references (an untrained LoRA ties exactly). Without Joint Attention the
     references are ignored; Joint Attention without references is off, not fed a pair image."""
-    from pack.comfy_glue.joint import apply_joint_attention
-    from pack.pure.joint_attention import JointAttentionSettings
     from pack.comfy_glue.evaluation import implicit_accuracy
+    from pack.comfy_glue.joint import apply_joint_attention
     from pack.comfy_glue.lora_adapters import attach_lora
     from pack.comfy_glue.trainer import train_dpo_lora
+    from pack.pure.joint_attention import JointAttentionSettings
 
     model, conditioning = tiny
     joint = apply_joint_attention(model, JointAttentionSettings())

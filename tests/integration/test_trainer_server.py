@@ -12,7 +12,8 @@ import safetensors.torch
 import torch
 
 from harness.comfy_server import PromptError
-from harness.graphs import BUILTIN_BACKBONE as BUILTIN, attention_node
+from harness.graphs import BUILTIN_BACKBONE as BUILTIN
+from harness.graphs import attention_node
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,6 @@ import safetensors.torch
 import torch
 import transformers
 
-from pack.pure.errors import InputError
 from pack.pure.backbone import (
     ClipVisionPatchBackbone,
     EfficientNetLitePatchBackbone,
@@ -16,6 +15,7 @@ from pack.pure.backbone import (
     extract_patch_features,
     load_dinov2,
 )
+from pack.pure.errors import InputError
 
 
 def tiny_dinov2(registers: int = 0, seed: int = 0):

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from pack.pure.focus import blend_focus
 from pack.pure.dpo_losses import (
     channel_stats_loss,
     dpo_loss,
@@ -14,6 +13,7 @@ from pack.pure.dpo_losses import (
     patchdpo_paper_loss,
     weighted_mean,
 )
+from pack.pure.focus import blend_focus
 
 
 def errors(seed, shape=(2, 2, 2, 3)):
@@ -51,7 +51,7 @@ def compare_with_hand(ours, hand, inputs):
     torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12)
     ours_grads = torch.autograd.grad(value, inputs[:2])
     hand_grads = torch.autograd.grad(hand(*inputs), inputs[:2])
-    for a, b in zip(ours_grads, hand_grads):
+    for a, b in zip(ours_grads, hand_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -142,7 +142,9 @@ def test_hg_dpo_mode_value_and_gradients():
     ours = dpo_loss(mw, ml, rw, rl, 5.0).loss + 0.3 * channel_stats_loss(prediction, target)
     hand = hand_dpo(mw, ml, rw, rl, 5.0) + 0.3 * hand_stats(prediction, target)
     torch.testing.assert_close(ours, hand, rtol=1e-9, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ours, (mw, ml, prediction)), torch.autograd.grad(hand, (mw, ml, prediction))):
+    for a, b in zip(
+        torch.autograd.grad(ours, (mw, ml, prediction)), torch.autograd.grad(hand, (mw, ml, prediction)), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 

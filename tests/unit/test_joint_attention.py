@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pack.pure.images import fit_to_size
 from pack.pure.joint_attention import (
     LAYOUT_KEY,
     JointAttentionPatch,
@@ -21,7 +22,6 @@ from pack.pure.joint_attention import (
     sdpa_kernel,
     split_heads,
 )
-from pack.pure.images import fit_to_size
 from pack.pure.joint_sampling import image_guided_pair, joint_batch
 
 
@@ -357,8 +357,7 @@ def sdxl_style_unet(comfy_modules):
 
 @pytest.mark.comfy
 def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.attention import optimized_attention
+    from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
     unet = sdxl_style_unet
     blocks = [
