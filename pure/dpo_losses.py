@@ -1,26 +1,11 @@
 """Diffusion-DPO losses, plain and patch-weighted (no ComfyUI here).
 
-Notation (ALGORITHMS.md): for a pair, winner x_w and loser x_l are noised with the same
-timestep and noise; ``e_*`` are the policy's (model + LoRA) squared errors in the model's target
-space, ``r_*`` the reference's (LoRA off). Errors come in as per-element tensors
-``[B, C, h, w]`` so every mode can weight them per latent cell before the mean.
+Errors come in as per-element squared errors ``[B, C, h, w]`` in the model's target space
+(``e_*`` the policy's, ``r_*`` the reference's, LoRA off), so every mode (``LOSS_MODES``) can
+weight them per latent cell before the mean; the outside-preservation and colour-statistics
+terms are optional additions the trainer makes.
 
-Modes:
-- ``dpo`` (Diffusion-DPO): L_w = mean_chw(e_w), likewise L_l, R_w, R_l;
-  inside = -0.5 * beta * ((L_w - L_l) - (R_w - R_l)); loss = -mean(logsigmoid(inside)).
-- ``patch_dpo`` (ours, generalising PatchDPO): the same, with every mean replaced by a
-  weighted mean ``sum(W * e) / sum(W)`` over (c, h, w), W the pair's winner or loser map
-  broadcast over channels. With all-ones maps it equals ``dpo`` exactly.
-- ``patchdpo_paper`` (PatchDPO's released ``train_patchdpo.py``): no reference, no beta:
-  L = mean(cat(W_w * e_w, W_l * e_l)) over all elements of both images.
-- ``focus_dpo`` is ``patch_dpo`` with focus maps as W (the caller gates them by timestep).
-- ``hg_dpo`` is ``dpo`` on real winners plus ``stats_weight`` times a colour-statistics term
-  (``channel_stats_loss``); the curriculum is the caller's sampling.
-- ``outside_preservation_loss`` (ours, optional with ``patch_dpo``/``focus_dpo``): where a map says a
-  cell does not count (W near 0), keep the policy's prediction at the reference's.
-
-Diagnostics: implicit accuracy = mean(inside > 0); reward margin = mean(inside), the logit of
-the preference (beta is inside it, so compare margins only at one beta).
+Formulas and choices: docs/algorithms.md, section 'Diffusion-DPO and the loss modes'.
 """
 
 from __future__ import annotations
@@ -103,7 +88,9 @@ def patchdpo_paper_loss(
 
     Args:
         model_winner, model_loser: ``[B, C, h, w]`` policy errors.
-        winner_weights, loser_weights: ``[B, h, w]`` maps (ones when None).
+        winner_weights, loser_weights: ``[B, h, w]`` maps (ones when None); the trainer passes
+            the winner's weights and the loser's patch quality (PatchDPO weights the generated
+            image's errors by its quality map G).
     """
 
     def weighted(errors, weights):

@@ -1,5 +1,5 @@
 """What a DPO step draws: the sampling percents pairs are noised at, and the pairs it draws from
-(HG-DPO's curriculum). See ``docs/algorithms.md``."""
+(HG-DPO's curriculum). See docs/algorithms.md, section 'Timestep sampling and the HG-DPO curriculum'."""
 
 from __future__ import annotations
 

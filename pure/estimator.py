@@ -1,18 +1,11 @@
 """PatchDPO's self-supervised step: tune a backbone so its patch features match the same
 point of the subject across views, using only the artist's reference photos.
 
-PatchDPO does not publish this objective (see ALGORITHMS.md); our design:
+PatchDPO does not publish this objective; our design: random affine views whose known maps give
+the true patch matches, a dense InfoNCE objective, only a residual 1x1 head trained on the frozen
+backbone (``TunedPatchBackbone``), and held-out top-1 correspondence accuracy as the evidence.
 
-- views: each reference is resized to a square canvas and warped twice by random affine maps
-  (scale, rotation, translation, horizontal flip) with photometric jitter. Because the maps are
-  known, every patch centre of view A maps to a point of view B: the patch there is its true
-  match (patches whose centre falls outside either view, or outside the photo, are skipped);
-- objective: dense InfoNCE. For every matched patch of A, its feature must be closer (cosine,
-  temperature ``tau``) to its true match than to every other patch of B;
-- parameters: only a residual 1x1 head on top of the frozen backbone (``TunedPatchBackbone``),
-  so tuning is cheap, cannot forget the backbone, and is a small file;
-- evidence: top-1 correspondence accuracy on held-out views (a fixed seed different from
-  training) before and after.
+Formulas, choices and constants: docs/algorithms.md, section 'Patch-quality estimator'.
 """
 
 from __future__ import annotations
@@ -27,6 +20,16 @@ import torch.nn.functional as F
 
 from .backbone import PatchBackbone, TunedPatchBackbone
 from .errors import InputError
+
+# Photometric jitter of each view: brightness and saturation factors drawn uniformly from these
+# ranges, so matching cannot rely on exact colour.
+BRIGHTNESS_JITTER = (0.8, 1.2)
+SATURATION_JITTER = (0.7, 1.3)
+
+
+def _uniform(bounds: tuple[float, float], generator: torch.Generator) -> float:
+    low, high = bounds
+    return low + (high - low) * torch.rand((), generator=generator).item()
 
 
 @dataclass
@@ -55,13 +58,11 @@ def random_affine(
 ) -> torch.Tensor:
     """A random ``[3, 3]`` map from canvas pixels to view pixels, about the canvas centre."""
 
-    def uniform(low, high):
-        return low + (high - low) * torch.rand((), generator=generator).item()
-
-    angle = math.radians(uniform(-max_rotation, max_rotation))
-    scale = uniform(*scale_range)
+    angle = math.radians(_uniform((-max_rotation, max_rotation), generator))
+    scale = _uniform(scale_range, generator)
     mirror = -1.0 if flip and torch.rand((), generator=generator).item() < 0.5 else 1.0
-    shift_x, shift_y = uniform(-max_shift, max_shift) * size, uniform(-max_shift, max_shift) * size
+    shift_x = _uniform((-max_shift, max_shift), generator) * size
+    shift_y = _uniform((-max_shift, max_shift), generator) * size
     centre = size / 2
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
     linear = torch.tensor([[cos * mirror, -sin], [sin * mirror, cos]])
@@ -122,8 +123,8 @@ def make_view_pairs(
             view = kornia.geometry.transform.warp_affine(
                 canvas, matrix[:2].unsqueeze(0), (size, size), padding_mode="zeros", align_corners=False
             )
-            brightness = 0.8 + 0.4 * torch.rand((), generator=generator).item()
-            saturation = 0.7 + 0.6 * torch.rand((), generator=generator).item()
+            brightness = _uniform(BRIGHTNESS_JITTER, generator)
+            saturation = _uniform(SATURATION_JITTER, generator)
             view = kornia.enhance.adjust_saturation(view * brightness, saturation).clamp(0, 1)
             views.append(view[0])
         source, target = patch_correspondences(maps[0], maps[1], size, patch)

@@ -1,22 +1,11 @@
 """FocusDPO focus regions: where a preference update should concentrate, and when.
 
-FocusDPO (arXiv 2509.01181) publishes no code or formulas; this follows its figure (see
-ALGORITHMS.md) with these choices, each a plain function below:
+FocusDPO (arXiv 2509.01181) publishes no code or formulas; following its figure, a correspondence
+map (1 - best centred match against each subject's patches), a complexity map (local entropy) and
+a smoothstep timestep gate are blended into focus weights. ``FocusMaps`` keeps both maps so a
+trainer can ask for any sample's weights at any timestep without recomputing features.
 
-- correspondence map: generated patches are matched against the reference patches inside each
-  subject's mask (best centred cosine, as in ``patch_quality``), the best subject wins, and
-  priority = 1 - match: mismatched regions get high priority;
-- complexity map: local Shannon entropy of the Gaussian-blurred grey image (16-bin
-  histograms over a square window), normalised by log(bins) to [0, 1]: detail-rich regions
-  score high, flat ones low;
-- timestep gate: the complexity map is off at noisy steps, where images are not yet aligned,
-  and on at late ones: ``g(p) = smoothstep((p - gate_start) / (gate_end - gate_start))`` with
-  ``p`` the sampling progress (0 = first, noisiest step; 1 = last, clean step);
-- focus = ``(correspondence + w * g(p) * complexity) / (1 + w * g(p))`` in [0, 1], with ``w`` the
-  complexity weight: pure semantic mismatch early, mismatch and detail late.
-
-``FocusMaps`` keeps both ingredients so a trainer can ask for the focus weights of any sample at
-any timestep on its latent grid without recomputing features.
+Formulas and choices: docs/algorithms.md, section 'Focus regions (FocusDPO)'.
 """
 
 from __future__ import annotations

@@ -1,41 +1,12 @@
 """JeDi-style joint attention, training-free: targets' self-attention also sees the references.
 
-JeDi (arXiv 2407.06187) trains a model whose images of one subject attend to each other
-("coupled self-attention") and personalizes by inpainting the missing members of the set. On
-a stock model we approximate that at sampling time (reference-only ControlNet, StyleAligned,
-RefDrop): reference images sit in the same batch as the images being generated, and in every
-self-attention layer the targets' keys and values are extended with the references'.
+Layout: every cond/uncond chunk holds the references first, then the targets; targets attend to
+their own tokens plus their chunk's references, references only to themselves; the count travels
+in ``transformer_options[LAYOUT_KEY]``. Strength (0 = off, bit-identical): ``"joint"`` adds
+``log(strength)`` to the reference logits of one softmax; ``"blend"`` (RefDrop) gives
+``(1 - c) * Attn(q, K, V) + c * Attn(q, K_ref, V_ref)``, c in [-1, 1]. Kernels are passed in.
 
-The joint batch layout (our design, the one contract between sampler and attention patch):
-
-- The model is called with one or more *chunks* of equal size, one per entry of
-  ``extra_options["cond_or_uncond"]`` (ComfyUI batches cond and uncond, and several conds,
-  that way). Every chunk holds the same latent batch: ``references`` reference images first,
-  then the targets. So entry ``c * per_chunk + i`` is a reference iff ``i < references``.
-- Targets attend to their own tokens plus the tokens of the references **of the same chunk**
-  (cond targets to cond-pass references, uncond to uncond), so CFG keeps its meaning.
-- References attend only to themselves: their features are what the model computes for the
-  reference alone, whatever the targets are.
-- The count (and optional subject masks, strength override, an on/off switch) travels in
-  ``transformer_options[LAYOUT_KEY]`` (see ``joint_layout``): the Joint Sampler writes it; with
-  stock samplers the patch's own ``reference_count`` applies (the first images of the batch act
-  as references, StyleAligned style).
-
-Strength (0 = off, bit-identical to the unpatched model):
-
-- ``"joint"``: one softmax over [own keys; reference keys], with ``log(strength)`` added to the
-  reference logits (StyleAligned's score scaling): 1 = plain joint attention, < 1 leans on the
-  target itself, > 1 on the references.
-- ``"blend"`` (RefDrop): ``(1 - c) * Attn(q, K, V) + c * Attn(q, K_ref, V_ref)``, c in [-1, 1];
-  negative c pushes away from the references.
-
-Optional AdaIN (StyleAligned) normalises the targets' queries and keys to the per-channel mean
-and std of the references' keys/queries (over their tokens) before the joint attention.
-
-Nothing here imports ComfyUI: the attention kernels are passed in, so the node can hand over
-ComfyUI's ``optimized_attention`` and the tests a plain PyTorch one. The targets' attention over
-their own plus the reference tokens may use a kernel of its own (``joint_kernel``): the node
-uses PyTorch's fused SDPA there when ComfyUI runs one of its unfused fallbacks (CPU).
+Formulas and choices (layout contract, AdaIN, masks): docs/algorithms.md, section 'Joint-image sampling (JeDi)'.
 """
 
 from __future__ import annotations

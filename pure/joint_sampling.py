@@ -1,22 +1,11 @@
 """The joint batch of JeDi-style sampling: references and new images denoised as one set.
 
-Layout (see ``joint_attention``): ``[reference_1 .. reference_R, target_1 .. target_N]`` along
-the batch. The reference slots are "inpainted": every step they are replaced by the reference
-latent noised to the current sigma (a denoise mask of 0 on them, 1 on the targets, which is
-exactly what ComfyUI's inpainting sampler does with a noise mask), so at the end they equal
-the reference latents and only the targets are generated.
+``[reference_1 .. reference_R, target_1 .. target_N]`` along the batch; the reference slots are
+inpainted (denoise mask 0, reset to the reference noised to the current sigma every step), so
+they end as the references. Image guidance (ours, InstructPix2Pix-style, one extra pass):
+``e = e(-, none) + s * (e(-, refs) - e(-, none)) + cfg * (e(text, refs) - e(-, refs))``.
 
-Image guidance (our choice, InstructPix2Pix-style two-condition guidance; JeDi's exact form
-is not public). With predictions ``e(text, refs)``:
-
-    e = e(-, none) + s * (e(-, refs) - e(-, none)) + cfg * (e(text, refs) - e(-, refs))
-
-The text direction is measured with the references present in both terms, the image direction
-on the unconditional branch; s = 1 is plain joint sampling (no extra pass), s = 0 removes the
-references' pull from the unconditional branch, s > 1 strengthens it. It needs one extra
-model pass (unconditional, references switched off) instead of the two a per-branch
-``e_noref + s * (e_ref - e_noref)`` would need. ``image_guided_pair`` rewrites the (cond,
-uncond) pair so that any CFG rule applied afterwards gives this formula for plain CFG.
+Formulas and choices: docs/algorithms.md, section 'Joint-image sampling (JeDi)'.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""DreamBench-style personalization metrics (as used by PatchDPO and JeDi).
+"""DreamBench-style personalization metrics (as used by PatchDPO and JeDi): DINO, CLIP-I and
+CLIP-T as mean pairwise cosine similarities. These are plain functions on embeddings; where the
+embeddings come from is the caller's choice.
 
-- DINO: mean cosine similarity of (generated, reference) image embeddings from a DINO-type
-  backbone, every generated image against every reference; images are resized to 256 and
-  center-cropped to 224 first (the protocol's preprocessing);
-- CLIP-I: the same with CLIP image embeddings;
-- CLIP-T: mean cosine similarity of generated images' CLIP image embeddings with the prompt's
-  CLIP text embedding (both must come from one CLIP pair, e.g. ViT-L/14 vision + CLIP-L text).
-
-These are plain functions on embeddings; where the embeddings come from is the caller's choice.
+Protocol and choices: docs/algorithms.md, section 'Metrics'.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Preference pairs: what the DPO trainer learns from, and how they are built, merged and stored.
 
 A ``PreferencePairs`` set holds N pairs of same-size latents (unscaled, as the VAE returns
-them), the conditioning of each pair, per-pair maps on the latent grid, optional reference
-latents and metadata. Building from images is done by the nodes (they own the VAE); the rules
-that turn quality maps into weights live here so they are tested on tensors:
+them), each pair's conditioning, per-pair maps on the latent grid, optional reference latents
+and metadata. The nodes build them from images (they own the VAE); the rules that turn quality
+maps into weights live here so they are tested on tensors.
 
-- ``loser_weights`` = 1 - loser quality: the loser's bad patches are where the preference is
-  decided, so they count most; ``winner_weights`` = winner quality for generated winners, 1 for
-  real photos. Artist masks replace these (bad regions of the loser, good regions of the
-  winner). A map is 1 where nothing is known;
-- quality and complexity maps are kept too: ``patchdpo_paper`` weights the loser by its quality
-  (PatchDPO's released form) and ``focus_dpo`` rebuilds FocusDPO focus maps per timestep.
+Weight rules: docs/algorithms.md, section 'Preference pairs and their maps'.
 """
 
 from __future__ import annotations

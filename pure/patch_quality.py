@@ -1,13 +1,10 @@
 """PatchDPO patch quality: which patches of a generated image agree with the reference photos.
 
-The rule (PatchDPO's released code ships precomputed maps, so this is our design, see
-ALGORITHMS.md): every generated patch is compared with every reference patch inside the
-subject mask, and its quality is the best cosine similarity it finds, clamped to [0, 1].
+Our rule (PatchDPO's released code ships precomputed maps): a generated patch's quality is its
+best cosine similarity to the reference patches inside the subject mask, after centring all
+features on the mean reference-patch feature, clamped to [0, 1].
 
-Before the cosine, features are centred on the mean reference-patch feature. Raw CNN and ViT
-features share a large common component (every patch looks a bit like every other), which
-makes unrelated content score deceptively high; removing the reference mean keeps identical
-content at exactly 1 while pushing unrelated content toward 0 or below (clamped to 0).
+Formulas and choices: docs/algorithms.md, section 'Patch quality (PatchDPO)'.
 """
 
 from __future__ import annotations
