@@ -47,7 +47,7 @@ def worker(args) -> dict:
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    checkpoint = args.checkpoint or tiny_checkpoint(comfyui)
+    checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
     model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
     positive = [[cond, {"pooled_output": pooled}]]

@@ -48,7 +48,7 @@ def worker(args) -> dict:
 
     from pack.nodes.joint import JointSampler
 
-    checkpoint = args.checkpoint or tiny_checkpoint(comfyui)
+    checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]

@@ -80,11 +80,15 @@ def load_comfyui(device: str) -> str:
     return comfyui
 
 
-def tiny_checkpoint(comfyui: str) -> str:
-    """The tiny SD1.5 checkpoint, built on first use (ComfyUI's path from ``load_comfyui``)."""
+DEFAULT_CHECKPOINT_CACHE = os.path.join(REPO_ROOT, ".cache", "checkpoints")
+
+
+def tiny_checkpoint(comfyui: str, cache: str = DEFAULT_CHECKPOINT_CACHE) -> str:
+    """The tiny SD1.5 checkpoint in ``cache``, built there on first use (``comfyui``: ComfyUI's
+    path from ``load_comfyui``)."""
     from harness.tiny_checkpoint import ensure_checkpoint
 
-    return ensure_checkpoint(comfyui, os.path.join(REPO_ROOT, ".cache", "checkpoints"))
+    return ensure_checkpoint(comfyui, cache)
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
@@ -94,6 +98,7 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=256, help="image width and height (px)")
     parser.add_argument("--steps", type=int, default=6, help="sampling or timed training steps")
     parser.add_argument("--checkpoint", default=None, help="an SD1.x checkpoint (default: the tiny one)")
+    parser.add_argument("--cache", default=DEFAULT_CHECKPOINT_CACHE, help="where the tiny checkpoint is built")
     parser.add_argument("--devices", default=None, help="comma list (default: cpu, plus cuda when available)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser

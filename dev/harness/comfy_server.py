@@ -185,6 +185,16 @@ class ComfyServer:
         except OSError:
             return ""
 
+    def wait_for_log(self, offset: int, text: str, timeout: float = 120.0) -> None:
+        """Wait until the log after ``offset`` contains ``text`` while a prompt is running;
+        fails the test with the log's tail if it does not within ``timeout`` seconds."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log_since(offset) and self.get("/queue")["queue_running"]:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no {text!r} in the server log within {timeout:.0f} s:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             with open(self.log_path, "rb") as handle:
@@ -235,6 +245,17 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI died while running a prompt; log:\n{self.log_tail()}")
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def finished_entry(self, prompt_id: str, timeout: float = 60.0) -> dict:
+        """The history entry of a prompt once it has ended in any way (success, error or
+        interrupt); fails the test if it is still running after ``timeout`` seconds."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} had not ended after {timeout:.0f} s:\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 600.0) -> dict:
         return self.wait(self.queue(prompt), timeout)

@@ -165,6 +165,7 @@ def held_out_x0(patcher, conditioning, losers, sigma):
     return base_prediction(patcher, x, torch.full((x.shape[0],), sigma), conditioning) / 0.18215
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["v_prediction", "flow"])
 def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     """The same MODEL switched to v-prediction (core ModelSamplingDiscrete) or rectified flow
@@ -193,6 +194,7 @@ def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     assert before == pytest.approx(0.5) and after >= 0.9, (before, after, result.history["accuracy"][-5:])
 
 
+@pytest.mark.slow
 def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(denoiser):
     """The subject sits in the left half (a signature on latent channel 2, in winners and losers
     alike); winners differ from losers on the left (channel 0 up) and on the right (channel 1 up).

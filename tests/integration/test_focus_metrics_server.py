@@ -9,6 +9,7 @@ from PIL import Image
 
 from harness.comfy_server import PromptError
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
+from pack.pure.backbone import read_tuned_head
 
 pytestmark = pytest.mark.server
 
@@ -66,7 +67,12 @@ def test_focus_regions_mismatch_and_strip(comfy_server):
     assert all(0.0 < image.mean() < 1.0 for image in complexity)
 
 
-def test_focus_regions_with_scheduler_sigmas_and_model(comfy_server):
+def test_focus_strip_frames_sit_at_the_connected_sigmas(comfy_server):
+    """With a scheduler's sigmas and the MODEL, the strip's frames are those steps, at percents
+    from the MODEL's schedule. The low-noise half of an 8-step schedule starts near percent 0.5,
+    where the complexity map is half gated in; the high-noise half and the even spacing without
+    sigmas both start at percent 0 (correspondence only)."""
+    save = {"class_type": "SaveImage"}
     prompt = {
         **base_nodes(),
         "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
@@ -74,11 +80,25 @@ def test_focus_regions_with_scheduler_sigmas_and_model(comfy_server):
             "class_type": "BasicScheduler",
             "inputs": {"model": ["20", 0], "scheduler": "normal", "steps": 8, "denoise": 1.0},
         },
-        "10": focus_node(sigmas=["21", 0], model=["20", 0], strip_frames=3),
-        "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/sigma_strip"}},
+        "22": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["21", 0], "step": 4}},
+        "10": focus_node(sigmas=["22", 1], model=["20", 0], strip_frames=2),  # steps 5-8
+        "11": focus_node(sigmas=["22", 0], model=["20", 0], strip_frames=2),  # steps 1-4
+        "12": focus_node(strip_frames=2),  # no sigmas: percents 0 and 1
+        "13": {**save, "inputs": {"images": ["10", 2], "filename_prefix": "focus_test/strip_low"}},
+        "14": {**save, "inputs": {"images": ["11", 2], "filename_prefix": "focus_test/strip_high"}},
+        "15": {**save, "inputs": {"images": ["12", 2], "filename_prefix": "focus_test/strip_even"}},
     }
     entry = comfy_server.run(prompt)
-    assert len(entry["outputs"]["13"]["images"]) == 2
+    low, high, even = (saved_pixels(comfy_server, entry, node)[1] for node in ("13", "14", "15"))  # the coffee
+    assert low.shape == high.shape == even.shape
+    frame_width = (even.shape[1] - 4) // 2  # two frames, a 4-px gap
+    caption = max(14, (even.shape[0] - 14) // 12) + 1
+
+    def first_frame(strip):
+        return strip[caption:, :frame_width]
+
+    assert np.abs(first_frame(high) - first_frame(even)).mean() < 0.01  # both at percent 0
+    assert np.abs(first_frame(low) - first_frame(even)).mean() > 0.03  # percent ~0.5: complexity counts
 
 
 def test_focus_regions_bad_masks(comfy_server):
@@ -161,10 +181,25 @@ def test_train_estimator_zero_steps_is_well_defined_and_never_overwrites(comfy_s
     report = comfy_server.run(prompt(0))["outputs"]["40"]["text"][0]
     before, after = (float(x) for x in report.split(": ")[1].split(" (")[0].split(" -> "))
     assert before == after
-    second = comfy_server.run(prompt(1))["outputs"]["40"]["text"][0]  # same name: a new file, not over the first
     folder = os.path.join(comfy_server.base_directory, "models", "patch_backbones")
-    assert "zero_steps_head_2.safetensors" in second
-    assert {"zero_steps_head.safetensors", "zero_steps_head_2.safetensors"} <= set(os.listdir(folder))
+    first = os.path.join(folder, "zero_steps_head.safetensors")
+    assert f"saved {first}" in report
+    written = os.stat(first)
+    second = comfy_server.run(prompt(1))["outputs"]["40"]["text"][0]  # same name: a new file, not over the first
+    assert f"saved {os.path.join(folder, 'zero_steps_head_2.safetensors')}" in second
+    unchanged = os.stat(first)
+    assert (unchanged.st_ino, unchanged.st_mtime_ns, unchanged.st_size) == (
+        written.st_ino,
+        written.st_mtime_ns,
+        written.st_size,
+    )
+    for name in ("zero_steps_head.safetensors", "zero_steps_head_2.safetensors"):
+        base, head = read_tuned_head(os.path.join(folder, name))
+        assert base == BUILTIN and set(head) == {"weight", "bias"}
+    options = comfy_server.object_info("PrefP_PatchBackboneLoader")["PrefP_PatchBackboneLoader"]
+    assert {"zero_steps_head.safetensors", "zero_steps_head_2.safetensors"} <= set(
+        options["input"]["required"]["backbone"][1]["options"]
+    )
 
 
 def metrics_node(**extra):

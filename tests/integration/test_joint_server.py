@@ -492,18 +492,12 @@ def test_bad_settings_name_the_node_and_the_fix(server):
 
 def test_joint_sampler_is_interruptible(server):
     prompt = {**base(), **joint("11", references=("4", 0), steps=5000), **save("11", ("11", 1))}
+    offset = server.log_offset()
     prompt_id = server.queue(prompt)
-    deadline = time.time() + 120
-    while not server.get("/queue")["queue_running"] and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # let it reach the sampling loop
+    server.wait_for_log(offset, "/5000 [")  # the sampler's progress bar: it is in its sampling loop
     started = time.time()
     server.post("/interrupt", {})
-    while time.time() < deadline:
-        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.2)
+    entry = server.finished_entry(prompt_id, timeout=60)
     events = [message[0] for message in entry["status"]["messages"]]
     assert "execution_interrupted" in events
     assert time.time() - started < 30

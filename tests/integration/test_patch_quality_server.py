@@ -10,34 +10,9 @@ from PIL import Image
 
 from harness.comfy_server import PromptError
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
+from harness.graphs import generation
 
 pytestmark = pytest.mark.server
-
-
-def generation(size=64, batch=2, checkpoint="tiny_sd15.safetensors"):
-    """Nodes 1-6: tiny checkpoint -> KSampler -> decoded IMAGE at ["6", 0]."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 7,
-                "steps": 2,
-                "cfg": 4.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    }
 
 
 def scoring(generated=("6", 0), references=("10", 0), backbone=BUILTIN, mask=None):

@@ -5,7 +5,6 @@ pairs save and load; Cancel mid-training stops cleanly and keeps the last good L
 import glob
 import os
 import shutil
-import time
 
 import pytest
 import safetensors.torch
@@ -13,7 +12,7 @@ import torch
 
 from harness.comfy_server import PromptError
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
-from harness.graphs import attention_node
+from harness.graphs import attention_node, generation
 
 pytestmark = pytest.mark.server
 
@@ -21,26 +20,7 @@ pytestmark = pytest.mark.server
 def candidates_and_pairs():
     """Nodes 1-10: tiny checkpoint, 3 candidates at 64 px, patch quality, ranked pairs."""
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 5,
-                "steps": 3,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        **generation(size=64, batch=3, seed=5, steps=3, cfg=3.0),
         "7": {"class_type": "PrefP_ExampleSubjectPhoto", "inputs": {"photo": "chelsea.png"}},
         "8": {"class_type": "PrefP_PatchBackboneLoader", "inputs": {"backbone": BUILTIN}},
         "9": {
@@ -290,13 +270,8 @@ def test_bad_trainer_input_is_reported(comfy_server):
 def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
     offset = comfy_server.log_offset()
     prompt_id = comfy_server.queue({**candidates_and_pairs(), "11": trainer(steps=2000, save_prefix="cancelled")})
-    deadline = time.time() + 300
     loras = os.path.join(comfy_server.base_directory, "output", "loras")
-    while time.time() < deadline:  # wait until training has made a step
-        running = comfy_server.get("/queue")["queue_running"]
-        if running and "DPO LoRA Trainer: step" in comfy_server.log_since(offset):
-            break
-        time.sleep(0.5)
+    comfy_server.wait_for_log(offset, "DPO LoRA Trainer: step", timeout=300)  # training has made a step
     comfy_server.post("/interrupt", {})
     with pytest.raises(PromptError):
         comfy_server.wait(prompt_id, timeout=300)

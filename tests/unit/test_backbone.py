@@ -107,5 +107,11 @@ def test_clip_vision_adapter_over_comfyui_model(comfy_modules, tmp_path):
     features = extract_patch_features(backbone, torch.rand(2, 3, 90, 120), resolution=448)
     assert features.shape == (2, 32, 4, 4)  # 56 px / 14 px patches, whatever the input size
     assert backbone.patch_size == 14
-    expected = clip_vision.encode_image(torch.rand(1, 8, 8, 3), crop=False)["penultimate_hidden_states"]
-    assert expected.shape[1] == 17  # class token + 16 patches: the adapter drops the first
+    # The adapter's grid is ComfyUI's penultimate patch tokens, the class token dropped, in
+    # row-major order: patch (row, column) is token 1 + 4 * row + column.
+    image = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    tokens = clip_vision.encode_image(image.movedim(1, -1), crop=False)["penultimate_hidden_states"].float()
+    assert tokens.shape[1] == 17  # class token + 16 patches
+    features = backbone(image)
+    torch.testing.assert_close(features[0, :, 2, 3], tokens[0, 1 + 4 * 2 + 3])
+    torch.testing.assert_close(features.flatten(2).transpose(1, 2), tokens[:, 1:])

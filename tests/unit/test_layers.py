@@ -75,4 +75,4 @@ def test_node_files_hold_node_classes_and_small_helpers_only():
         for node in ast.parse(open(path, encoding="utf-8").read()).body:
             if isinstance(node, ast.FunctionDef):
                 length = node.end_lineno - node.lineno + 1
-                assert length <= 25, f"{os.path.relpath(path, REPO_ROOT)}: {node.name} has {length} lines"
+                assert length <= 30, f"{os.path.relpath(path, REPO_ROOT)}: {node.name} has {length} lines"

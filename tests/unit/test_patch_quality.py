@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.pure.backbone import EfficientNetLitePatchBackbone
+from pack.pure.backbone import EfficientNetLitePatchBackbone, PatchBackbone
 from pack.pure.drawing import heat_colors, labelled_strip, overlay_heat
 from pack.pure.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
 from pack.pure.patch_quality import best_match_quality, score_patches
@@ -175,16 +175,34 @@ def test_references_of_other_sizes_and_counts(backbone):
     assert ((0 <= result.quality) & (result.quality <= 1)).all()
 
 
-def test_mask_count_must_match_references(backbone):
-    references = torch.rand(2, 3, 64, 64)
+class PixelBackbone(PatchBackbone):
+    """A backbone without weights: the 8x8-pooled pixels are the features. Enough for the input
+    checks, where a real network would only cost time."""
+
+    name = "pooled pixels"
+    patch_size = 8
+
+    def forward(self, images):
+        return F.avg_pool2d(images, self.patch_size)
+
+
+def test_mask_count_must_match_references():
+    references = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    generated = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="3 subject masks for 2 reference"):
-        score_patches(backbone, torch.rand(1, 3, 64, 64), references, torch.ones(3, 64, 64), resolution=64)
-    # One mask for all references is fine, at any size.
-    score_patches(backbone, torch.rand(1, 3, 64, 64), references, torch.ones(1, 32, 32), resolution=64)
+        score_patches(PixelBackbone(), generated, references, torch.ones(3, 64, 64), resolution=64)
+    # One mask for all references, at any size, is that mask on every reference.
+    left_half = torch.zeros(1, 32, 32)
+    left_half[..., :16] = 1
+    one = score_patches(PixelBackbone(), generated, references, left_half, resolution=64).quality
+    each = score_patches(PixelBackbone(), generated, references, left_half.expand(2, -1, -1), resolution=64).quality
+    unmasked = score_patches(PixelBackbone(), generated, references, None, resolution=64).quality
+    torch.testing.assert_close(one, each)
+    assert not torch.allclose(one, unmasked)
 
 
-def test_empty_batches_are_errors(backbone):
+def test_empty_batches_are_errors():
     with pytest.raises(ValueError, match="no generated images"):
-        score_patches(backbone, torch.rand(0, 3, 64, 64), torch.rand(1, 3, 64, 64))
+        score_patches(PixelBackbone(), torch.rand(0, 3, 64, 64), torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="no reference images"):
-        score_patches(backbone, torch.rand(1, 3, 64, 64), torch.rand(0, 3, 64, 64))
+        score_patches(PixelBackbone(), torch.rand(1, 3, 64, 64), torch.rand(0, 3, 64, 64))
