@@ -15,13 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_management
+import comfy.utils
 import folder_paths
 import safetensors.torch
 import torch
 import torch.utils.checkpoint
+from PIL import Image
 
 from ..pure.dpo_losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
 from ..pure.dpo_sampling import curriculum_pool, sample_percents
+from ..pure.drawing import training_plot
 from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
 from ..pure.focus import blend_focus
@@ -305,3 +308,51 @@ def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
     path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")
     tensors = {key: value.contiguous() for key, value in state.items()}
     return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
+
+
+class TrainingProgress:
+    """The trainer node's ``on_step``: ComfyUI's progress bar (which also raises when the user
+    presses Cancel) with a plot preview every tenth of the run, a log line every 25 steps, a
+    checkpoint LoRA every ``save_every`` steps (0 = none), and the last good LoRA for Cancel."""
+
+    LOG_EVERY = 25
+    PREVIEWS = 10
+
+    def __init__(self, title: str, steps: int, save_every: int, prefix: str):
+        self.title, self.steps, self.save_every, self.prefix = title, steps, save_every, prefix
+        self.bar = comfy.utils.ProgressBar(steps)
+        self.history: dict[str, list[float]] = {}
+        self.last_step, self.last_lora = 0, None
+
+    def __call__(self, step: int, metrics: dict[str, float], lora: LoraOnModel) -> None:
+        self.last_step, self.last_lora = step, lora
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append(value)
+        if self.save_every and step % self.save_every == 0:
+            save_lora_file(lora.state_dict(), f"{self.prefix}_step{step:05d}")
+        last = step == self.steps
+        if step == 1 or step % self.LOG_EVERY == 0 or last:
+            logging.info(
+                "%s: step %d/%d loss %.4f accuracy %.2f margin %.3f",
+                self.title,
+                step,
+                self.steps,
+                metrics["loss"],
+                metrics["accuracy"],
+                metrics["margin"],
+            )
+        preview = None
+        if step % max(1, self.steps // self.PREVIEWS) == 0 or last:
+            plot = training_plot(self.history)
+            preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
+        self.bar.update_absolute(step, self.steps, preview)  # raises when the user presses Cancel
+
+    def save_last_good_lora(self) -> str | None:
+        """After Cancel: write the last completed step's LoRA as ``<prefix>_interrupted_stepN``."""
+        if self.last_lora is None:
+            return None
+        path = save_lora_file(self.last_lora.state_dict(), f"{self.prefix}_interrupted_step{self.last_step:05d}")
+        logging.warning(
+            "%s: cancelled after %d steps; saved the last good LoRA to %s", self.title, self.last_step, path
+        )
+        return path

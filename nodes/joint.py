@@ -117,7 +117,10 @@ class JointAttention(io.ComfyNode):
         adain,
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
-            check_strength(mode, strength)
+            try:
+                check_strength(mode, strength)
+            except InputError as error:
+                raise InputError(f"{error}.") from error
             if start_percent > end_percent:
                 raise InputError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them.")
             chosen = [

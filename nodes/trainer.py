@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io, ui
-from PIL import Image
 
-from ..comfy_glue.trainer import TRAINING_DTYPES, DPOTrainingConfig, resolve_dtype, save_lora_file, train_dpo_lora
+from ..comfy_glue.trainer import TRAINING_DTYPES, DPOTrainingConfig, TrainingProgress, resolve_dtype, train_dpo_lora
 from ..pure.dpo_losses import LOSS_MODES
 from ..pure.dpo_sampling import TIMESTEP_SAMPLING
 from ..pure.drawing import training_plot
@@ -208,43 +204,12 @@ class DPOLoraTrainer(io.ComfyNode):
             stats_weight=stats_weight,
             preserve_outside=preserve_outside,
         )
-        progress = comfy.utils.ProgressBar(steps)
-        last_good = {"step": 0, "lora": None}
-        history: dict[str, list[float]] = {}
-
-        def on_step(step, metrics, lora):
-            last_good.update(step=step, lora=lora)
-            for name, value in metrics.items():
-                history.setdefault(name, []).append(value)
-            if save_every and step % save_every == 0:
-                save_lora_file(lora.state_dict(), f"{prefix}_step{step:05d}")
-            if step == 1 or step % 25 == 0 or step == steps:
-                logging.info(
-                    "%s: step %d/%d loss %.4f accuracy %.2f margin %.3f",
-                    cls.TITLE,
-                    step,
-                    steps,
-                    metrics["loss"],
-                    metrics["accuracy"],
-                    metrics["margin"],
-                )
-            preview = None
-            if step % max(1, steps // 10) == 0 or step == steps:
-                plot = training_plot(history)
-                preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
-            progress.update_absolute(step, steps, preview)  # raises when the user presses Cancel
-
+        progress = TrainingProgress(cls.TITLE, steps, save_every, prefix)
         try:
             with node_errors(cls.TITLE):
-                result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=on_step)
+                result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=progress)
         except comfy.model_management.InterruptProcessingException:
-            if last_good["lora"] is not None:
-                path = save_lora_file(
-                    last_good["lora"].state_dict(), f"{prefix}_interrupted_step{last_good['step']:05d}"
-                )
-                logging.warning(
-                    "%s: cancelled after %d steps; saved the last good LoRA to %s", cls.TITLE, last_good["step"], path
-                )
+            progress.save_last_good_lora()
             raise
 
         plot = training_plot(result.history).unsqueeze(0)
