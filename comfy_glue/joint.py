@@ -87,7 +87,13 @@ def attn1_replacements(model) -> dict:
 
 
 def joint_patches(model) -> list[JointAttentionPatch]:
+    """The Joint Attention patches on ``model``'s blocks (empty when it has none)."""
     return [patch for patch in attn1_replacements(model).values() if isinstance(patch, JointAttentionPatch)]
+
+
+def has_joint_attention(model) -> bool:
+    """Whether the MODEL went through the Joint Attention node (its attn1 patch is on)."""
+    return bool(joint_patches(model))
 
 
 def apply_joint_attention(model, settings: JointAttentionSettings):

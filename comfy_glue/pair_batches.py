@@ -16,8 +16,9 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
-from ..pure.joint_attention import LAYOUT_KEY, JointAttentionPatch, joint_layout
+from ..pure.joint_attention import LAYOUT_KEY, joint_layout
 from ..pure.pairs import PreferencePairs
+from .joint import has_joint_attention
 
 # Smallest sigma the target-space scale divides by: percents are capped below 1 (see
 # ``pure.dpo_sampling.MAX_PERCENT``), so real sigmas stay above it; it only guards the division.
@@ -54,13 +55,6 @@ def batch_kwargs(processed: list[dict], indices: list[int], device) -> dict[str,
     joined = comfy.samplers.cond_cat([processed[i] for i in indices])
     # clone(): conditioning made under ComfyUI's inference mode cannot be saved for backward.
     return {key: value.to(device).clone() if torch.is_tensor(value) else value for key, value in joined.items()}
-
-
-def has_joint_attention(patcher) -> bool:
-    """Whether the MODEL went through the Joint Attention node (its attn1 patch is on)."""
-    transformer_options = patcher.model_options.get("transformer_options", {})
-    replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
-    return any(isinstance(patch, JointAttentionPatch) for patch in replaced.values())
 
 
 @dataclass

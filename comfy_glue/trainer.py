@@ -29,8 +29,9 @@ from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
 from ..pure.focus import blend_focus
 from ..pure.pairs import PreferencePairs
+from .joint import has_joint_attention
 from .lora_adapters import LoraOnModel, attach_lora
-from .pair_batches import MicroBatch, PairBatcher, has_joint_attention
+from .pair_batches import MicroBatch, PairBatcher
 
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
