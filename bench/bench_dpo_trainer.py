@@ -35,6 +35,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def core_inputs(**given) -> dict:
+    """TrainLoraNode's inputs as its list-input schema takes them: ``given`` (``latents`` is
+    already a list) and every other input of the running ComfyUI's schema at its default, so
+    inputs added in later versions (bypass_mode, offloading, ...) take core's default."""
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    inputs = TrainLoraNode.define_schema().inputs
+    values = {entry.id: entry.default for entry in inputs if getattr(entry, "default", None) is not None}
+    values.update(given)
+    return {name: value if name == "latents" else [value] for name, value in values.items()}
+
+
 def worker(args) -> dict:
     device = args.worker
     comfyui = load_comfyui(device)
@@ -93,22 +105,24 @@ def worker(args) -> dict:
         def run(n):
             start = time.perf_counter()
             TrainLoraNode.execute(
-                model=[model],
-                latents=[{"samples": latents[i : i + 1]} for i in range(2 * count)],
-                positive=[positive],
-                batch_size=[2 * count],
-                grad_accumulation_steps=[1],
-                steps=[n],
-                learning_rate=[1e-4],
-                rank=[args.rank],
-                optimizer=["AdamW"],
-                loss_function=["MSE"],
-                seed=[0],
-                training_dtype=[dtype_name],
-                lora_dtype=["fp32"],
-                algorithm=["LoRA"],
-                gradient_checkpointing=[False],
-                existing_lora=["[None]"],
+                **core_inputs(
+                    model=model,
+                    latents=[{"samples": latents[i : i + 1]} for i in range(2 * count)],
+                    positive=positive,
+                    batch_size=2 * count,
+                    grad_accumulation_steps=1,
+                    steps=n,
+                    learning_rate=1e-4,
+                    rank=args.rank,
+                    optimizer="AdamW",
+                    loss_function="MSE",
+                    seed=0,
+                    training_dtype=dtype_name,
+                    lora_dtype="fp32",
+                    algorithm="LoRA",
+                    gradient_checkpointing=False,
+                    existing_lora="[None]",
+                )
             )
             if device == "cuda":
                 torch.cuda.synchronize()
