@@ -2,8 +2,12 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 PORT ?= 8188
+# The current ComfyUI of the version matrix (make test-current): an upstream source tarball and
+# the newest torch with a matching torchaudio on the registry (0.33 imports torchaudio at start).
+CURRENT_TARBALL ?= ../shared/comfyui/ComfyUI-0.33.0.tar.gz
+CURRENT_TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 
-.PHONY: env test unit lint format demo serve clean
+.PHONY: env test unit test-current lint format demo serve clean
 
 env:
 	@bash scripts/bootstrap.sh
@@ -13,6 +17,13 @@ test: env
 
 unit: env
 	$(PY) -m pytest tests/unit
+
+# The whole suite again on the current ComfyUI, in its own .venv-current and .comfyui-current.
+test-current:
+	@test -f "$(CURRENT_TARBALL)" || { echo "test-current: no $(CURRENT_TARBALL); set CURRENT_TARBALL to a ComfyUI source tarball"; exit 1; }
+	VENV=.venv-current COMFYUI_DIR=.comfyui-current COMFYUI_TARBALL="$(CURRENT_TARBALL)" \
+		TORCH_PINS="$(CURRENT_TORCH)" bash scripts/bootstrap.sh
+	COMFYUI_PATH="$(CURDIR)/.comfyui-current" .venv-current/bin/python -m pytest tests
 
 lint: env
 	$(RUFF) check .
@@ -29,4 +40,4 @@ serve: env
 	$(PY) scripts/serve.py --port $(PORT)
 
 clean:
-	rm -rf .venv .comfyui .cache .serve demo_output test_artifacts
+	rm -rf .venv .comfyui .venv-current .comfyui-current .cache .serve demo_output test_artifacts

