@@ -116,22 +116,27 @@ def test_focus_regions_bad_masks(comfy_server):
     comfy_server.assert_serving("PrefP_FocusRegions")
 
 
+def estimator_node(**overrides):
+    """Train Patch Quality Estimator on the built-in backbone and the cat photo, 0 steps by default."""
+    inputs = {
+        "backbone": ["5", 0],
+        "references": ["1", 0],
+        "steps": 0,
+        "learning_rate": 0.001,
+        "resolution": 128,
+        "seed": 0,
+        "save_name": "",
+    }
+    return {"class_type": "PrefP_TrainPatchQualityEstimator", "inputs": {**inputs, **overrides}}
+
+
 def test_train_estimator_saves_a_loadable_backbone(comfy_server):
     name = "chelsea_tuned_test"
     prompt = {
         **base_nodes(),
-        "40": {
-            "class_type": "PrefP_TrainPatchQualityEstimator",
-            "inputs": {
-                "backbone": ["5", 0],
-                "references": ["4", 0],
-                "steps": 15,
-                "learning_rate": 0.002,
-                "resolution": 160,
-                "seed": 0,
-                "save_name": f"../{name}",
-            },
-        },
+        "40": estimator_node(
+            references=["4", 0], steps=15, learning_rate=0.002, resolution=160, save_name=f"../{name}"
+        ),
     }
     entry = comfy_server.run(prompt)
     report = entry["outputs"]["40"]["text"][0]
@@ -164,18 +169,7 @@ def test_train_estimator_zero_steps_is_well_defined_and_never_overwrites(comfy_s
     def prompt(seed):
         return {
             **base_nodes(),
-            "40": {
-                "class_type": "PrefP_TrainPatchQualityEstimator",
-                "inputs": {
-                    "backbone": ["5", 0],
-                    "references": ["1", 0],
-                    "steps": 0,
-                    "learning_rate": 0.001,
-                    "resolution": 128,
-                    "seed": seed,
-                    "save_name": "zero_steps_head",
-                },
-            },
+            "40": estimator_node(steps=0, seed=seed, save_name="zero_steps_head"),
         }
 
     report = comfy_server.run(prompt(0))["outputs"]["40"]["text"][0]
