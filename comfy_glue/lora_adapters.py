@@ -1,39 +1,75 @@
 """Trainable LoRA adapters on a cloned ModelPatcher, switchable off for the DPO reference.
 
-As core ``TrainLoraNode``: every layer with a ``weight_function`` and a 2-D+ weight gets a
-``comfy.weight_adapter`` LoRA registered with ``add_weight_wrapper``; ``comfy.ops`` applies it on
-every forward, so the forward is differentiable. The reference prediction is the same network
-with the adapters switched off (peft's ``disable_adapter()``): no second copy in memory.
-Choices (init, rank clamping): docs/algorithms.md, section 'LoRA adapters and the reference model'.
+Every layer with a ``weight_function`` and a 2-D+ weight gets a ``comfy.weight_adapter`` LoRA,
+applied in one of two ways (``LORA_MODES``):
+
+- ``bypass``: on the forward path, y = layer(x) + s·up(down(x)), installed as a
+  ``PatcherInjection`` (ComfyUI's ``BypassInjectionManager`` where the running ComfyUI has it,
+  the pack's ``BypassedLayers`` otherwise). No W + BA is built and no full-size weight
+  gradient is computed; base weights may be fp8.
+- ``weight``: as core ``TrainLoraNode``'s default, a weight wrapper builds W + s·BA on every
+  forward.
+
+The reference prediction is the same network with the adapters switched off (peft's
+``disable_adapter()``): no second copy in memory. Gradient checkpointing per block is another
+injection (``CheckpointedBlocks``), on the training patcher only. Choices (init, rank clamping,
+modes): docs/algorithms.md, section 'LoRA adapters and the reference model'.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from comfy.patcher_extension import PatcherInjection
 from comfy.weight_adapter.lora import LoRAAdapter
 
+from ..pure.checkpointing import checkpointed_call, modules_at_depth
 from ..pure.errors import InputError
+from ..pure.lora_branch import ConvGeometry, lora_delta
+
+try:  # ComfyUI 0.3.76 and later
+    from comfy.weight_adapter.bypass import BypassInjectionManager
+except ImportError:
+    BypassInjectionManager = None
+
+LORA_MODES = ("bypass", "weight")
+BYPASS_KEY = "prefpairs_lora_bypass"
+CHECKPOINT_KEY = "prefpairs_gradient_checkpointing"
+LOW_PRECISION_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
+
+
+def is_low_precision(weight: torch.Tensor) -> bool:
+    """fp8 or a ComfyUI quantized tensor: a weight the weight mode cannot train on."""
+    return weight.dtype in LOW_PRECISION_DTYPES or type(weight).__name__ == "QuantizedTensor"
 
 
 class AdapterSwitch:
-    """On/off flag shared by a training run's adapter wrappers (off = reference model)."""
+    """On/off flag shared by a training run's adapters (off = reference model).
 
-    def __init__(self):
+    The weight mode's wrappers read ``enabled``; bypass branches read each adapter's
+    ``multiplier`` (as ComfyUI's bypass hooks do), which ``off()`` sets to 0."""
+
+    def __init__(self, adapters: list[torch.nn.Module]):
         self.enabled = True
+        self.adapters = adapters
 
     @contextlib.contextmanager
     def off(self):
         """Inside the block the network is the reference model (adapters off)."""
         self.enabled = False
+        for adapter in self.adapters:
+            adapter.multiplier = 0.0
         try:
             yield
         finally:
             self.enabled = True
+            for adapter in self.adapters:
+                adapter.multiplier = 1.0
 
 
 class SwitchedAdapter(torch.nn.Module):
@@ -45,7 +81,8 @@ class SwitchedAdapter(torch.nn.Module):
         self.switch = switch
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.adapter(weight) if self.switch.enabled else weight
+        # detach(): the base weight is frozen (see AutogradSafeWeight).
+        return self.adapter(weight.detach()) if self.switch.enabled else weight.detach()
 
     def passive_memory_usage(self) -> int:
         return self.adapter.passive_memory_usage()
@@ -55,15 +92,20 @@ class SwitchedAdapter(torch.nn.Module):
 
 
 class AutogradSafeWeight:
-    """Wrapper for weights without an adapter (norm scales) and biases: returns a normal copy.
+    """Training-only wrapper for weights without a weight-mode adapter, and biases: a frozen
+    weight autograd can save.
 
-    Models loaded by a node in ComfyUI hold inference-mode tensors, which autograd refuses to
-    save for backward (norm layers save their weight); a copy made outside inference mode is
-    allowed. The copies are 1-D and small; other weights pass through their LoRA, whose sum is
-    already a normal tensor."""
+    - Detached: ComfyUI's loaded parameters have ``requires_grad`` set, so without it every
+      backward would compute and store a full-size gradient for every base weight (as much
+      memory again as the model, and most of the backward's work).
+    - A normal copy of an inference-mode tensor while autograd records: models loaded by a node
+      hold inference tensors, which autograd refuses to save for backward (a linear layer saves
+      its weight to pass gradients to its input). With per-block checkpointing the copies of
+      one block are alive at a time."""
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.clone() if torch.is_inference(weight) else weight
+        weight = weight.detach()
+        return weight.clone() if torch.is_inference(weight) and torch.is_grad_enabled() else weight
 
     def passive_memory_usage(self) -> int:
         return 0
@@ -72,13 +114,130 @@ class AutogradSafeWeight:
         return 0
 
 
+def conv_geometry(module: torch.nn.Module) -> ConvGeometry | None:
+    """A convolution layer's geometry, or None for a linear layer."""
+    if not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return None
+    return ConvGeometry(tuple(module.kernel_size), module.stride, module.padding, module.dilation)
+
+
+def bypass_adaptable(module: torch.nn.Module) -> bool:
+    """Whether ``lora_delta`` reproduces the layer's geometry (no groups, zero padding)."""
+    return getattr(module, "groups", 1) == 1 and getattr(module, "padding_mode", "zeros") == "zeros"
+
+
+class BypassedLayers:
+    """The pack's bypass for ComfyUI versions without ``comfy.weight_adapter.bypass``: each
+    layer's forward becomes layer(x) + s·up(down(x)) while the patcher is loaded (inject), and
+    is restored on eject."""
+
+    def __init__(self, layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]]):
+        self.layers = layers
+        self.originals: dict[str, object] = {}
+
+    def inject(self, patcher) -> None:
+        if self.originals:
+            return
+        for name, (module, adapter) in self.layers.items():
+            adapter.to(patcher.load_device)
+            original = module.forward
+            self.originals[name] = original
+            module.forward = functools.partial(
+                self.forward, original, adapter, float(adapter.alpha) / adapter.rank, conv_geometry(module)
+            )
+
+    def eject(self, patcher) -> None:
+        for name, original in self.originals.items():
+            self.layers[name][0].forward = original
+        self.originals = {}
+
+    @staticmethod
+    def forward(original, adapter, scale: float, geometry, x, *args, **kwargs):
+        output = original(x, *args, **kwargs)
+        multiplier = getattr(adapter, "multiplier", 1.0)
+        if multiplier == 0.0:
+            return output
+        delta = lora_delta(x, adapter.lora_down.weight, adapter.lora_up.weight, scale * multiplier, geometry)
+        return output + delta
+
+
+def bypass_injections(model, layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]]) -> list[PatcherInjection]:
+    """Injections applying ``layers``' adapters on the forward path of ``model``."""
+    if BypassInjectionManager is None:
+        bypassed = BypassedLayers(layers)
+        return [PatcherInjection(inject=bypassed.inject, eject=bypassed.eject)]
+    manager = BypassInjectionManager()
+    for name, (_, adapter) in layers.items():
+        manager.add_adapter(name, adapter, strength=1.0)
+    return manager.create_injections(model)
+
+
+class CheckpointedBlocks:
+    """Gradient checkpointing of ``blocks`` while the patcher is loaded (inject/eject)."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        self.blocks = blocks
+        self.originals: list[object] = []
+
+    def inject(self, patcher) -> None:
+        if self.originals:
+            return
+        for block in self.blocks:
+            self.originals.append(block.forward)
+            block.forward = functools.partial(checkpointed_call, block.forward)
+
+    def eject(self, patcher) -> None:
+        for block, original in zip(self.blocks, self.originals, strict=True):
+            block.forward = original
+        self.originals = []
+
+
 @dataclass
 class LoraOnModel:
-    """A cloned ModelPatcher carrying trainable LoRA wrappers."""
+    """Trainable LoRA adapters for the layers of ``base`` (a ModelPatcher, never modified) and
+    ``patcher``, the clone of ``base`` they train on."""
 
-    patcher: object
+    base: object
+    mode: str
+    layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]]
     parameters: dict[str, torch.nn.Parameter]
     switch: AdapterSwitch
+    patcher: object = field(init=False)
+
+    def __post_init__(self):
+        self.patcher = self.install(training=True)
+
+    def install(self, training: bool):
+        """A clone of ``base`` with the adapters on; ``training`` adds the autograd-safe weight
+        wrappers (see ``AutogradSafeWeight``)."""
+        patcher = self.base.clone()
+        safe_weight = AutogradSafeWeight()
+        if training:
+            for name, module in patcher.model.named_modules():
+                if not hasattr(module, "weight_function") or getattr(module, "weight", None) is None:
+                    continue
+                if getattr(module, "bias", None) is not None:
+                    patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
+                if self.mode == "bypass" or name not in self.layers:
+                    patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
+        if self.mode == "bypass":
+            patcher.set_injections(BYPASS_KEY, bypass_injections(patcher.model, self.layers))
+        else:
+            for name, (_, adapter) in self.layers.items():
+                patcher.add_weight_wrapper(f"{name}.weight", SwitchedAdapter(adapter, self.switch))
+        return patcher
+
+    def checkpoint_blocks(self, depth: int) -> int:
+        """Checkpoint the training patcher's diffusion model per block at ``depth``; returns the
+        number of blocks."""
+        blocks = modules_at_depth(self.patcher.model.diffusion_model, depth)
+        checkpointed = CheckpointedBlocks(blocks)
+        self.patcher.set_injections(CHECKPOINT_KEY, [PatcherInjection(checkpointed.inject, checkpointed.eject)])
+        return len(blocks)
+
+    def inference_patcher(self):
+        """A clone of ``base`` with the trained adapters on, for sampling (no training wrappers)."""
+        return self.install(training=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Detached copies in ComfyUI's LORA_MODEL layout (``<module>.lora_up.weight``, ...)."""
@@ -86,38 +245,43 @@ class LoraOnModel:
 
 
 def attach_lora(
-    model_patcher, rank: int, alpha: float, resume: dict[str, torch.Tensor] | None = None, seed: int = 0
+    model_patcher,
+    rank: int,
+    alpha: float,
+    resume: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    mode: str = "bypass",
 ) -> LoraOnModel:
-    """Clone ``model_patcher`` and register a trainable LoRA on every adaptable layer.
+    """Trainable LoRA adapters on every adaptable layer of a clone of ``model_patcher``.
 
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
     no-op) with the up matrices drawn from ``seed``, so training is reproducible.
 
     A layer too small for ``rank`` (e.g. the UNet's 4-channel output conv) gets its largest
     possible rank, with alpha scaled so its alpha/rank scale stays the same, and a warning.
+    Grouped convolutions and non-zero padding modes stay without an adapter in bypass mode.
 
     Raises:
-        InputError: ``rank`` larger than every layer allows, or a ``resume`` LoRA that matches
-            no layer (or a layer of another shape) of this model.
+        InputError: ``rank`` larger than every layer allows, a ``resume`` LoRA that matches
+            no layer (or a layer of another shape) of this model, or fp8 weights in weight mode.
     """
-    patcher = model_patcher.clone()
-    switch = AdapterSwitch()
+    layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
     parameters: dict[str, torch.nn.Parameter] = {}
     matched = 0
     generator = torch.Generator().manual_seed(seed)
     clamped: list[str] = []
-    layers = 0
-    safe_weight = AutogradSafeWeight()
-    for name, module in patcher.model.named_modules():
+    candidates = 0
+    for name, module in model_patcher.model.named_modules():
         weight = getattr(module, "weight", None)
-        if not hasattr(module, "weight_function") or weight is None:
+        if not hasattr(module, "weight_function") or weight is None or weight.ndim < 2:
             continue
-        if getattr(module, "bias", None) is not None:
-            patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
-        if weight.ndim < 2:
-            patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
+        if mode == "bypass" and not bypass_adaptable(module):
             continue
-        layers += 1
+        if mode == "weight" and is_low_precision(weight):
+            raise InputError(
+                f"layer {name} holds {weight.dtype} weights, which train only in bypass mode; set lora_mode to bypass"
+            )
+        candidates += 1
         adapter = None
         if resume is not None:
             try:
@@ -139,12 +303,13 @@ def attach_lora(
             torch.nn.init.kaiming_uniform_(up, a=5**0.5, generator=generator)
             adapter.lora_up.weight.data.copy_(up)
         adapter = adapter.float()
+        adapter.multiplier = 1.0
         for parameter_name, parameter in adapter.named_parameters():
             parameters[f"{name}.{parameter_name}"] = parameter
-        patcher.add_weight_wrapper(f"{name}.weight", SwitchedAdapter(adapter, switch))
+        layers[name] = (module, adapter)
     if resume is not None and matched == 0:
         raise InputError("the resume LoRA matches no layer of this model (made for another model family?)")
-    if clamped and len(clamped) == layers:
+    if clamped and len(clamped) == candidates:
         raise InputError(f"rank {rank} is larger than every layer of this model allows; use a smaller rank")
     if clamped:
         logging.warning(
@@ -155,4 +320,5 @@ def attach_lora(
         )
     for key, parameter in parameters.items():
         parameter.requires_grad_(not key.endswith(".alpha"))
-    return LoraOnModel(patcher, parameters, switch)
+    switch = AdapterSwitch([adapter for _, adapter in layers.values()])
+    return LoraOnModel(model_patcher, mode, layers, parameters, switch)

@@ -19,7 +19,6 @@ import comfy.utils
 import folder_paths
 import safetensors.torch
 import torch
-import torch.utils.checkpoint
 from PIL import Image
 
 from ..pure.dpo_losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
@@ -59,7 +58,9 @@ class DPOTrainingConfig:
     timestep_end: float = 1.0
     timestep_sampling: str = "uniform"
     dtype: torch.dtype = torch.float32
+    lora_mode: str = "bypass"  # see lora_adapters.LORA_MODES
     gradient_checkpointing: bool = False
+    checkpoint_depth: int = 2  # 1 = the whole diffusion model, 2 = its blocks (see pure.checkpointing)
     stats_weight: float = 0.1  # hg_dpo colour-statistics term
     focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
     preserve_outside: float = 0.0  # patch_dpo / focus_dpo: anchor low-weight cells to the reference
@@ -68,6 +69,7 @@ class DPOTrainingConfig:
 @dataclass
 class DPOTrainingResult:
     lora: LoraOnModel
+    model: object = None  # the input MODEL's clone with the trained LoRA on, for sampling
     history: dict[str, list[float]] = field(default_factory=dict)
     steps_done: int = 0
 
@@ -92,8 +94,13 @@ class DPOTrainer:
     ):
         self.pairs = pairs
         self.config = config
-        self.lora = attach_lora(model_patcher, config.rank, config.alpha, resume, seed=config.seed)
+        self.lora = attach_lora(
+            model_patcher, config.rank, config.alpha, resume, seed=config.seed, mode=config.lora_mode
+        )
         patcher = self.lora.patcher
+        if config.gradient_checkpointing:
+            blocks = self.lora.checkpoint_blocks(config.checkpoint_depth)
+            logging.info("Gradient checkpointing: %d blocks at depth %d.", blocks, config.checkpoint_depth)
         if config.dtype != torch.float32:
             patcher.set_model_compute_dtype(config.dtype)
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
@@ -141,7 +148,9 @@ class DPOTrainer:
                     on_step(self.steps_done, totals, self.lora)
         finally:
             self.release()
-        return DPOTrainingResult(lora=self.lora, history=self.history, steps_done=self.steps_done)
+        return DPOTrainingResult(
+            lora=self.lora, model=self.lora.inference_patcher(), history=self.history, steps_done=self.steps_done
+        )
 
     def step(self, pool: list[int], step: int) -> dict[str, float]:
         """One optimiser step over ``grad_accumulation`` micro-batches drawn from ``pool``;
@@ -177,28 +186,6 @@ class DPOTrainer:
         self.optimizer.state.clear()
         comfy.model_management.soft_empty_cache()
 
-    def policy_prediction(self, batch: MicroBatch) -> torch.Tensor:
-        """The LoRA model's x0 prediction for ``batch``, with gradients."""
-        predict = self.batcher.predict
-        x_t, sigma, kwargs = batch.x_t, batch.sigma, batch.kwargs
-        if not self.config.gradient_checkpointing:
-            return predict(x_t, sigma, kwargs, batch)
-        # Winner and loser halves are recomputed one at a time in backward, so only one half's
-        # activations are alive at once (one extra forward of compute; a joint batch's
-        # references go with each half).
-        half = x_t.shape[0] // 2
-        outputs = []
-        for part in (slice(0, half), slice(half, None)):
-            part_kwargs = {
-                k: v[part] if torch.is_tensor(v) and v.shape[0] == x_t.shape[0] else v for k, v in kwargs.items()
-            }
-            outputs.append(
-                torch.utils.checkpoint.checkpoint(
-                    lambda x, s, kw=part_kwargs: predict(x, s, kw, batch), x_t[part], sigma[part], use_reentrant=False
-                )
-            )
-        return torch.cat(outputs)
-
     def loss_terms(self, indices: list[int], micro: MicroBatch) -> dict[str, torch.Tensor]:
         """One micro-batch's loss and diagnostics for the configured mode."""
         config = self.config
@@ -211,7 +198,7 @@ class DPOTrainer:
             else:
                 with self.lora.switch.off(), torch.no_grad():
                     reference = self.batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
-            prediction = self.policy_prediction(micro)
+            prediction = self.batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
         errors = micro.errors(prediction)
         model_w, model_l = errors[:batch], errors[batch:]
         zero = torch.zeros((), device=self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 from comfy_api.latest import io, ui
 
+from ..comfy_glue.lora_adapters import LORA_MODES
 from ..comfy_glue.trainer import TRAINING_DTYPES, DPOTrainingConfig, TrainingProgress, resolve_dtype, train_dpo_lora
 from ..pure.dpo_losses import LOSS_MODES
 from ..pure.dpo_sampling import TIMESTEP_SAMPLING
@@ -108,7 +109,8 @@ class DPOLoraTrainer(io.ComfyNode):
                 io.Boolean.Input(
                     "gradient_checkpointing",
                     default=False,
-                    tooltip="Recompute activations in backward, winners then losers: less memory, one extra forward.",
+                    tooltip="Recompute each block's activations in backward (see checkpoint_depth): much less "
+                    "memory for one extra forward.",
                 ),
                 io.Float.Input(
                     "stats_weight",
@@ -138,6 +140,22 @@ class DPOLoraTrainer(io.ComfyNode):
                     tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel).",
                 ),
                 io.String.Input("save_prefix", default="dpo_lora", tooltip="File name prefix of saved checkpoints."),
+                io.Combo.Input(
+                    "lora_mode",
+                    options=list(LORA_MODES),
+                    default="bypass",
+                    tooltip="bypass: the LoRA runs beside each layer, y = layer(x) + up(down(x)); least memory and "
+                    "works on fp8 weights. weight: each layer's weight is rebuilt as W + up·down on every forward "
+                    "(core TrainLoraNode's default).",
+                ),
+                io.Int.Input(
+                    "checkpoint_depth",
+                    default=2,
+                    min=1,
+                    max=5,
+                    tooltip="With gradient_checkpointing: 1 checkpoints the whole model, 2 each block (ResBlock, "
+                    "transformer), 3 and up smaller parts. Lower it if training runs out of memory.",
+                ),
                 io.LoraModel.Input(
                     "resume_lora",
                     optional=True,
@@ -178,6 +196,8 @@ class DPOLoraTrainer(io.ComfyNode):
         preserve_outside,
         save_every,
         save_prefix,
+        lora_mode="bypass",
+        checkpoint_depth=2,
         resume_lora=None,
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
@@ -200,7 +220,9 @@ class DPOLoraTrainer(io.ComfyNode):
             timestep_end=timestep_end,
             timestep_sampling=timestep_sampling,
             dtype=resolve_dtype(training_dtype, model.load_device),
+            lora_mode=lora_mode,
             gradient_checkpointing=gradient_checkpointing,
+            checkpoint_depth=checkpoint_depth,
             stats_weight=stats_weight,
             preserve_outside=preserve_outside,
         )
@@ -215,7 +237,7 @@ class DPOLoraTrainer(io.ComfyNode):
         plot = training_plot(result.history).unsqueeze(0)
         loss_map = {name: values for name, values in result.history.items()}
         return io.NodeOutput(
-            result.lora.patcher,
+            result.model,
             result.lora.state_dict(),
             loss_map,
             plot,

@@ -389,3 +389,78 @@ def test_bad_training_input_is_refused(tiny):
     nan_pairs.losers[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         train_dpo_lora(model, nan_pairs, config(steps=1))
+
+
+def nonzero_lora(model, mode):
+    """A LoRA of ``mode`` on ``model`` whose down matrices are drawn from a fixed seed (a fresh
+    LoRA is a no-op), so the modes can be compared."""
+    from pack.comfy_glue.lora_adapters import attach_lora
+
+    lora = attach_lora(model, rank=4, alpha=4.0, mode=mode)
+    generator = torch.Generator().manual_seed(5)
+    for key, parameter in sorted(lora.parameters.items()):
+        if key.endswith("lora_down.weight"):
+            parameter.data.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return lora
+
+
+def test_bypass_and_weight_modes_are_the_same_lora(tiny):
+    """The forward-path branch and the rebuilt weight W + s·BA predict the same; adapters off
+    is the base model bit for bit; the sampling MODEL carries the LoRA; training moves both
+    modes' LoRAs alike."""
+    from pack.comfy_glue.lora_adapters import LORA_MODES
+    from pack.comfy_glue.trainer import train_dpo_lora
+
+    model, conditioning = tiny
+    x = 3.0 * torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(4))
+    sigma = torch.full((2,), 3.0)
+    base = base_prediction(model, x, sigma, conditioning)
+    predictions, trained = {}, {}
+    for mode in LORA_MODES:
+        lora = nonzero_lora(model, mode)
+        predictions[mode] = base_prediction(lora.patcher, x, sigma, conditioning)
+        torch.testing.assert_close(base_prediction(lora.inference_patcher(), x, sigma, conditioning), predictions[mode])
+        with lora.switch.off():
+            assert torch.equal(base_prediction(lora.patcher, x, sigma, conditioning), base), mode
+        pairs = synthetic_pairs(conditioning, 4, seed=9)
+        trained[mode] = train_dpo_lora(model, pairs, config(steps=2, lora_mode=mode)).lora.state_dict()
+    assert (predictions["bypass"] - base).abs().mean() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(predictions["bypass"], predictions["weight"], rtol=1e-4, atol=1e-5)
+    for key in trained["bypass"]:
+        torch.testing.assert_close(trained["bypass"][key], trained["weight"][key], rtol=1e-3, atol=1e-6)
+    assert torch.equal(base_prediction(model, x, sigma, conditioning), base)  # input MODEL untouched
+    # The base weights are frozen: no full-size gradient is computed or stored for them.
+    assert all(parameter.grad is None for parameter in model.model.parameters())
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_gradient_checkpointing_per_block_trains_the_same_lora(tiny, depth):
+    from pack.comfy_glue.trainer import train_dpo_lora
+
+    model, conditioning = tiny
+    pairs = synthetic_pairs(conditioning, 4, seed=10)
+    plain = train_dpo_lora(model, pairs, config(steps=2)).lora.state_dict()
+    result = train_dpo_lora(model, pairs, config(steps=2, gradient_checkpointing=True, checkpoint_depth=depth))
+    checkpointed = result.lora.state_dict()
+    assert checkpointed.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-7)
+    # Checkpointing is a training matter: the sampling MODEL's blocks are plain again.
+    assert "prefpairs_gradient_checkpointing" not in result.model.injections
+
+
+def test_fp8_weights_train_in_bypass_mode_only(comfy_modules):
+    import comfy.sd
+
+    from pack.comfy_glue.trainer import train_dpo_lora
+
+    path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind="sd15")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, model_options={"dtype": torch.float8_e4m3fn})
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(DENOISER_PROMPT), return_pooled=True)
+    pairs = synthetic_pairs([[cond, {"pooled_output": pooled}]], 2, seed=11)
+    with pytest.raises(ValueError, match="float8_e4m3fn weights, which train only in bypass mode"):
+        train_dpo_lora(model, pairs, config(steps=1, lora_mode="weight"))
+    result = train_dpo_lora(model, pairs, config(steps=2, lora_mode="bypass"))
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in result.history.values())
+    assert any(value.abs().sum() > 0 for key, value in result.lora.state_dict().items() if "lora_down" in key)
+    assert model.model.diffusion_model.input_blocks[1][0].in_layers[2].weight.dtype == torch.float8_e4m3fn
