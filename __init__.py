@@ -1,9 +1,13 @@
 """ComfyUI entry point: registers the pack's nodes (V3 schema), nothing else."""
 
-from comfy_api.latest import ComfyExtension
+from .comfy_glue.versions import check_comfyui_version, running_comfyui_version
 
-from .comfy_glue.backbone import register_model_folders
-from .nodes import NODE_LIST
+check_comfyui_version(running_comfyui_version())  # before anything a too-old ComfyUI lacks
+
+from comfy_api.latest import ComfyExtension  # noqa: E402
+
+from .comfy_glue.backbone import register_model_folders  # noqa: E402
+from .nodes import NODE_LIST  # noqa: E402
 
 
 class PreferencePersonalizationExtension(ComfyExtension):
