@@ -78,6 +78,30 @@ class NonFiniteLoss(InputError):
     """The loss became NaN or infinite; raised before the bad update is applied."""
 
 
+class TrainingOutOfMemory(InputError):
+    """A step needed more memory than the device has; the message says what to change."""
+
+
+def out_of_memory_advice(config: DPOTrainingConfig) -> str:
+    """What lowers a run's memory, for the settings it has."""
+    changes = []
+    if config.lora_mode != "bypass":
+        changes.append("set lora_mode to bypass (no merged weight per layer)")
+    if not config.gradient_checkpointing:
+        changes.append("turn on gradient_checkpointing")
+    elif config.checkpoint_depth < 2:
+        changes.append("set checkpoint_depth to 2 (one block's activations at a time)")
+    changes.append("lower batch_size or the pairs' image size")
+    return "; ".join(changes)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 StepCallback = Callable[[int, dict[str, float], LoraOnModel], None]
 
 
@@ -140,7 +164,15 @@ class DPOTrainer:
         try:
             for step in range(config.steps):
                 pool = curriculum_pool(stages, len(self.pairs), config.loss_mode == "hg_dpo", step, config.steps)
-                totals = self.step(pool, step)
+                try:
+                    totals = self.step(pool, step)
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    raise TrainingOutOfMemory(
+                        f"training ran out of memory at step {step + 1} ({error}). To fit: "
+                        f"{out_of_memory_advice(config)}."
+                    ) from None
                 self.steps_done = step + 1
                 for name in METRICS:
                     self.history[name].append(totals[name])

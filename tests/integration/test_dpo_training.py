@@ -385,6 +385,20 @@ def test_bad_training_input_is_refused(tiny):
     }
     with pytest.raises(ValueError, match="matches no layer"):
         train_dpo_lora(model, pairs, config(steps=1), resume=foreign)
+    # Out of memory (raised here by an attention patch, as CUDA raises it mid-forward): the
+    # message names what to change for these settings.
+    exhausted = model.clone()
+
+    def no_memory_left(q, k, v, extra_options):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    exhausted.set_model_attn1_patch(no_memory_left)
+    with pytest.raises(ValueError, match="ran out of memory at step 1.*turn on gradient_checkpointing"):
+        train_dpo_lora(exhausted, pairs, config(steps=1))
+    with pytest.raises(ValueError, match="set lora_mode to bypass.*set checkpoint_depth to 2"):
+        train_dpo_lora(
+            exhausted, pairs, config(steps=1, lora_mode="weight", gradient_checkpointing=True, checkpoint_depth=1)
+        )
     nan_pairs = synthetic_pairs(conditioning, 2, seed=8)
     nan_pairs.losers[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
