@@ -1,4 +1,5 @@
-"""Small random-weight SD1.x checkpoints that ComfyUI's stock loader detects.
+"""Random-weight checkpoints that ComfyUI's stock loaders detect: small SD1.x ones for speed,
+and full-size SD1.5 and SDXL ones where size is the point (memory, every level's shapes, speed).
 
 No model hub is reachable, so tests and the demo make their own checkpoint at a fixed seed.
 The key set comes from ComfyUI's own module classes, so it is exactly what the loader
@@ -19,6 +20,11 @@ the CLIP-I / CLIP-T metrics.
 UNet on ``synthetic_latents`` (half of them carrying ``with_property``): a model that makes
 sane samples of a known distribution, so tests can check what preference training does to full
 generations (a random-weight UNet is no denoiser: its samples have no stable statistics).
+
+The full-size kinds use ComfyUI's own SD1.5 and SDXL UNet configs (``model_detection``), fp16
+on disk: ``sd15_full`` is one checkpoint (TAESD as its VAE, as the tiny one); SDXL is a UNet file
+for UNETLoader (``sdxl_unet``) and CLIP-L / CLIP-G files for DualCLIPLoader type sdxl
+(``sdxl_clip_l``, ``sdxl_clip_g``).
 
 Run as a script (``python tiny_checkpoint.py COMFYUI_PATH OUT [SEED]``) so ComfyUI's modules
 load in a process of their own; ``ensure_checkpoint`` does that.
@@ -119,6 +125,91 @@ def build_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+# ComfyUI's model_detection configs (``unet_config_from_diffusers_unet``), without dtype.
+SD15_UNET_CONFIG = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1,
+    num_heads=8,
+    context_dim=768,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=False,
+    legacy=False,
+)
+SDXL_UNET_CONFIG = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10,
+    num_head_channels=64,
+    context_dim=2048,
+    num_classes="sequential",
+    adm_in_channels=2816,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    legacy=False,
+)
+
+
+def _unet_state_dict(config: dict, generator: torch.Generator, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A UNet's random weights, fp16 tensor by tensor (a full SDXL UNet in fp32 is 10 GB)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(**copy.deepcopy(config), operations=comfy.ops.disable_weight_init)
+    return {
+        f"{prefix}{name}": _init_like(name, shape, generator).to(torch.float16)
+        for name, shape in _state_dict_shapes(unet).items()
+    }
+
+
+def _text_encoder_state_dict(model_class, generator: torch.Generator, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's random weights (fp16), keyed as its ``transformer`` is, under ``prefix``."""
+    with torch.device("meta"):
+        clip = model_class(device="meta", dtype=torch.float16)
+    return {
+        f"{prefix}{name}": _init_like(name, shape, generator).to(torch.float16)
+        for name, shape in _state_dict_shapes(clip.transformer).items()
+        if not name.endswith("position_ids")
+    }
+
+
+def build_full_size_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full-size file's state dict: ``sd15_full``, ``sdxl_unet``, ``sdxl_clip_l`` or ``sdxl_clip_g``."""
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "sdxl_unet":
+        return _unet_state_dict(SDXL_UNET_CONFIG, generator)
+    if kind == "sdxl_clip_l":
+        return _text_encoder_state_dict(comfy.sd1_clip.SDClipModel, generator)
+    if kind == "sdxl_clip_g":
+        return _text_encoder_state_dict(comfy.sdxl_clip.SDXLClipG, generator)
+    tiny = build_state_dict(seed)
+    state = _unet_state_dict(SD15_UNET_CONFIG, generator, "model.diffusion_model.")
+    state.update({key: value for key, value in tiny.items() if not key.startswith("model.diffusion_model.")})
+    return state
+
+
+FULL_SIZE_KINDS = ("sd15_full", "sdxl_unet", "sdxl_clip_l", "sdxl_clip_g")
+
+
 def build_clip_vision_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """A random CLIP ViT-L/14 vision tower (+ projection) that ComfyUI's CLIP vision loader
     detects (its config is fixed by the layer count, so it is full size: ~300 M params, fp16)."""
@@ -209,7 +300,7 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
             "sd15_denoiser": build_denoiser_state_dict,
             "clip_vision": build_clip_vision_state_dict,
         }
-        state = builders[kind](seed)
+        state = builders[kind](seed) if kind in builders else build_full_size_state_dict(kind, seed)
         safetensors.torch.save_file(state, tmp, metadata={"recipe": str(RECIPE_VERSION)})
         os.replace(tmp, path)
     finally:
@@ -219,14 +310,15 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
 
 
 def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: str = "sd15") -> str:
-    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser"
-    or "clip_vision"), building it on first use in a subprocess that imports ComfyUI from
-    ``comfyui_path``."""
-    stem = {
+    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser",
+    "clip_vision" or one of ``FULL_SIZE_KINDS``), building it on first use in a subprocess that
+    imports ComfyUI from ``comfyui_path``."""
+    stems = {
         "sd15": "tiny_sd15",
         "sd15_denoiser": f"tiny_sd15_denoiser_d{DENOISER_RECIPE_VERSION}",
         "clip_vision": "random_clip_vision_vitl",
-    }[kind]
+    }
+    stem = stems.get(kind, f"random_{kind}")
     path = os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
     if not os.path.exists(path):
         subprocess.run(

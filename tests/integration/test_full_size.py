@@ -1,0 +1,155 @@
+"""The Joint Sampler and the DPO LoRA Trainer on full-size random-weight models (CPU,
+in-process): SD1.5 as one checkpoint, SDXL as a UNet file plus CLIP-L and CLIP-G files, loaded
+with ComfyUI's stock loaders. Size is the point: every UNet level's shapes, and memory (the
+SDXL trainer step at 256 px must fit a 24 GB machine). Speed is measured by
+``bench/bench_dpo_trainer.py``, not here.
+
+On each model: a joint batch samples and keeps its reference; one step of every loss mode
+trains (bypass LoRA, per-block checkpointing); the saved LoRA loads through the stock LoRA
+loader with every key used, and (SD1.5) gives the trained MODEL's prediction.
+"""
+
+import logging
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.tiny_checkpoint import ensure_checkpoint
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+SD15_PX, SDXL_PX = 128, 256
+
+
+def cached(kind):
+    return ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind=kind)
+
+
+def encode(clip, prompt="a photo of a cat"):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def load_sd15():
+    import comfy.sd
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(cached("sd15_full"), output_vae=False)
+    return model, encode(clip), SD15_PX
+
+
+def load_sdxl():
+    import comfy.sd
+
+    clip = comfy.sd.load_clip([cached("sdxl_clip_l"), cached("sdxl_clip_g")])  # DualCLIPLoader, type sdxl
+    conditioning = encode(clip)
+    del clip
+    return comfy.sd.load_diffusion_model(cached("sdxl_unet")), conditioning, SDXL_PX  # UNETLoader
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def full_size(request, comfy_modules):
+    """(MODEL, conditioning, image size); one model in memory at a time (pytest runs every test
+    of one parameter before it builds the next)."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    loaded = {"sd15": load_sd15, "sdxl": load_sdxl}[request.param]()
+    yield loaded
+    del loaded
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+
+
+def random_pairs(conditioning, px, count=1, seed=0):
+    from pack.pure.pairs import PreferencePairs
+
+    generator = torch.Generator().manual_seed(seed)
+    grid = px // 8
+    latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
+    ones = torch.ones(count, grid, grid)
+    return PreferencePairs(
+        winners=latents[:count],
+        losers=latents[count:],
+        conditionings=[conditioning],
+        condition_index=torch.zeros(count, dtype=torch.long),
+        winner_weights=ones,
+        loser_weights=ones,
+        winner_quality=ones,
+        loser_quality=ones * 0.5,
+        winner_complexity=ones * 0.5,
+        loser_complexity=ones * 0.5,
+        thumbnails_winner=torch.zeros(count, 3, 8, 8),
+        thumbnails_loser=torch.zeros(count, 3, 8, 8),
+        metadata=[{"source": "synthetic", "difficulty": "easy"}] * count,
+        latent_channels=4,
+    )
+
+
+def test_joint_sampler_keeps_the_reference(full_size):
+    from pack.comfy_glue.joint import sample_joint
+
+    model, conditioning, px = full_size
+    reference = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(1))
+    new, samples = sample_joint(
+        model,
+        conditioning,
+        conditioning,
+        1,
+        (px, px),
+        seed=0,
+        steps=2,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="normal",
+        image_guidance=1.0,
+        strength=1.0,
+        encode=lambda images: reference,
+        references=torch.zeros(1, px, px, 3),
+    )
+    assert new.shape == (1, 4, px // 8, px // 8) and torch.isfinite(new).all()
+    torch.testing.assert_close(samples[:1].float(), reference, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["dpo", "patch_dpo", "patchdpo_paper", "focus_dpo", "hg_dpo"])
+def test_one_step_of_every_loss_mode(full_size, mode):
+    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+
+    model, conditioning, px = full_size
+    config = DPOTrainingConfig(loss_mode=mode, steps=1, rank=4, alpha=4.0, gradient_checkpointing=True)
+    result = train_dpo_lora(model, random_pairs(conditioning, px), config)
+    assert all(torch.isfinite(torch.tensor(values)).all() for values in result.history.values()), result.history
+    assert any(value.abs().sum() > 0 for key, value in result.lora.state_dict().items() if "lora_down" in key)
+
+
+def test_saved_lora_loads_with_the_stock_loader(full_size, tmp_path, caplog):
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    from pack.comfy_glue.pair_batches import PairBatcher
+    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+
+    model, conditioning, px = full_size
+    pairs = random_pairs(conditioning, px)
+    config = DPOTrainingConfig(steps=1, rank=4, alpha=4.0, learning_rate=1e-2, gradient_checkpointing=True)
+    result = train_dpo_lora(model, pairs, config)
+    path = os.path.join(tmp_path, "lora.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in result.lora.state_dict().items()}, path)
+    with caplog.at_level(logging.WARNING):  # what LoraLoader does
+        loaded, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path), 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+
+    def predict(patcher):
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        batch = PairBatcher(patcher, pairs).batch([0], torch.tensor([0.5]), torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            return PairBatcher(patcher, pairs).predict(batch.x_t, batch.sigma, batch.kwargs)
+
+    if px == SDXL_PX:
+        return  # SDXL: LoraLoader's merged copy of every adapted weight does not fit beside the fp32 model in 24 GB
+    trained, reloaded, base = predict(result.model), predict(loaded), predict(model)
+    assert (trained - base).abs().max() > 1e-4  # the step changed the model
+    torch.testing.assert_close(reloaded, trained, rtol=1e-3, atol=1e-4)
