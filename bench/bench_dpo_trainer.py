@@ -1,15 +1,23 @@
-"""DPO LoRA Trainer step cost against core TrainLoraNode on the same model and images.
+"""DPO LoRA Trainer step cost against the same ComfyUI's core TrainLoraNode, same model and images.
 
-    .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 6]
-        [--rank 8] [--checkpoint PATH] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
+    .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 5]
+        [--rank 8] [--checkpoint PATH | --unet PATH --clip CLIP_L,CLIP_G] [--modes bypass,weight]
+        [--checkpoint-depth D] [--methods core,ours] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
 
 One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
 batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
 our step is one optimiser step on ``pairs`` pairs: a reference forward without gradients plus a
-policy forward + backward on the same 2 * pairs images. Ideal ratio: about 1.33x (two extra
-forwards without gradients). Each device runs in a worker process of its own; per method it
-reports the median seconds per step after one warm-up step (``steps`` timed) and the peak memory
-the training adds over what was resident before it.
+policy forward + backward on the same 2 * pairs images. TrainLoraNode gives each latent its
+caption, and ComfyUI applies every conditioning entry to the whole batch, so for one pair its
+step runs the model on 4 rows (profiled; see BENCHMARKS.md): that is what a core step costs.
+
+Both run in the same LoRA mode: ``bypass`` (the LoRA beside each layer) and ``weight`` (W + BA
+rebuilt per forward); core rows exist for the modes the running ComfyUI's TrainLoraNode has
+(0.3.75: weight only). ``--checkpoint-depth D`` turns on gradient checkpointing at depth D for
+both (0: off). Each run trains 1 + ``steps`` steps and every step's seconds are printed (core's
+through ComfyUI's progress-bar hook), so a slow step cannot hide; the ratio compares the means
+of the steps after the first (which includes set-up). Peak memory is what the whole run adds
+over what was resident before it. Each device runs in a worker process of its own.
 
 ``--references N`` adds a row for joint-set training: the same pairs carrying N reference
 latents, on the MODEL through Joint Attention (every forward then holds N more images).
@@ -17,6 +25,7 @@ latents, on the MODEL through Joint Attention (every forward then holds N more i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -28,30 +37,58 @@ from common import PeakMemory, base_parser, bench_main, load_comfyui, tiny_check
 
 def parse_args(argv=None):
     parser = base_parser(__doc__)
+    parser.set_defaults(steps=5)
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step (images = 2 x pairs)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--references", type=int, default=0, help="also time joint-set training with N references")
+    parser.add_argument("--unet", default=None, help="a diffusion-model file (UNETLoader) instead of --checkpoint")
+    parser.add_argument("--clip", default=None, help="with --unet: text encoder files, comma-separated")
+    parser.add_argument("--modes", default="bypass,weight", help="LoRA modes to compare, comma-separated")
+    parser.add_argument("--methods", default="core,ours", help="core, ours or both (a model too big for one)")
+    parser.add_argument("--profile", type=int, default=0, help="also print each run's N costliest torch ops")
+    parser.add_argument("--checkpoint-depth", type=int, default=0, help="gradient checkpointing depth (0: off)")
     return parser.parse_args(argv)
+
+
+def core_schema() -> set[str]:
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    return {entry.id for entry in TrainLoraNode.define_schema().inputs}
 
 
 def core_inputs(**given) -> dict:
     """TrainLoraNode's inputs as its list-input schema takes them: ``given`` (``latents`` is
-    already a list) and every other input of the running ComfyUI's schema at its default, so
-    inputs added in later versions (bypass_mode, offloading, ...) take core's default."""
+    already a list; names this ComfyUI's schema lacks are dropped) and every other input of the
+    running ComfyUI's schema at its default, so inputs added in later versions (offloading, ...)
+    take core's default."""
     from comfy_extras.nodes_train import TrainLoraNode
 
     inputs = TrainLoraNode.define_schema().inputs
     values = {entry.id: entry.default for entry in inputs if getattr(entry, "default", None) is not None}
-    values.update(given)
+    values.update({name: value for name, value in given.items() if name in core_schema()})
     return {name: value if name == "latents" else [value] for name, value in values.items()}
+
+
+def load_model(args, comfyui: str):
+    """(MODEL, CLIP, a name for the report) from --unet/--clip or a checkpoint."""
+    import comfy.sd
+
+    if args.unet:
+        clip = comfy.sd.load_clip(args.clip.split(","), embedding_directory=None)
+        names = ", ".join(os.path.basename(path) for path in [args.unet, *args.clip.split(",")])
+        return comfy.sd.load_diffusion_model(args.unet), clip, names
+    checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
+    model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
+    return model, clip, os.path.basename(checkpoint)
 
 
 def worker(args) -> dict:
     device = args.worker
     comfyui = load_comfyui(device)
-    import comfy.sd
+    import comfy.utils
     import torch
+    import torch.profiler
     from comfy_extras.nodes_train import TrainLoraNode
 
     from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
@@ -59,8 +96,9 @@ def worker(args) -> dict:
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
-    model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
+    model, clip, model_name = load_model(args, comfyui)
+    modes = args.modes.split(",")
+    depth = args.checkpoint_depth
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
     positive = [[cond, {"pooled_output": pooled}]]
     grid = args.size // 8
@@ -85,25 +123,41 @@ def worker(args) -> dict:
         latent_channels=4,
     )
 
-    def time_ours(steps, trained_model=model, pair_set=pairs):
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ours(mode, steps, trained_model=model, pair_set=pairs):
         marks = []
         config = DPOTrainingConfig(
-            loss_mode="patch_dpo", steps=steps, rank=args.rank, alpha=args.rank, batch_size=count, dtype=dtype
+            loss_mode="patch_dpo",
+            steps=steps,
+            rank=args.rank,
+            alpha=args.rank,
+            batch_size=count,
+            dtype=dtype,
+            lora_mode=mode,
+            gradient_checkpointing=depth > 0,
+            checkpoint_depth=max(depth, 1),
         )
 
         def on_step(step, metrics, lora):
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize()
             marks.append(time.perf_counter())
 
         marks.append(time.perf_counter())
         train_dpo_lora(trained_model, pair_set, config, on_step=on_step)
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
-    def time_core(steps):
-        # TrainLoraNode reports no per-step hook: time whole runs of 1 and 1 + steps steps.
-        def run(n):
-            start = time.perf_counter()
+    def time_core(mode, steps):
+        marks = [time.perf_counter()]
+
+        def on_progress(value, total, preview, node_id=None):
+            synchronize()
+            marks.append(time.perf_counter())
+
+        comfy.utils.set_progress_bar_global_hook(on_progress)
+        try:
             TrainLoraNode.execute(
                 **core_inputs(
                     model=model,
@@ -111,7 +165,7 @@ def worker(args) -> dict:
                     positive=positive,
                     batch_size=2 * count,
                     grad_accumulation_steps=1,
-                    steps=n,
+                    steps=steps,
                     learning_rate=1e-4,
                     rank=args.rank,
                     optimizer="AdamW",
@@ -120,18 +174,23 @@ def worker(args) -> dict:
                     training_dtype=dtype_name,
                     lora_dtype="fp32",
                     algorithm="LoRA",
-                    gradient_checkpointing=False,
+                    gradient_checkpointing=depth > 0,
+                    checkpoint_depth=max(depth, 1),
+                    bypass_mode=mode == "bypass",
                     existing_lora="[None]",
                 )
             )
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
-        single, full = run(1), run(1 + steps)
-        return [(full - single) / steps]
-
-    timers = [("TrainLoraNode (2 x pairs images)", time_core), ("DPO LoRA Trainer", time_ours)]
+    core_modes = {"weight"} | ({"bypass"} if "bypass_mode" in core_schema() else set())
+    timers = []
+    for mode in modes:
+        if mode in core_modes and "core" in args.methods:
+            timers.append((f"TrainLoraNode, {mode}", mode, time_core))
+        if "ours" in args.methods:
+            timers.append((f"DPO LoRA Trainer, {mode}", mode, time_ours))
     if args.references:
         from dataclasses import replace
 
@@ -142,43 +201,56 @@ def worker(args) -> dict:
         joint_pairs = replace(pairs, references=torch.randn(args.references, 4, grid, grid, generator=generator))
         timers.append(
             (
-                f"DPO LoRA Trainer, joint (+{args.references} refs)",
-                lambda steps: time_ours(steps, joint_model, joint_pairs),
+                f"DPO LoRA Trainer, {modes[0]}, joint (+{args.references} refs)",
+                modes[0],
+                lambda mode, steps: time_ours(mode, steps, joint_model, joint_pairs),
             )
         )
     results = {}
-    for name, timer in timers:
-        timer(1)  # warm-up: weights, allocator, kernels
-        with PeakMemory(device) as peak:
-            seconds = timer(args.steps)
-        results[name] = {
-            "seconds": statistics.median(seconds[1:] if len(seconds) > 2 else seconds),
-            "peak_mib": peak.added_mib,
-        }
+    for name, mode, timer in timers:
+        profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
+        with PeakMemory(device) as peak, profiler:
+            seconds = timer(mode, 1 + args.steps)
+        results[name] = {"steps": seconds, "peak_mib": peak.added_mib}
+        if args.profile:
+            averages = profiler.key_averages()
+            results[name]["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.profile)
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "threads": torch.get_num_threads(),
         "dtype": dtype_name,
-        "checkpoint": os.path.basename(checkpoint),
+        "checkpoint": model_name,
+        "checkpoint_depth": depth,
         "results": results,
     }
 
 
 def report(result: dict, args) -> str:
     results = result["results"]
-    base = results["TrainLoraNode (2 x pairs images)"]
+    depth = result["checkpoint_depth"]
     lines = [
-        f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, checkpoint "
+        f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, model "
         f"{result['checkpoint']}, {args.size}x{args.size} px, {args.pairs} pair(s) = {2 * args.pairs} "
-        f"images per step, rank {args.rank}",
-        f"{'method':34s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}",
+        f"images per step, rank {args.rank}, gradient checkpointing " + (f"at depth {depth}" if depth else "off"),
+        f"{'method':44s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}  every step (s)",
     ]
     for name, values in results.items():
+        mode = name.split(", ")[1]
+        base = results.get(f"TrainLoraNode, {mode}") or results.get("TrainLoraNode, weight")
+        mean = statistics.mean(values["steps"][1:])
+        base_mean = statistics.mean(base["steps"][1:]) if base else float("nan")
+        base_peak = base["peak_mib"] if base else float("nan")
         lines.append(
-            f"{name:34s} {values['seconds']:8.3f} {values['seconds'] / base['seconds']:7.2f} "
-            f"{values['peak_mib']:10.1f} {values['peak_mib'] / max(base['peak_mib'], 1e-9):7.2f}"
+            f"{name:44s} {mean:8.3f} {mean / base_mean:7.2f} {values['peak_mib']:10.1f} "
+            f"{values['peak_mib'] / max(base_peak, 1e-9):7.2f}  " + " ".join(f"{s:.2f}" for s in values["steps"])
         )
-    lines.append("targets: time <= 1.5x (ideal ~1.33x), peak memory <= 1.1x")
+    for name, values in results.items():
+        if "profile" in values:
+            lines += ["", f"{name}: the {args.profile} costliest ops (self CPU time, whole run)", values["profile"]]
+    lines.append(
+        "x core: against TrainLoraNode in the same mode (weight where this ComfyUI's has no bypass); "
+        "s/step: mean of the steps after the first; targets: time <= 1.5x, peak memory <= 1.1x"
+    )
     return "\n".join(lines)
 
 
