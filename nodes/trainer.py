@@ -144,6 +144,7 @@ class DPOLoraTrainer(io.ComfyNode):
                     "lora_mode",
                     options=list(LORA_MODES),
                     default="bypass",
+                    optional=True,  # optional: API prompts saved before it existed still run
                     tooltip="bypass: the LoRA runs beside each layer, y = layer(x) + up(down(x)); least memory and "
                     "works on fp8 weights. weight: each layer's weight is rebuilt as W + up·down on every forward "
                     "(core TrainLoraNode's default).",
@@ -153,6 +154,7 @@ class DPOLoraTrainer(io.ComfyNode):
                     default=2,
                     min=1,
                     max=5,
+                    optional=True,
                     tooltip="With gradient_checkpointing: 1 checkpoints the whole model, 2 each block (ResBlock, "
                     "transformer), 3 and up smaller parts. Lower it if training runs out of memory.",
                 ),
