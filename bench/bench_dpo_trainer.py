@@ -91,8 +91,8 @@ def worker(args) -> dict:
     import torch.profiler
     from comfy_extras.nodes_train import TrainLoraNode
 
+    from harness.pairs import uniform_pairs
     from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
-    from pack.pure.pairs import PreferencePairs
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -105,23 +105,7 @@ def worker(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     count = args.pairs
     latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
-    ones = torch.ones(count, grid, grid)
-    pairs = PreferencePairs(
-        winners=latents[:count],
-        losers=latents[count:],
-        conditionings=[positive],
-        condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=ones,
-        loser_weights=ones,
-        winner_quality=ones,
-        loser_quality=ones,
-        winner_complexity=ones,
-        loser_complexity=ones,
-        thumbnails_winner=torch.zeros(count, 3, 8, 8),
-        thumbnails_loser=torch.zeros(count, 3, 8, 8),
-        metadata=[{}] * count,
-        latent_channels=4,
-    )
+    pairs = uniform_pairs(positive, latents[:count], latents[count:])
 
     def synchronize():
         if device == "cuda":

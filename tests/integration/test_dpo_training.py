@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.pairs import uniform_pairs
 from harness.tiny_checkpoint import (
     DENOISER_PROMPT,
     LATENT_SHAPE,
@@ -51,27 +52,7 @@ def denoiser(comfy_modules):
 
 
 def make_pairs(conditioning, winners, losers, weights=None):
-    from pack.pure.pairs import PreferencePairs
-
-    count = winners.shape[0]
-    ones = torch.ones(count, *LATENT[1:])
-    weights = ones if weights is None else weights.expand(count, *LATENT[1:]).clone()
-    return PreferencePairs(
-        winners=winners,
-        losers=losers,
-        conditionings=[conditioning],
-        condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=weights,
-        loser_weights=weights,
-        winner_quality=ones,
-        loser_quality=ones,
-        winner_complexity=ones * 0.5,
-        loser_complexity=ones * 0.5,
-        thumbnails_winner=torch.zeros(count, 3, 8, 8),
-        thumbnails_loser=torch.zeros(count, 3, 8, 8),
-        metadata=[{"source": "synthetic", "difficulty": "easy"}] * count,
-        latent_channels=4,
-    )
+    return uniform_pairs(conditioning, winners, losers, weights)
 
 
 def synthetic_pairs(conditioning, count, seed):

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.pairs import uniform_pairs
 from harness.tiny_checkpoint import ensure_checkpoint
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -64,28 +65,8 @@ def full_size(request, comfy_modules):
 
 
 def random_pairs(conditioning, px, count=1, seed=0):
-    from pack.pure.pairs import PreferencePairs
-
-    generator = torch.Generator().manual_seed(seed)
-    grid = px // 8
-    latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
-    ones = torch.ones(count, grid, grid)
-    return PreferencePairs(
-        winners=latents[:count],
-        losers=latents[count:],
-        conditionings=[conditioning],
-        condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=ones,
-        loser_weights=ones,
-        winner_quality=ones,
-        loser_quality=ones * 0.5,
-        winner_complexity=ones * 0.5,
-        loser_complexity=ones * 0.5,
-        thumbnails_winner=torch.zeros(count, 3, 8, 8),
-        thumbnails_loser=torch.zeros(count, 3, 8, 8),
-        metadata=[{"source": "synthetic", "difficulty": "easy"}] * count,
-        latent_channels=4,
-    )
+    latents = torch.randn(2 * count, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(seed))
+    return uniform_pairs(conditioning, latents[:count], latents[count:], loser_quality=0.5)
 
 
 def test_joint_sampler_keeps_the_reference(full_size):
