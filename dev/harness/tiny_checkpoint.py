@@ -162,47 +162,62 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
-def _unet_state_dict(config: dict, generator: torch.Generator, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A UNet's random weights, fp16 tensor by tensor (a full SDXL UNet in fp32 is 10 GB)."""
+def _unet_shapes(config: dict) -> dict[str, torch.Size]:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     with torch.device("meta"):
         unet = UNetModel(**copy.deepcopy(config), operations=comfy.ops.disable_weight_init)
-    return {
-        f"{prefix}{name}": _init_like(name, shape, generator).to(torch.float16)
-        for name, shape in _state_dict_shapes(unet).items()
-    }
+    return _state_dict_shapes(unet)
 
 
-def _text_encoder_state_dict(model_class, generator: torch.Generator, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A CLIP text encoder's random weights (fp16), keyed as its ``transformer`` is, under ``prefix``."""
+def _text_encoder_shapes(model_class) -> dict[str, torch.Size]:
+    """A CLIP text encoder's weight shapes, keyed as its ``transformer`` is."""
     with torch.device("meta"):
         clip = model_class(device="meta", dtype=torch.float16)
-    return {
-        f"{prefix}{name}": _init_like(name, shape, generator).to(torch.float16)
-        for name, shape in _state_dict_shapes(clip.transformer).items()
-        if not name.endswith("position_ids")
-    }
+    shapes = _state_dict_shapes(clip.transformer)
+    return {name: shape for name, shape in shapes.items() if not name.endswith("position_ids")}
 
 
-def build_full_size_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A full-size file's state dict: ``sd15_full``, ``sdxl_unet``, ``sdxl_clip_l`` or ``sdxl_clip_g``."""
+def _random_fp16(shapes: dict[str, torch.Size], generator: torch.Generator, prefix: str = "") -> dict:
+    """Random weights, made and cast tensor by tensor (a full SDXL UNet in fp32 is 10 GB)."""
+    return {f"{prefix}{name}": _init_like(name, shape, generator).to(torch.float16) for name, shape in shapes.items()}
+
+
+def _full_size_shapes(kind: str) -> dict[str, torch.Size]:
+    """The large tensors of a full-size file (``sd15_full``: its UNet; the rest is the tiny
+    checkpoint's CLIP-L and TAESD)."""
     from comfy.cli_args import args
 
     args.cpu = True
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
-    generator = torch.Generator().manual_seed(seed)
     if kind == "sdxl_unet":
-        return _unet_state_dict(SDXL_UNET_CONFIG, generator)
+        return _unet_shapes(SDXL_UNET_CONFIG)
     if kind == "sdxl_clip_l":
-        return _text_encoder_state_dict(comfy.sd1_clip.SDClipModel, generator)
+        return _text_encoder_shapes(comfy.sd1_clip.SDClipModel)
     if kind == "sdxl_clip_g":
-        return _text_encoder_state_dict(comfy.sdxl_clip.SDXLClipG, generator)
+        return _text_encoder_shapes(comfy.sdxl_clip.SDXLClipG)
+    if kind == "sd15_full":
+        return _unet_shapes(SD15_UNET_CONFIG)
+    raise ValueError(f"unknown full-size kind {kind!r}; one of {FULL_SIZE_KINDS}")
+
+
+def full_size_file_bytes(kind: str) -> int:
+    """About what a full-size file takes on disk: its fp16 tensors, plus 300 MB for the tiny
+    checkpoint's CLIP-L and TAESD in ``sd15_full``. Needs ComfyUI importable."""
+    tensors = sum(2 * math.prod(shape) for shape in _full_size_shapes(kind).values())
+    return tensors + (300_000_000 if kind == "sd15_full" else 0)
+
+
+def build_full_size_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full-size file's state dict: ``sd15_full``, ``sdxl_unet``, ``sdxl_clip_l`` or ``sdxl_clip_g``."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind != "sd15_full":
+        return _random_fp16(_full_size_shapes(kind), generator)
     tiny = build_state_dict(seed)
-    state = _unet_state_dict(SD15_UNET_CONFIG, generator, "model.diffusion_model.")
+    state = _random_fp16(_full_size_shapes(kind), generator, "model.diffusion_model.")
     state.update({key: value for key, value in tiny.items() if not key.startswith("model.diffusion_model.")})
     return state
 
@@ -309,17 +324,22 @@ def write_checkpoint(path: str, seed: int = 0, kind: str = "sd15") -> str:
     return path
 
 
-def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: str = "sd15") -> str:
-    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser",
-    "clip_vision" or one of ``FULL_SIZE_KINDS``), building it on first use in a subprocess that
-    imports ComfyUI from ``comfyui_path``."""
+def checkpoint_path(cache_dir: str, kind: str = "sd15", seed: int = 0) -> str:
+    """Where ``ensure_checkpoint`` keeps this recipe's file of ``kind`` and ``seed``."""
     stems = {
         "sd15": "tiny_sd15",
         "sd15_denoiser": f"tiny_sd15_denoiser_d{DENOISER_RECIPE_VERSION}",
         "clip_vision": "random_clip_vision_vitl",
     }
     stem = stems.get(kind, f"random_{kind}")
-    path = os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
+    return os.path.join(cache_dir, f"{stem}_r{RECIPE_VERSION}_s{seed}.safetensors")
+
+
+def ensure_checkpoint(comfyui_path: str, cache_dir: str, seed: int = 0, kind: str = "sd15") -> str:
+    """Return a cached file for this recipe, seed and kind ("sd15" checkpoint, "sd15_denoiser",
+    "clip_vision" or one of ``FULL_SIZE_KINDS``), building it on first use in a subprocess that
+    imports ComfyUI from ``comfyui_path``."""
+    path = checkpoint_path(cache_dir, kind, seed)
     if not os.path.exists(path):
         subprocess.run(
             [sys.executable, os.path.abspath(__file__), comfyui_path, path, str(seed), kind],

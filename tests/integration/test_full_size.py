@@ -9,8 +9,10 @@ trains (bypass LoRA, per-block checkpointing); the saved LoRA loads through the 
 loader with every key used, and (SD1.5) gives the trained MODEL's prediction.
 """
 
+import glob
 import logging
 import os
+import shutil
 
 import pytest
 import safetensors.torch
@@ -18,15 +20,36 @@ import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.pairs import uniform_pairs
-from harness.tiny_checkpoint import ensure_checkpoint
+from harness.tiny_checkpoint import FULL_SIZE_KINDS, checkpoint_path, ensure_checkpoint, full_size_file_bytes
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 SD15_PX, SDXL_PX = 128, 256
+CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
+FAMILY_KINDS = {"sd15": ("sd15_full",), "sdxl": ("sdxl_unet", "sdxl_clip_l", "sdxl_clip_g")}
+HEADROOM = 2_000_000_000  # pytest's tmp files and the saved LoRAs
 
 
 def cached(kind):
-    return ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind=kind)
+    return ensure_checkpoint(comfyui_path(), CACHE, kind=kind)
+
+
+def make_room_for(family):
+    """Skip, saying why, unless the family's files are cached or fit on the disk; other families'
+    cached full-size files (rebuilt when next needed) are removed first if that makes room."""
+    missing = [kind for kind in FAMILY_KINDS[family] if not os.path.exists(checkpoint_path(CACHE, kind))]
+    needed = sum(full_size_file_bytes(kind) for kind in missing) + HEADROOM if missing else 0
+    os.makedirs(CACHE, exist_ok=True)
+    if needed and shutil.disk_usage(CACHE).free < needed:
+        for kind in set(FULL_SIZE_KINDS) - set(FAMILY_KINDS[family]):
+            for path in glob.glob(os.path.join(CACHE, f"random_{kind}_r*.safetensors")):
+                os.remove(path)
+    free = shutil.disk_usage(CACHE).free
+    if needed and free < needed:
+        pytest.skip(
+            f"the {family} full-size files need {needed / 1e9:.1f} GB free in {CACHE} and "
+            f"{free / 1e9:.1f} GB are; free disk space to run this tier"
+        )
 
 
 def encode(clip, prompt="a photo of a cat"):
@@ -56,6 +79,7 @@ def full_size(request, comfy_modules):
     of one parameter before it builds the next)."""
     import comfy.model_management
 
+    make_room_for(request.param)
     comfy.model_management.unload_all_models()
     loaded = {"sd15": load_sd15, "sdxl": load_sdxl}[request.param]()
     yield loaded
