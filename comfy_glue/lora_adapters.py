@@ -248,14 +248,16 @@ def attach_lora(
     model_patcher,
     rank: int,
     alpha: float,
-    resume: dict[str, torch.Tensor] | None = None,
+    resume: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
     seed: int = 0,
     mode: str = "bypass",
 ) -> LoraOnModel:
     """Trainable LoRA adapters on every adaptable layer of a clone of ``model_patcher``.
 
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
-    no-op) with the up matrices drawn from ``seed``, so training is reproducible.
+    no-op) with the up matrices drawn from ``seed``, so training is reproducible. Layers in
+    ``resume`` (module name -> ``(up, down, alpha)``, from ``lora_files.read_lora_layers``) start
+    from those matrices instead.
 
     A layer too small for ``rank`` (e.g. the UNet's 4-channel output conv) gets its largest
     possible rank, with alpha scaled so its alpha/rank scale stays the same, and a warning.
@@ -282,19 +284,13 @@ def attach_lora(
                 f"layer {name} holds {weight.dtype} weights, which train only in bypass mode; set lora_mode to bypass"
             )
         candidates += 1
-        adapter = None
-        if resume is not None:
-            try:
-                loaded = LoRAAdapter.load(name, resume, float(resume.get(f"{name}.alpha", alpha)), None)
-            except KeyError as error:  # an up matrix without its down partner
-                raise InputError(f"the resume LoRA is incomplete at layer {name}: {error} is missing") from error
-            if loaded is not None:
-                up, down = loaded.weights[0], loaded.weights[1]
-                if up.shape[0] != weight.shape[0] or down.numel() != down.shape[0] * math.prod(weight.shape[1:]):
-                    raise InputError(f"the resume LoRA's layer {name} has another shape than this model's")
-                adapter = loaded.to_train()
-                matched += 1
-        if adapter is None:
+        if resume is not None and name in resume:
+            up, down, resumed_alpha = resume[name]
+            if up.shape[0] != weight.shape[0] or down.shape[1] != math.prod(weight.shape[1:]):
+                raise InputError(f"the resume LoRA's layer {name} has another shape than this model's")
+            adapter = LoRAAdapter(set(), (up, down, resumed_alpha, None, None, None)).to_train()
+            matched += 1
+        else:
             limit = min(weight.shape[0], math.prod(weight.shape[1:]))
             if rank > limit:
                 clamped.append(f"{name} ({limit})")
@@ -309,6 +305,11 @@ def attach_lora(
         layers[name] = (module, adapter)
     if resume is not None and matched == 0:
         raise InputError("the resume LoRA matches no layer of this model (made for another model family?)")
+    if resume is not None and len(resume) > matched:
+        skipped = sorted(set(resume) - set(layers))
+        logging.warning(
+            "resume_lora: %d layer(s) are not trained in %s mode and are left out: %s", len(skipped), mode, skipped[:5]
+        )
     if clamped and len(clamped) == candidates:
         raise InputError(f"rank {rank} is larger than every layer of this model allows; use a smaller rank")
     if clamped:

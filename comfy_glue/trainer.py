@@ -10,14 +10,11 @@ docs/algorithms.md, sections 'Diffusion-DPO and the loss modes' and 'The trainin
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
-import safetensors.torch
 import torch
 from PIL import Image
 
@@ -25,11 +22,11 @@ from ..pure.dpo_losses import channel_stats_loss, dpo_loss, outside_preservation
 from ..pure.dpo_sampling import curriculum_pool, sample_percents
 from ..pure.drawing import training_plot
 from ..pure.errors import InputError
-from ..pure.files import unused_stem, write_atomically
 from ..pure.focus import blend_focus
 from ..pure.pairs import PreferencePairs
 from .joint import has_joint_attention
 from .lora_adapters import LoraOnModel, attach_lora
+from .lora_files import LoraWithMetadata, read_lora_layers, save_lora_to_output
 from .pair_batches import MicroBatch, PairBatcher
 
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,8 +115,9 @@ class DPOTrainer:
     ):
         self.pairs = pairs
         self.config = config
+        resumed = read_lora_layers(resume, model_patcher) if resume is not None else None
         self.lora = attach_lora(
-            model_patcher, config.rank, config.alpha, resume, seed=config.seed, mode=config.lora_mode
+            model_patcher, config.rank, config.alpha, resumed, seed=config.seed, mode=config.lora_mode
         )
         patcher = self.lora.patcher
         if config.gradient_checkpointing:
@@ -321,25 +319,39 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def save_lora_file(state: dict[str, torch.Tensor], stem: str) -> str:
-    """Write a LoRA to output/loras/<stem>.safetensors (``<stem>_2`` ... if taken) atomically;
-    returns the path."""
-    folder = os.path.join(folder_paths.get_output_directory(), "loras")
-    path = os.path.join(folder, f"{unused_stem(folder, stem)}.safetensors")
-    tensors = {key: value.contiguous() for key, value in state.items()}
-    return write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
+def training_metadata(config: DPOTrainingConfig, pairs: PreferencePairs, model_patcher, steps: int) -> dict:
+    """A run's entries for the LoRA file header (``lora_files.file_metadata`` adds the model's);
+    sd-scripts' ``ss_`` names where it has one."""
+    ratio = getattr(model_patcher.model.latent_format, "spacial_downscale_ratio", 8)  # not on 0.3.75: SD's 8
+    height, width = (ratio * side for side in pairs.latent_size)
+    return {
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(config.steps),
+        "ss_resolution": f"({width}, {height})",
+        "ss_learning_rate": f"{config.learning_rate:g}",
+        "ss_seed": str(config.seed),
+        "prefp_loss_mode": config.loss_mode,
+        "prefp_beta": f"{config.beta:g}",
+        "prefp_pair_count": str(len(pairs)),
+        "prefp_batch_size": str(config.batch_size * config.grad_accumulation),
+        "prefp_timestep_range": f"{config.timestep_start:g}-{config.timestep_end:g}",
+    }
 
 
 class TrainingProgress:
     """The trainer node's ``on_step``: ComfyUI's progress bar (which also raises when the user
     presses Cancel) with a plot preview every tenth of the run, a log line every 25 steps, a
-    checkpoint LoRA every ``save_every`` steps (0 = none), and the last good LoRA for Cancel."""
+    checkpoint LoRA every ``save_every`` steps (0 = none), and the last good LoRA for Cancel.
+    Saved files are in the comfyui layout with ``run_metadata(step)`` in their header."""
 
     LOG_EVERY = 25
     PREVIEWS = 10
 
-    def __init__(self, title: str, steps: int, save_every: int, prefix: str):
+    def __init__(
+        self, title: str, steps: int, save_every: int, prefix: str, model_patcher, run_metadata: Callable[[int], dict]
+    ):
         self.title, self.steps, self.save_every, self.prefix = title, steps, save_every, prefix
+        self.model_patcher, self.run_metadata = model_patcher, run_metadata
         self.bar = comfy.utils.ProgressBar(steps)
         self.history: dict[str, list[float]] = {}
         self.last_step, self.last_lora = 0, None
@@ -349,7 +361,7 @@ class TrainingProgress:
         for name, value in metrics.items():
             self.history.setdefault(name, []).append(value)
         if self.save_every and step % self.save_every == 0:
-            save_lora_file(lora.state_dict(), f"{self.prefix}_step{step:05d}")
+            self.save(lora, step, f"{self.prefix}_step{step:05d}")
         last = step == self.steps
         if step == 1 or step % self.LOG_EVERY == 0 or last:
             logging.info(
@@ -367,11 +379,15 @@ class TrainingProgress:
             preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
         self.bar.update_absolute(step, self.steps, preview)  # raises when the user presses Cancel
 
+    def save(self, lora: LoraOnModel, step: int, stem: str) -> str:
+        tensors = LoraWithMetadata(lora.state_dict(), self.run_metadata(step))
+        return save_lora_to_output(tensors, stem, self.model_patcher, layout="comfyui")
+
     def save_last_good_lora(self) -> str | None:
         """After Cancel: write the last completed step's LoRA as ``<prefix>_interrupted_stepN``."""
         if self.last_lora is None:
             return None
-        path = save_lora_file(self.last_lora.state_dict(), f"{self.prefix}_interrupted_step{self.last_step:05d}")
+        path = self.save(self.last_lora, self.last_step, f"{self.prefix}_interrupted_step{self.last_step:05d}")
         logging.warning(
             "%s: cancelled after %d steps; saved the last good LoRA to %s", self.title, self.last_step, path
         )

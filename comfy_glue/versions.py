@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 OLDEST_SUPPORTED = (0, 3, 75)
 PACK = "ComfyUI-PrefPersonalize"
+PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:
@@ -32,3 +34,10 @@ def check_comfyui_version(found: str | None) -> None:
             f"{PACK} needs ComfyUI {oldest} or later, but this ComfyUI is {found or 'too old to report its version'}. "
             "Update ComfyUI (ComfyUI Manager: Update ComfyUI, or git pull), then restart it."
         )
+
+
+def pack_version() -> str:
+    """The pack's version, from its pyproject.toml (the one place it is written)."""
+    with open(PYPROJECT, encoding="utf-8") as file:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', file.read(), re.MULTILINE)
+    return match.group(1) if match else "unknown"
