@@ -16,7 +16,7 @@ from .pairs import (
     SavePreferencePairs,
 )
 from .patch_quality import PatchQualityScore
-from .trainer import DPOLoraTrainer
+from .trainer import DPOLoraTrainer, SaveDPOLora
 
 NODE_LIST = [
     PatchBackboneLoader,
@@ -34,6 +34,7 @@ NODE_LIST = [
     SavePreferencePairs,
     LoadPreferencePairs,
     DPOLoraTrainer,
+    SaveDPOLora,
     JointAttention,
     JointSampler,
 ]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import comfy.model_management
 from comfy_api.latest import io, ui
 
 from ..comfy_glue.lora_adapters import LORA_MODES
-from ..comfy_glue.trainer import TRAINING_DTYPES, DPOTrainingConfig, TrainingProgress, resolve_dtype, train_dpo_lora
+from ..comfy_glue.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
+from ..comfy_glue.trainer import (
+    TRAINING_DTYPES,
+    DPOTrainingConfig,
+    TrainingProgress,
+    resolve_dtype,
+    train_dpo_lora,
+    training_metadata,
+)
 from ..pure.dpo_losses import LOSS_MODES
 from ..pure.dpo_sampling import TIMESTEP_SAMPLING
 from ..pure.drawing import training_plot
@@ -228,7 +238,8 @@ class DPOLoraTrainer(io.ComfyNode):
             stats_weight=stats_weight,
             preserve_outside=preserve_outside,
         )
-        progress = TrainingProgress(cls.TITLE, steps, save_every, prefix)
+        run_metadata = functools.partial(training_metadata, config, pairs, model)
+        progress = TrainingProgress(cls.TITLE, steps, save_every, prefix, model, run_metadata)
         try:
             with node_errors(cls.TITLE):
                 result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=progress)
@@ -240,9 +251,58 @@ class DPOLoraTrainer(io.ComfyNode):
         loss_map = {name: values for name, values in result.history.items()}
         return io.NodeOutput(
             result.model,
-            result.lora.state_dict(),
+            LoraWithMetadata(result.lora.state_dict(), run_metadata(result.steps_done)),
             loss_map,
             plot,
             result.steps_done,
             ui=ui.PreviewImage(plot, cls=cls),
         )
+
+
+class SaveDPOLora(io.ComfyNode):
+    TITLE = "Save DPO LoRA"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrefP_SaveDPOLora",
+            display_name=cls.TITLE,
+            category=CATEGORY,
+            description=(
+                "Writes a LoRA to output/loras/ with its training run in the file header (base family, rank, alpha, "
+                "loss mode, beta, steps, pair count, resolution, pack version). kohya layout (lora_unet_... keys) "
+                "is read by A1111, Forge, SD.Next, diffusers and ComfyUI, for SD1.x, SD2.x and SDXL; the comfyui "
+                "layout (Save LoRA Weights' keys) works for every model family ComfyUI trains."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="From the DPO LoRA Trainer (or Load LoRA Model)."),
+                io.Model.Input("model", tooltip="The model the LoRA was trained on: it names the layers."),
+                io.String.Input("filename_prefix", default="dpo_lora", tooltip="File name under output/loras/."),
+                io.Combo.Input(
+                    "layout",
+                    options=list(LORA_LAYOUTS),
+                    default="kohya",
+                    tooltip="kohya: for A1111/Forge/SD.Next/diffusers and ComfyUI (SD1.x, SD2.x, SDXL). comfyui: "
+                    "ComfyUI's own keys, any model family.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    optional=True,
+                    min=0,
+                    max=1000000,
+                    force_input=True,
+                    tooltip="Steps trained (the trainer's steps output): put in the file name.",
+                ),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, lora, model, filename_prefix, layout, steps=None) -> io.NodeOutput:
+        with node_errors(cls.TITLE):
+            stem = sanitize_file_stem(filename_prefix) or "dpo_lora"
+            if steps is not None:
+                stem = f"{stem}_{steps}_steps"
+            path = save_lora_to_output(lora, stem, model, layout)
+        return io.NodeOutput(ui=ui.PreviewText(f"Saved {path}"))

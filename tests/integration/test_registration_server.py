@@ -44,7 +44,7 @@ def declared_nodes() -> dict[str, str]:
 
 def test_every_node_is_registered_with_title_category_description_and_tooltips(comfy_server):
     declared = declared_nodes()
-    assert len(declared) == 17, sorted(declared)
+    assert len(declared) == 18, sorted(declared)
     info = comfy_server.object_info()
     registered = {name for name in info if name.startswith("PrefP_")}
     assert registered == set(declared)

@@ -102,11 +102,23 @@ def saved_latent(server, entry, node_id):
 
 
 def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server):
+    """Save DPO LoRA writes the kohya layout with the run in the header; the stock LoraLoader
+    reproduces the trained MODEL from it; core Save LoRA Weights still takes the trainer's LoRA."""
     prompt = {
         **candidates_and_pairs(),
         "11": trainer(),
-        "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/server_test"}},
+        "12": {
+            "class_type": "PrefP_SaveDPOLora",
+            "inputs": {
+                "lora": ["11", 1],
+                "model": ["1", 0],
+                "filename_prefix": "server_test",
+                "layout": "kohya",
+                "steps": ["11", 4],
+            },
+        },
         "13": {"class_type": "PrefP_PreviewPreferencePairs", "inputs": {"pairs": ["10", 0], "max_pairs": 4}},
+        "14": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": "loras/core_saved"}},
         **sample_and_save(["11", 0], "trained", 20),
         **sample_and_save(["1", 0], "base", 22),
     }
@@ -115,8 +127,16 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
     trained, base = saved_latent(comfy_server, entry, "21"), saved_latent(comfy_server, entry, "23")
     assert (trained - base).abs().max() > 1e-3
 
-    saved = glob.glob(os.path.join(comfy_server.base_directory, "output", "loras", "server_test*.safetensors"))
-    assert len(saved) == 1
+    folder = os.path.join(comfy_server.base_directory, "output", "loras")
+    assert glob.glob(os.path.join(folder, "core_saved*.safetensors"))
+    saved = glob.glob(os.path.join(folder, "server_test*.safetensors"))
+    assert [os.path.basename(path) for path in saved] == ["server_test_4_steps.safetensors"]
+    assert f"Saved {saved[0]}" in entry["outputs"]["12"]["text"][0]
+    with safetensors.safe_open(saved[0], "pt") as file:
+        header = file.metadata()
+        assert all(key.startswith("lora_unet_") for key in file.keys())
+    assert header["ss_steps"] == "4" and header["prefp_loss_mode"] == "patch_dpo"
+    assert header["prefp_pair_count"] == "3" and header["ss_base_model_version"] == "sd_v1"
     loras = os.path.join(comfy_server.base_directory, "models", "loras")
     os.makedirs(loras, exist_ok=True)
     shutil.copy(saved[0], os.path.join(loras, "server_test.safetensors"))
