@@ -158,3 +158,133 @@ def test_saved_lora_loads_with_the_stock_loader(full_size, tmp_path, caplog):
     trained, reloaded, base = predict(result.model), predict(loaded), predict(model)
     assert (trained - base).abs().max() > 1e-4  # the step changed the model
     torch.testing.assert_close(reloaded, trained, rtol=1e-3, atol=1e-4)
+
+
+# The SD1.5 UNet's config in diffusers (unet/config.json of the SD1.5 release; other entries default).
+SD15_DIFFUSERS_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SDXL_LAYERS_PER_BLOCK = 2  # diffusers' SDXL UNet config: what its sgm -> diffusers renaming needs
+
+
+def random_lora(model, seed=0):
+    """The trainer's LoRA on every layer it adapts, with nonzero down matrices (alpha = rank, so
+    files without alpha, as diffusers writes them, apply it alike)."""
+    from pack.comfy_glue.lora_adapters import attach_lora
+
+    lora = attach_lora(model, rank=4, alpha=4.0)
+    generator = torch.Generator().manual_seed(seed)
+    for key, parameter in sorted(lora.parameters.items()):
+        if key.endswith("lora_down.weight"):
+            parameter.data.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return lora.state_dict()
+
+
+def assert_resumes_as(tensors, model, state):
+    from pack.comfy_glue.lora_files import read_lora_layers
+
+    layers = read_lora_layers(tensors, model)
+    assert {f"{name}.lora_up.weight" for name in layers} == {key for key in state if key.endswith("lora_up.weight")}
+    for name, (up, down, alpha) in layers.items():
+        assert torch.equal(up, state[f"{name}.lora_up.weight"]) and torch.equal(down, state[f"{name}.lora_down.weight"])
+        assert alpha == float(state[f"{name}.alpha"])
+
+
+def test_kohya_and_diffusers_layouts_load_and_resume(full_size, tmp_path, caplog):
+    """The kohya file loads in ComfyUI with every key used, and resume_lora reads it and the
+    diffusers layout diffusers' own converter makes of it back to the same LoRA."""
+    import comfy.sd
+    import comfy.utils
+    from diffusers.configuration_utils import FrozenDict
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    from pack.comfy_glue.lora_files import save_lora
+
+    model, _, px = full_size
+    state = random_lora(model)
+    path = save_lora(state, os.path.join(tmp_path, "kohya.safetensors"), model, "kohya")
+    kohya = comfy.utils.load_torch_file(path)
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_lora_for_models(model, None, kohya, 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert_resumes_as(kohya, model, state)
+
+    if px == SDXL_PX:
+        config = FrozenDict(layers_per_block=SDXL_LAYERS_PER_BLOCK)
+        converted, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(path, unet_config=config)
+    else:
+        converted, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(path)
+    assert converted and all(key.startswith("unet.") for key in converted) and set(alphas.values()) == {4.0}
+    assert_resumes_as(converted, model, state)
+
+
+@pytest.mark.parametrize("full_size", ["sd15"], indirect=True)
+def test_kohya_file_changes_a_diffusers_unet_as_it_changes_comfyuis(full_size, tmp_path, caplog):
+    """diffusers' UNet2DConditionModel, built from the SD1.5 config with this checkpoint's
+    weights, loads the kohya file through diffusers' own LoRA loader with no unexpected or
+    missing key and moves its output as ComfyUI's LoraLoader moves ComfyUI's; the file diffusers
+    then saves (its own layout) resumes as the same LoRA."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    import diffusers.utils.logging
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from pack.comfy_glue.lora_files import save_lora
+
+    model, _, _ = full_size
+    state = random_lora(model, seed=1)
+    path = save_lora(state, os.path.join(tmp_path, "kohya.safetensors"), model, "kohya")
+
+    unet = UNet2DConditionModel(**SD15_DIFFUSERS_CONFIG)
+    weights = model.model.diffusion_model.state_dict()
+    ldm_key = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    unet.load_state_dict({key: weights[ldm_key[key]].float() for key in unet.state_dict()})
+    diffusers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            converted, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(path)
+            StableDiffusionLoraLoaderMixin.load_lora_into_unet(converted, alphas, unet, adapter_name="dpo")
+    finally:
+        diffusers.utils.logging.disable_propagation()
+    assert not [r for r in caplog.records if "unexpected keys" in r.getMessage() or "missing keys" in r.getMessage()]
+    assert sum(isinstance(module, LoraLayer) for module in unet.modules()) == len(state) // 3  # every layer
+
+    generator = torch.Generator().manual_seed(2)
+    x, t = torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([500.0])
+    context = 0.5 * torch.randn(1, 77, 768, generator=generator)
+    with torch.no_grad():
+        diffusers_lora = unet(x, t, context).sample
+        unet.disable_adapters()
+        diffusers_base = unet(x, t, context).sample
+        unet.enable_adapters()
+
+    def comfy_output(patcher):
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, context=context)
+
+    comfy_base = comfy_output(model)
+    loaded, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path), 1.0, 0.0)
+    comfy_lora = comfy_output(loaded)
+    assert (comfy_lora - comfy_base).abs().max() > 1e-2  # the LoRA does something
+    torch.testing.assert_close(diffusers_base, comfy_base, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(diffusers_lora, comfy_lora, rtol=1e-4, atol=1e-4)
+
+    saved = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="dpo"))
+    StableDiffusionLoraLoaderMixin.save_lora_weights(str(tmp_path), unet_lora_layers=saved)
+    diffusers_file = comfy.utils.load_torch_file(os.path.join(tmp_path, "pytorch_lora_weights.safetensors"))
+    assert all(key.startswith("unet.") for key in diffusers_file)
+    assert_resumes_as(diffusers_file, model, state)
