@@ -113,13 +113,18 @@ class PairBatcher:
     def joint(self) -> bool:
         return self.references is not None
 
-    def batch(self, indices: list[int], percents: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+    def batch(
+        self, indices: list[int], percents: torch.Tensor, generator: torch.Generator, rows: list[int] | None = None
+    ) -> MicroBatch:
         """Winners then losers of ``indices``, at ``percents`` (one per pair; a joint batch uses
-        the first for all)."""
+        the first for all). ``rows``: the positions in ``indices`` to keep (a data-parallel
+        process's share); the noise is drawn for all of them, so every process draws alike."""
         if self.joint:
             percents = percents[:1].expand(len(indices))
         sigma = torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percents], device=self.device)
         noise = torch.randn((len(indices), *self.winners.shape[1:]), generator=generator).to(self.device)
+        if rows is not None:
+            indices, percents, sigma, noise = [indices[i] for i in rows], percents[rows], sigma[rows], noise[rows]
         x0 = torch.cat([self.winners[indices], self.losers[indices]])
         sigma2 = torch.cat([sigma, sigma])
         x_t = self.sampling.noise_scaling(sigma2.view(-1, 1, 1, 1), torch.cat([noise, noise]), x0)

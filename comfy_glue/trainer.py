@@ -64,6 +64,21 @@ class DPOTrainingConfig:
 
 
 @dataclass
+class DataParallel:
+    """This process's part in a data-parallel run: every process draws the same global
+    micro-batches (same seed) and computes ``share`` of each; ``mean_all_reduce`` (accelerate's
+    ``reduce`` in the headless trainer) averages a tensor over the processes."""
+
+    rank: int = 0
+    processes: int = 1
+    mean_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def share(self, count: int) -> list[int]:
+        """This process's positions among ``count`` pairs (every ``processes``-th)."""
+        return list(range(self.rank, count, self.processes))
+
+
+@dataclass
 class DPOTrainingResult:
     lora: LoraOnModel
     model: object = None  # the input MODEL's clone with the trained LoRA on, for sampling
@@ -112,9 +127,11 @@ class DPOTrainer:
         pairs: PreferencePairs,
         config: DPOTrainingConfig,
         resume: dict[str, torch.Tensor] | None = None,
+        parallel: DataParallel | None = None,
     ):
         self.pairs = pairs
         self.config = config
+        self.parallel = parallel or DataParallel()
         resumed = read_lora_layers(resume, model_patcher) if resume is not None else None
         self.lora = attach_lora(
             model_patcher, config.rank, config.alpha, resumed, seed=config.seed, mode=config.lora_mode
@@ -184,8 +201,8 @@ class DPOTrainer:
 
     def step(self, pool: list[int], step: int) -> dict[str, float]:
         """One optimiser step over ``grad_accumulation`` micro-batches drawn from ``pool``;
-        returns the metrics averaged over them."""
-        config = self.config
+        returns the metrics averaged over them (and over all processes of a parallel run)."""
+        config, parallel = self.config, self.parallel
         totals = {name: 0.0 for name in METRICS}
         for _ in range(config.grad_accumulation):
             picks = torch.randint(len(pool), (config.batch_size,), generator=self.generator)
@@ -193,20 +210,42 @@ class DPOTrainer:
             percents = sample_percents(
                 len(indices), config.timestep_start, config.timestep_end, config.timestep_sampling, self.generator
             )
-            terms = self.loss_terms(indices, self.batcher.batch(indices, percents, self.generator))
+            rows = parallel.share(len(indices)) if parallel.processes > 1 else None
+            micro = self.batcher.batch(indices, percents, self.generator, rows)
+            own = indices if rows is None else [indices[i] for i in rows]
+            terms = self.loss_terms(own, micro)
             loss = terms.pop("loss")
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"the loss became {float(loss)} at step {step + 1}. Lower the learning rate or "
                     "beta, or check the pairs (NaN latents, a VAE of another model)."
                 )
-            (loss / config.grad_accumulation).backward()
-            totals["loss"] += float(loss.detach()) / config.grad_accumulation
+            # Each loss is a mean over its pairs: weighting by the share of the global batch makes
+            # the processes' mean gradient the global batch's.
+            share = len(own) / len(indices)
+            (loss * (share * parallel.processes) / config.grad_accumulation).backward()
+            totals["loss"] += float(loss.detach()) * share / config.grad_accumulation
             for name, value in terms.items():
-                totals[name] += float(value) / config.grad_accumulation
+                totals[name] += float(value) * share / config.grad_accumulation
+        if parallel.processes > 1:
+            totals = self.all_reduce(totals)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
+
+    def all_reduce(self, totals: dict[str, float]) -> dict[str, float]:
+        """Average the LoRA's gradients over the processes (one flat all-reduce) and sum their
+        shares of the metrics."""
+        trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        processes = self.parallel.processes
+        metrics = torch.tensor([totals[name] * processes for name in METRICS], device=self.device)
+        flat = self.parallel.mean_all_reduce(torch.cat([metrics, *(g.flatten() for g in grads)]))
+        offset = len(METRICS)
+        for parameter, grad in zip(trainable, grads, strict=True):
+            parameter.grad = flat[offset : offset + grad.numel()].view_as(grad)
+            offset += grad.numel()
+        return dict(zip(METRICS, flat[: len(METRICS)].tolist(), strict=True))
 
     def release(self) -> None:
         """Also on Cancel or an error: gradients and optimiser state go, the cache is emptied."""
@@ -287,8 +326,10 @@ def train_dpo_lora(
     config: DPOTrainingConfig,
     resume: dict[str, torch.Tensor] | None = None,
     on_step: StepCallback | None = None,
+    parallel: DataParallel | None = None,
 ) -> DPOTrainingResult:
-    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``).
+    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``);
+    ``parallel``: this process's part of a data-parallel run (headless trainer).
 
     Raises:
         InputError: pairs of another latent family, an unusable resume LoRA or rank.
@@ -306,7 +347,7 @@ def train_dpo_lora(
         )
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
     with torch.inference_mode(False), torch.enable_grad():
-        return DPOTrainer(model_patcher, pairs, config, resume).run(on_step)
+        return DPOTrainer(model_patcher, pairs, config, resume, parallel).run(on_step)
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -205,7 +205,8 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
     renames; nothing half-written is left on failure). Conditioning keeps each entry's tensor
     and ``pooled_output``; other conditioning keys are not stored (listed in the JSON)."""
     pairs.validate()
-    tensors = {name: getattr(pairs, name).contiguous() for name in _TENSORS}
+    # clone(): safetensors refuses tensors that share memory, as the maps of a pair set may.
+    tensors = {name: getattr(pairs, name).clone(memory_format=torch.contiguous_format) for name in _TENSORS}
     if pairs.references is not None:
         tensors["references"] = pairs.references.contiguous()
     dropped = set()
