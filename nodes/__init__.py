@@ -16,7 +16,7 @@ from .pairs import (
     SavePreferencePairs,
 )
 from .patch_quality import PatchQualityScore
-from .trainer import DPOLoraTrainer, SaveDPOLora
+from .trainer import DPOLoraTrainer, ExportTrainingJob, SaveDPOLora
 
 NODE_LIST = [
     PatchBackboneLoader,
@@ -35,6 +35,7 @@ NODE_LIST = [
     LoadPreferencePairs,
     DPOLoraTrainer,
     SaveDPOLora,
+    ExportTrainingJob,
     JointAttention,
     JointSampler,
 ]

@@ -1,0 +1,112 @@
+"""Train a DPO LoRA outside the graph, from a saved pair set: on one process, or data-parallel
+on N processes (GPUs, or CPU processes) through accelerate.
+
+    python tools/train_dpo.py JOB.json                        # one process
+    python tools/train_dpo.py JOB.json --processes 4          # 4 processes via accelerate launch
+    accelerate launch --num_processes 4 tools/train_dpo.py JOB.json
+
+A job file comes from the Export Training Job node; flags (``--help``) give or override its parts.
+With ``--processes`` this command starts ``accelerate launch`` itself and, if a process fails or
+is killed, says so and names the last LoRA checkpoint written. The training code is the DPO LoRA
+Trainer node's (``comfy_glue/headless.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "prefpersonalize"
+WORKER_ENV = "PREFP_TRAIN_WORKER"  # set in the processes this command launches
+
+
+def own_flags(argv):
+    parser = argparse.ArgumentParser(add_help=False)
+    installed_in = os.path.dirname(os.path.dirname(PACK_ROOT))  # ComfyUI/custom_nodes/<this pack>
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or installed_in)
+    parser.add_argument("--processes", type=int, default=None)
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where there is a GPU")
+    return parser.parse_known_args(argv)
+
+
+def launch(processes: int, cpu: bool, argv: list[str]) -> int:
+    """Run this command on ``processes`` processes with ``accelerate launch``; report a failure."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # accelerate's multi-process launcher (torch.distributed.run), for CPU processes too: there
+    # the workers' Accelerator(cpu=True) joins a gloo group. accelerate's own --cpu would start
+    # one process without MPI.
+    command += ["--multi_gpu"] if processes > 1 else []
+    command += [os.path.abspath(__file__), *argv] + (["--cpu"] if cpu else [])
+    last_checkpoint = None
+    with subprocess.Popen(command, env={**os.environ, WORKER_ENV: "1"}, stdout=subprocess.PIPE, text=True) as run:
+        for line in run.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("saved LoRA checkpoint: "):
+                last_checkpoint = line.split(": ", 1)[1].strip()
+    if run.returncode != 0:
+        saved = (
+            f"The last LoRA checkpoint is {last_checkpoint}."
+            if last_checkpoint
+            else ("No LoRA checkpoint was saved (save_every sets how often one is).")
+        )
+        print(
+            f"train_dpo: training stopped: a training process failed or was killed (accelerate launch exited with "
+            f"{run.returncode}; its error is above). {saved}",
+            file=sys.stderr,
+        )
+    return run.returncode
+
+
+def train(comfyui: str, cpu: bool, argv: list[str]) -> int:
+    from accelerate import Accelerator
+
+    # A SIGTERM (the launcher stopping the others when one process fails) exits through Python,
+    # so a file being written is removed rather than left half-written.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(accelerator.device)  # ComfyUI takes the current device
+    if not os.path.isdir(os.path.join(comfyui, "comfy")):
+        print(f"train_dpo: no ComfyUI at {comfyui}; pass --comfyui or set COMFYUI_PATH", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.abspath(comfyui))
+    from comfy.cli_args import args
+
+    args.cpu = accelerator.device.type == "cpu"
+    # The pack as a package of its own, without its __init__ (that registers nodes in a server).
+    spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [PACK_ROOT]
+    sys.modules[PACKAGE] = package
+    headless = importlib.import_module(f"{PACKAGE}.comfy_glue.headless")
+    errors = importlib.import_module(f"{PACKAGE}.pure.errors")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"[{accelerator.process_index}] %(message)s", force=True)
+    try:
+        headless.run_job(headless.job_from_args(argv), accelerator)
+    except errors.InputError as error:
+        print(f"train_dpo: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    flags, rest = own_flags(argv)
+    if flags.processes is not None and not os.environ.get(WORKER_ENV):
+        return launch(flags.processes, flags.cpu, [*rest, "--comfyui", flags.comfyui])
+    return train(flags.comfyui, flags.cpu, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
