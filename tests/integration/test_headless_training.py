@@ -111,6 +111,14 @@ def test_a_killed_worker_stops_the_run_and_the_last_lora_stays_whole(tiny, tmp_p
     assert not [name for name in os.listdir(tmp_path / "job") if ".partial" in name or ".tmp" in name]
 
 
+def test_a_job_takes_the_trainer_nodes_options(comfy_modules):
+    from pack.comfy_glue.headless import OPTIONS
+    from pack.nodes.trainer import training_option_inputs
+
+    required, optional = training_option_inputs()
+    assert {option.id for option in required + optional} == set(OPTIONS)
+
+
 def test_bad_jobs_are_refused(tiny, tmp_path):
     import json
 

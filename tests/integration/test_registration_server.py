@@ -44,7 +44,7 @@ def declared_nodes() -> dict[str, str]:
 
 def test_every_node_is_registered_with_title_category_description_and_tooltips(comfy_server):
     declared = declared_nodes()
-    assert len(declared) == 18, sorted(declared)
+    assert len(declared) == 19, sorted(declared)
     info = comfy_server.object_info()
     registered = {name for name in info if name.startswith("PrefP_")}
     assert registered == set(declared)
@@ -61,3 +61,11 @@ def test_every_node_is_registered_with_title_category_description_and_tooltips(c
     assert BUILTIN_BACKBONE in info["PrefP_PatchBackboneLoader"]["input"]["required"]["backbone"][1]["options"]
     assert info["PrefP_JointSampler"]["output_name"] == ["images", "latent", "joint_latent"]
     assert {"references", "subject_mask"} <= set(info["PrefP_JointSampler"]["input"]["optional"])
+
+    def inputs(node_id):
+        return set(info[node_id]["input"]["required"]) | set(info[node_id]["input"].get("optional", {}))
+
+    # Export Training Job takes the trainer's options (test_headless_training: the ones the job reads).
+    export_only = {"pairs", "model", "model_file", "name", "layout"}
+    trainer_only = {"pairs", "model", "save_prefix", "resume_lora"}
+    assert inputs("PrefP_ExportTrainingJob") - export_only == inputs("PrefP_DPOLoraTrainer") - trainer_only

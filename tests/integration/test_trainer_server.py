@@ -4,13 +4,17 @@ pairs save and load; Cancel mid-training stops cleanly and keeps the last good L
 
 import glob
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
 import torch
 
-from harness.comfy_server import PromptError
+from harness import REPO_ROOT
+from harness.comfy_server import PromptError, comfyui_path
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 from harness.graphs import attention_node, generation
 
@@ -150,6 +154,48 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
     }
     reloaded = saved_latent(comfy_server, comfy_server.run(reload), "32")
     assert (reloaded - trained).abs().max() < 1e-3, (reloaded - trained).abs().max()
+
+
+def test_pairs_from_the_graph_train_headless_and_load_back(comfy_server):
+    """The README's loop: Export Training Job in the graph, tools/train_dpo.py, LoraLoader."""
+    options = {key: value for key, value in trainer(steps=2)["inputs"].items() if key not in ("model", "pairs")}
+    del options["save_prefix"]
+    export = {
+        "class_type": "PrefP_ExportTrainingJob",
+        "inputs": {
+            "pairs": ["10", 0],
+            "model": ["1", 0],
+            "model_file": "checkpoints/tiny_sd15.safetensors",
+            "name": "loop",
+            "layout": "kohya",
+            **options,
+        },
+    }
+    entry = comfy_server.run({**candidates_and_pairs(), "14": export})
+    job = re.search(r"Wrote (\S+job\.json)", entry["outputs"]["14"]["text"][0]).group(1)
+    assert os.path.dirname(job) == os.path.join(comfy_server.base_directory, "output", "training_jobs", "loop")
+    tool = os.path.join(REPO_ROOT, "tools", "train_dpo.py")
+    environment = {**os.environ, "COMFYUI_PATH": comfyui_path()}
+    run = subprocess.run([sys.executable, tool, job, "--cpu"], capture_output=True, text=True, env=environment)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lora = os.path.join(os.path.dirname(job), "loop.safetensors")
+    with safetensors.safe_open(lora, "pt") as file:
+        assert file.metadata()["ss_steps"] == "2" and file.metadata()["prefp_pair_count"] == "3"
+
+    loras = os.path.join(comfy_server.base_directory, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    shutil.copy(lora, os.path.join(loras, "loop.safetensors"))
+    reload = {
+        **candidates_and_pairs(),
+        "30": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": "loop.safetensors", "strength_model": 1.0},
+        },
+        **sample_and_save(["30", 0], "headless", 31),
+        **sample_and_save(["1", 0], "headless_base", 33),
+    }
+    entry = comfy_server.run(reload)
+    assert (saved_latent(comfy_server, entry, "32") - saved_latent(comfy_server, entry, "34")).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
