@@ -190,10 +190,13 @@ def load_job_model(job: TrainingJob):
     kind, path = next(iter(job.model.items()))
     if not os.path.isfile(path):
         raise InputError(f"the job's {kind.replace('_', ' ')} file '{path}' does not exist")
-    if kind == "checkpoint":
-        model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
-    else:
-        model = comfy.sd.load_diffusion_model(path)
+    try:
+        if kind == "checkpoint":
+            model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+        else:
+            model = comfy.sd.load_diffusion_model(path)
+    except RuntimeError as error:  # ComfyUI's "Could not detect model type" and unreadable files
+        raise InputError(f"ComfyUI cannot load '{path}' as a {kind.replace('_', ' ')}: {error}") from error
     if model is None:
         raise InputError(f"ComfyUI does not recognise '{path}' as a {kind.replace('_', ' ')}")
     found = base_family(model)

@@ -31,130 +31,126 @@ from .types import CATEGORY, PreferencePairsType
 TRAIN_COMMAND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_dpo.py")
 
 
-def training_option_inputs() -> tuple[list, list]:
-    """The trainer's options, shared by the DPO LoRA Trainer and Export Training Job: the
-    required ones, then the optional ones (kept after the others so saved workflows' widget
-    values keep their places)."""
-    required = [
-        io.Combo.Input(
-            "loss_mode",
-            options=list(LOSS_MODES),
-            default="patch_dpo",
-            tooltip="dpo, patch_dpo (patch-weighted), patchdpo_paper, focus_dpo or hg_dpo.",
-        ),
-        io.Float.Input(
-            "beta",
-            default=5000.0,
-            min=1.0,
-            max=100000.0,
-            step=50.0,
-            tooltip="DPO temperature: 5000 for SD1.5/SDXL; flow models use ~100-2000.",
-        ),
-        io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
-        io.Float.Input(
-            "learning_rate",
-            default=1e-4,
-            min=1e-7,
-            max=1e-1,
-            step=1e-6,
-            tooltip="AdamW learning rate of the LoRA.",
-        ),
-        io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
-        io.Float.Input(
-            "alpha", default=8.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank)."
-        ),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pairs per micro-batch."),
-        io.Int.Input("grad_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per optimiser step."),
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=0xFFFFFFFF,
-            tooltip="Seed of pair order, timesteps and noise: same seed, same LoRA.",
-        ),
-        io.Float.Input(
-            "timestep_start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Lowest sampling percent trained (0 = the noisiest step).",
-        ),
-        io.Float.Input(
-            "timestep_end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Highest sampling percent trained (1 = the last step).",
-        ),
-        io.Combo.Input(
-            "timestep_sampling",
-            options=list(TIMESTEP_SAMPLING),
-            default="uniform",
-            tooltip="How percents are drawn in the range: uniform, or logit-normal (middle-heavy).",
-        ),
-        io.Combo.Input(
-            "training_dtype",
-            options=list(TRAINING_DTYPES),
-            default="auto",
-            tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU.",
-        ),
-        io.Boolean.Input(
-            "gradient_checkpointing",
-            default=False,
-            tooltip="Recompute each block's activations in backward (see checkpoint_depth): much less "
-            "memory for one extra forward.",
-        ),
-        io.Float.Input(
-            "stats_weight",
-            default=0.1,
-            min=0.0,
-            max=100.0,
-            step=0.01,
-            tooltip="hg_dpo only: weight of the colour-statistics matching term.",
-        ),
-        io.Float.Input(
-            "preserve_outside",
-            default=0.0,
-            min=0.0,
-            max=100.0,
-            step=0.1,
-            tooltip="patch_dpo / focus_dpo: also keep the model's prediction unchanged where the "
-            "pairs' weights are 0 (e.g. outside a painted mask), so the LoRA's effect "
-            "stays in the weighted regions. 0 = plain patch-weighted DPO: weights choose "
-            "which differences are learned, but what is learned can show anywhere. "
-            "~1 is a good start; it also slows learning.",
-        ),
-        io.Int.Input(
-            "save_every",
-            default=0,
-            min=0,
-            max=100000,
-            tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel).",
-        ),
-    ]
-    optional = [
-        io.Combo.Input(
-            "lora_mode",
-            options=list(LORA_MODES),
-            default="bypass",
-            optional=True,  # optional: API prompts saved before it existed still run
-            tooltip="bypass: the LoRA runs beside each layer, y = layer(x) + up(down(x)); least memory and "
-            "works on fp8 weights. weight: each layer's weight is rebuilt as W + up·down on every forward "
-            "(core TrainLoraNode's default).",
-        ),
-        io.Int.Input(
-            "checkpoint_depth",
-            default=2,
-            min=1,
-            max=5,
-            optional=True,
-            tooltip="With gradient_checkpointing: 1 checkpoints the whole model, 2 each block (ResBlock, "
-            "transformer), 3 and up smaller parts. Lower it if training runs out of memory.",
-        ),
-    ]
-    return required, optional
+# The trainer's options, shared by the DPO LoRA Trainer and Export Training Job (whose job file
+# the headless trainer reads): the required ones, then the optional ones (kept after the others,
+# so saved workflows' widget values keep their places).
+TRAINING_OPTIONS = (
+    io.Combo.Input(
+        "loss_mode",
+        options=list(LOSS_MODES),
+        default="patch_dpo",
+        tooltip="dpo, patch_dpo (patch-weighted), patchdpo_paper, focus_dpo or hg_dpo.",
+    ),
+    io.Float.Input(
+        "beta",
+        default=5000.0,
+        min=1.0,
+        max=100000.0,
+        step=50.0,
+        tooltip="DPO temperature: 5000 for SD1.5/SDXL; flow models use ~100-2000.",
+    ),
+    io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
+    io.Float.Input(
+        "learning_rate",
+        default=1e-4,
+        min=1e-7,
+        max=1e-1,
+        step=1e-6,
+        tooltip="AdamW learning rate of the LoRA.",
+    ),
+    io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
+    io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha (scale = alpha / rank)."),
+    io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pairs per micro-batch."),
+    io.Int.Input("grad_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per optimiser step."),
+    io.Int.Input(
+        "seed",
+        default=0,
+        min=0,
+        max=0xFFFFFFFF,
+        tooltip="Seed of pair order, timesteps and noise: same seed, same LoRA.",
+    ),
+    io.Float.Input(
+        "timestep_start",
+        default=0.0,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="Lowest sampling percent trained (0 = the noisiest step).",
+    ),
+    io.Float.Input(
+        "timestep_end",
+        default=1.0,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="Highest sampling percent trained (1 = the last step).",
+    ),
+    io.Combo.Input(
+        "timestep_sampling",
+        options=list(TIMESTEP_SAMPLING),
+        default="uniform",
+        tooltip="How percents are drawn in the range: uniform, or logit-normal (middle-heavy).",
+    ),
+    io.Combo.Input(
+        "training_dtype",
+        options=list(TRAINING_DTYPES),
+        default="auto",
+        tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU.",
+    ),
+    io.Boolean.Input(
+        "gradient_checkpointing",
+        default=False,
+        tooltip="Recompute each block's activations in backward (see checkpoint_depth): much less "
+        "memory for one extra forward.",
+    ),
+    io.Float.Input(
+        "stats_weight",
+        default=0.1,
+        min=0.0,
+        max=100.0,
+        step=0.01,
+        tooltip="hg_dpo only: weight of the colour-statistics matching term.",
+    ),
+    io.Float.Input(
+        "preserve_outside",
+        default=0.0,
+        min=0.0,
+        max=100.0,
+        step=0.1,
+        tooltip="patch_dpo / focus_dpo: also keep the model's prediction unchanged where the "
+        "pairs' weights are 0 (e.g. outside a painted mask), so the LoRA's effect "
+        "stays in the weighted regions. 0 = plain patch-weighted DPO: weights choose "
+        "which differences are learned, but what is learned can show anywhere. "
+        "~1 is a good start; it also slows learning.",
+    ),
+    io.Int.Input(
+        "save_every",
+        default=0,
+        min=0,
+        max=100000,
+        tooltip="Save a checkpoint LoRA to output/loras/ every N steps (0 = only on Cancel).",
+    ),
+)
+OPTIONAL_TRAINING_OPTIONS = (
+    io.Combo.Input(
+        "lora_mode",
+        options=list(LORA_MODES),
+        default="bypass",
+        optional=True,  # optional: API prompts saved before it existed still run
+        tooltip="bypass: the LoRA runs beside each layer, y = layer(x) + up(down(x)); least memory and "
+        "works on fp8 weights. weight: each layer's weight is rebuilt as W + up·down on every forward "
+        "(core TrainLoraNode's default).",
+    ),
+    io.Int.Input(
+        "checkpoint_depth",
+        default=2,
+        min=1,
+        max=5,
+        optional=True,
+        tooltip="With gradient_checkpointing: 1 checkpoints the whole model, 2 each block (ResBlock, "
+        "transformer), 3 and up smaller parts. Lower it if training runs out of memory.",
+    ),
+)
 
 
 class DPOLoraTrainer(io.ComfyNode):
@@ -162,7 +158,6 @@ class DPOLoraTrainer(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        required_options, optional_options = training_option_inputs()
         return io.Schema(
             node_id="PrefP_DPOLoraTrainer",
             display_name=cls.TITLE,
@@ -182,9 +177,9 @@ class DPOLoraTrainer(io.ComfyNode):
                 PreferencePairsType.Input(
                     "pairs", tooltip="From a Preference Pairs node (built with this model's VAE)."
                 ),
-                *required_options,
+                *TRAINING_OPTIONS,
                 io.String.Input("save_prefix", default="dpo_lora", tooltip="File name prefix of saved checkpoints."),
-                *optional_options,
+                *OPTIONAL_TRAINING_OPTIONS,
                 io.LoraModel.Input(
                     "resume_lora",
                     optional=True,
@@ -338,7 +333,6 @@ class ExportTrainingJob(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        required_options, optional_options = training_option_inputs()
         return io.Schema(
             node_id="PrefP_ExportTrainingJob",
             display_name=cls.TITLE,
@@ -359,8 +353,8 @@ class ExportTrainingJob(io.ComfyNode):
                 ),
                 io.String.Input("name", default="dpo_job", tooltip="Folder under output/training_jobs/."),
                 io.Combo.Input("layout", options=list(LORA_LAYOUTS), default="kohya", tooltip="Layout of the LoRA."),
-                *required_options,
-                *optional_options,
+                *TRAINING_OPTIONS,
+                *OPTIONAL_TRAINING_OPTIONS,
             ],
             outputs=[],
         )

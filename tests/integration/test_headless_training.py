@@ -113,10 +113,9 @@ def test_a_killed_worker_stops_the_run_and_the_last_lora_stays_whole(tiny, tmp_p
 
 def test_a_job_takes_the_trainer_nodes_options(comfy_modules):
     from pack.comfy_glue.headless import OPTIONS
-    from pack.nodes.trainer import training_option_inputs
+    from pack.nodes.trainer import OPTIONAL_TRAINING_OPTIONS, TRAINING_OPTIONS
 
-    required, optional = training_option_inputs()
-    assert {option.id for option in required + optional} == set(OPTIONS)
+    assert {option.id for option in TRAINING_OPTIONS + OPTIONAL_TRAINING_OPTIONS} == set(OPTIONS)
 
 
 def test_bad_jobs_are_refused(tiny, tmp_path):
@@ -143,6 +142,8 @@ def test_bad_jobs_are_refused(tiny, tmp_path):
         load_job_model(job_from_json({**content, "base_family": "SDXL"}, str(tmp_path / "job")))
     with pytest.raises(ValueError, match="does not exist"):
         load_job_model(job_from_json({**content, "model": {"checkpoint": "missing.safetensors"}}, str(tmp_path)))
+    with pytest.raises(ValueError, match="ComfyUI (cannot load|does not recognise) .*pairs.safetensors"):
+        load_job_model(job_from_json({**content, "model": {"checkpoint": "pairs.safetensors"}}, str(tmp_path / "job")))
 
     export(tiny, tmp_path / "big", pairs=pair_set(conditioning, 2, size=(4, 16, 16)))
     mixed = read_job(job_path)

@@ -105,6 +105,20 @@ def saved_latent(server, entry, node_id):
     return safetensors.torch.load_file(server.output_path(info))["latent_tensor"]
 
 
+def sampled_with_lora(server, path, name):
+    """The latent ``sample_and_save`` makes of the candidates' empty latent with the LoRA file at ``path``
+    copied to models/loras/ and loaded by the stock LoraLoaderModelOnly."""
+    loras = os.path.join(server.base_directory, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    shutil.copy(path, os.path.join(loras, f"{name}.safetensors"))
+    loader = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["1", 0], "lora_name": f"{name}.safetensors", "strength_model": 1.0},
+    }
+    prompt = {**candidates_and_pairs(), "30": loader, **sample_and_save(["30", 0], name, 31)}
+    return saved_latent(server, server.run(prompt), "32")
+
+
 def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server):
     """Save DPO LoRA writes the kohya layout with the run in the header; the stock LoraLoader
     reproduces the trained MODEL from it; core Save LoRA Weights still takes the trainer's LoRA."""
@@ -141,18 +155,7 @@ def test_saved_lora_loads_with_stock_loader_like_the_trained_model(comfy_server)
         assert all(key.startswith("lora_unet_") for key in file.keys())
     assert header["ss_steps"] == "4" and header["prefp_loss_mode"] == "patch_dpo"
     assert header["prefp_pair_count"] == "3" and header["ss_base_model_version"] == "sd_v1"
-    loras = os.path.join(comfy_server.base_directory, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
-    shutil.copy(saved[0], os.path.join(loras, "server_test.safetensors"))
-    reload = {
-        **candidates_and_pairs(),
-        "30": {
-            "class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": ["1", 0], "lora_name": "server_test.safetensors", "strength_model": 1.0},
-        },
-        **sample_and_save(["30", 0], "reloaded", 31),
-    }
-    reloaded = saved_latent(comfy_server, comfy_server.run(reload), "32")
+    reloaded = sampled_with_lora(comfy_server, saved[0], "server_test")
     assert (reloaded - trained).abs().max() < 1e-3, (reloaded - trained).abs().max()
 
 
@@ -182,20 +185,9 @@ def test_pairs_from_the_graph_train_headless_and_load_back(comfy_server):
     with safetensors.safe_open(lora, "pt") as file:
         assert file.metadata()["ss_steps"] == "2" and file.metadata()["prefp_pair_count"] == "3"
 
-    loras = os.path.join(comfy_server.base_directory, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
-    shutil.copy(lora, os.path.join(loras, "loop.safetensors"))
-    reload = {
-        **candidates_and_pairs(),
-        "30": {
-            "class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": ["1", 0], "lora_name": "loop.safetensors", "strength_model": 1.0},
-        },
-        **sample_and_save(["30", 0], "headless", 31),
-        **sample_and_save(["1", 0], "headless_base", 33),
-    }
-    entry = comfy_server.run(reload)
-    assert (saved_latent(comfy_server, entry, "32") - saved_latent(comfy_server, entry, "34")).abs().max() > 1e-4
+    base_prompt = {**candidates_and_pairs(), **sample_and_save(["1", 0], "loop_base", 20)}
+    base = saved_latent(comfy_server, comfy_server.run(base_prompt), "21")
+    assert (sampled_with_lora(comfy_server, lora, "loop") - base).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
