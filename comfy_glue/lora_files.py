@@ -149,12 +149,26 @@ def file_metadata(tensors: dict[str, torch.Tensor], model_patcher, layout: str, 
     return metadata
 
 
+def in_trainer_layout(tensors: dict[str, torch.Tensor], model_patcher) -> dict[str, torch.Tensor]:
+    """``tensors`` with the trainer's keys: as they are if they have them, else read as
+    resume_lora reads a file (so a kohya or diffusers LoRA from Load LoRA Model saves too)."""
+    if all(key.startswith("diffusion_model.") for key in tensors):
+        return tensors
+    out = {}
+    for module, (up, down, alpha) in read_lora_layers(tensors, model_patcher).items():
+        out[f"{module}.lora_up.weight"], out[f"{module}.lora_down.weight"] = up, down
+        out[f"{module}.alpha"] = torch.tensor(alpha)
+    return out
+
+
 def save_lora(tensors: dict[str, torch.Tensor], path: str, model_patcher, layout: str = "kohya") -> str:
-    """Write ``tensors`` (the trainer's keys; a ``LoraWithMetadata`` adds its run to the header)
-    to ``path`` in ``layout``, atomically; returns ``path``."""
+    """Write ``tensors`` (any layout ``read_lora_layers`` reads; a ``LoraWithMetadata`` adds its
+    run to the header) to ``path`` in ``layout``, atomically; returns ``path``."""
     if layout not in LORA_LAYOUTS:
         raise InputError(f"unknown LoRA layout {layout!r}; one of {', '.join(LORA_LAYOUTS)}")
-    metadata = file_metadata(tensors, model_patcher, layout, getattr(tensors, "metadata", {}))
+    training = getattr(tensors, "metadata", {})
+    tensors = in_trainer_layout(tensors, model_patcher)
+    metadata = file_metadata(tensors, model_patcher, layout, training)
     out = to_kohya(tensors, model_patcher) if layout == "kohya" else tensors
     out = {key: value.detach().to("cpu").contiguous() for key, value in out.items()}
     return write_atomically(path, lambda temporary: safetensors.torch.save_file(out, temporary, metadata=metadata))

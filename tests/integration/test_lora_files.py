@@ -95,6 +95,11 @@ def test_saved_file_loads_and_resumes_as_the_trained_lora(trained, tiny, tmp_pat
         assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in tensors  # diffusers names
         assert tensors["lora_unet_conv_in.lora_down.weight"].shape == (4, 4, 3, 3)  # conv LoRAs are 4-D
         assert tensors["lora_unet_conv_in.lora_up.weight"].shape == (320, 4, 1, 1)
+        # Save DPO LoRA also converts a LoRA loaded from a file of another layout.
+        back = save_lora(tensors, os.path.join(tmp_path, "back.safetensors"), model, "comfyui")
+        converted = comfy.utils.load_torch_file(back)
+        assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+        os.remove(back)
     else:
         assert tensors.keys() == state.keys()
 
