@@ -235,9 +235,9 @@ def run_job(job: TrainingJob, accelerator) -> dict[str, str]:
     main = accelerator.is_main_process
     logging.info("process %d of %d (pid %d) on %s", parallel.rank, parallel.processes, os.getpid(), accelerator.device)
     pairs = load_job_pairs(job)
+    check_process_count(parallel.processes, pairs, job.options["batch_size"])  # before the costly load
     model = load_job_model(job)
     config = config_from_options(job.options, model.load_device)
-    check_process_count(parallel.processes, pairs, config.batch_size)
     resume = comfy.utils.load_torch_file(job.resume_lora) if job.resume_lora else None
 
     def labelled(lora, step):
