@@ -1,0 +1,108 @@
+"""The random-weight DiT files (``harness.tiny_dit``) on ComfyUI's stock loaders, in-process on
+CPU: ``load_diffusion_model`` (what UNETLoader calls) detects each as its family's model class
+with the intended layout, the stock sampler makes finite latents from ``dit_conditioning``, the
+random TAESD files decode them through ``VAELoader``, and a stock ``CLIPLoader`` type ``sd3``
+with CLIP-L alone conditions both families (no T5-XXL).
+
+Flux stays at ComfyUI's fixed 3072 width (~0.55 B parameters), so it samples with 16 text tokens
+to keep the steps short.
+"""
+
+import os
+
+import pytest
+import torch
+
+from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.tiny_checkpoint import ensure_checkpoint
+from harness.tiny_dit import (
+    DIT_KINDS,
+    DIT_LATENT_SHAPE,
+    TAESD_NAMES,
+    dit_conditioning,
+    ensure_dit,
+    ensure_taesd,
+)
+
+pytestmark = pytest.mark.comfy
+
+CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
+MODEL_CLASSES = {"sd3": "SD3", "flux": "Flux"}
+CFG = {"sd3": 2.0, "flux": 1.0}  # Flux dev is guidance-distilled: cfg 1, guidance in the conditioning
+TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=DIT_KINDS)
+def dit(request, comfy_modules):
+    import comfy.sd
+
+    kind = request.param
+    return kind, comfy.sd.load_diffusion_model(ensure_dit(comfyui_path(), CACHE, kind))
+
+
+@pytest.fixture(scope="module")
+def clip_l_conditioning(comfy_modules):
+    """CONDITIONING from the stock CLIPLoader, type sd3, given the random CLIP-L file alone."""
+    import folder_paths
+    import nodes
+
+    path = ensure_checkpoint(comfyui_path(), CACHE, kind="sdxl_clip_l")
+    folder_paths.add_model_folder_path("text_encoders", os.path.dirname(path))
+    (clip,) = nodes.CLIPLoader().load_clip(os.path.basename(path), type="sd3")
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def sample(model, kind, conditioning, steps=2, seed=0):
+    import comfy.sample
+
+    empty = torch.zeros(1, *DIT_LATENT_SHAPE)
+    noise = comfy.sample.prepare_noise(empty, seed)
+    cfg = CFG[kind]
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "simple", conditioning, conditioning, empty, seed=seed, disable_pbar=True
+    )
+
+
+def test_detected_as_the_family_model(dit):
+    kind, model = dit
+    config = model.model.model_config.unet_config
+    assert type(model.model).__name__ == MODEL_CLASSES[kind]
+    assert model.model.latent_format.latent_channels == 16
+    if kind == "sd3":
+        assert config["depth"] == 2 and config["patch_size"] == 2 and config["adm_in_channels"] == 2048
+        assert config["context_embedder_config"]["params"] == {"in_features": 4096, "out_features": 128}
+    else:
+        assert config["guidance_embed"] is True  # Flux dev, not schnell
+        assert (config["depth"], config["depth_single_blocks"]) == (1, 1)
+        assert (config["vec_in_dim"], config["context_in_dim"], config["hidden_size"]) == (768, 4096, 3072)
+
+
+def test_samples_finite_latents(dit):
+    kind, model = dit
+    samples = sample(model, kind, dit_conditioning(kind, tokens=TOKENS))
+    assert samples.shape == (1, *DIT_LATENT_SHAPE)
+    assert samples.isfinite().all() and samples.std() > 0
+
+
+def test_taesd_decodes_through_the_stock_vae_loader(dit):
+    import folder_paths
+    import nodes
+
+    kind, model = dit
+    name = TAESD_NAMES[kind]
+    folder_paths.add_model_folder_path("vae_approx", ensure_taesd(comfyui_path(), CACHE, kind))
+    assert name in nodes.VAELoader.vae_list(nodes.VAELoader)
+    with torch.inference_mode():
+        (vae,) = nodes.VAELoader().load_vae(name)
+        image = vae.decode(sample(model, kind, dit_conditioning(kind, tokens=TOKENS)))
+    assert vae.latent_channels == 16
+    assert image.shape == (1, 64, 64, 3) and image.isfinite().all()
+
+
+def test_stock_clip_l_conditions_both_families(dit, clip_l_conditioning):
+    kind, model = dit
+    cond, extras = clip_l_conditioning[0]
+    assert cond.shape == (1, 77, 4096) and extras["pooled_output"].shape == (1, 2048)
+    samples = sample(model, kind, clip_l_conditioning)
+    assert samples.isfinite().all()
