@@ -33,9 +33,12 @@ from ..pure.joint_attention import (
     sdpa_kernel,
 )
 from ..pure.joint_sampling import image_guided_pair, joint_batch
+from .dit import DIT_FAMILIES, dit_blocks
+from .joint_dit import apply_dit_joint_attention, dit_joint_blocks
 
 SUPPORTED_FAMILIES = (
-    "SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer self-attention blocks)"
+    "SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer self-attention "
+    "blocks), " + DIT_FAMILIES + " diffusion models"
 )
 
 
@@ -60,11 +63,12 @@ def joint_attention_kernel(q, k, v, heads, extra_options):
     return comfy_attention(q, k, v, heads, extra_options)
 
 
-def self_attention_blocks(model) -> list[tuple[str, int]]:
-    """``(block name, index)`` of every UNet block with image self-attention, the keys of
-    ComfyUI's ``attn1`` replacements. Raises ``InputError`` for other models."""
+def self_attention_blocks(model) -> list:
+    """The blocks joint attention can patch: ``(block name, index)`` of every UNet block with image
+    self-attention (the keys of ComfyUI's ``attn1`` replacements), or a DiT's ``dit_blocks``.
+    Raises ``InputError`` for other models."""
     unet = model.get_model_object("diffusion_model")
-    found = []
+    found = dit_blocks(unet)
     if isinstance(unet, UNetModel):
         middle = [unet.middle_block] if unet.middle_block is not None else []
         for name, blocks in (("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)):
@@ -76,8 +80,9 @@ def self_attention_blocks(model) -> list[tuple[str, int]]:
                     found.append((name, index))
     if not found:
         raise InputError(
-            f"this MODEL ({type(model.model).__name__}) has no UNet self-attention blocks that joint "
-            f"attention can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those with Load Checkpoint."
+            f"this MODEL ({type(model.model).__name__}) has no self-attention blocks that joint attention "
+            f"can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those (Load Checkpoint, or Load "
+            "Diffusion Model for Flux and SD3)."
         )
     return found
 
@@ -88,7 +93,8 @@ def attn1_replacements(model) -> dict:
 
 def joint_patches(model) -> list[JointAttentionPatch]:
     """The Joint Attention patches on ``model``'s blocks (empty when it has none)."""
-    return [patch for patch in attn1_replacements(model).values() if isinstance(patch, JointAttentionPatch)]
+    unet_patches = [patch for patch in attn1_replacements(model).values() if isinstance(patch, JointAttentionPatch)]
+    return unet_patches + [block.patch for block in dit_joint_blocks(model)]
 
 
 def has_joint_attention(model) -> bool:
@@ -101,8 +107,11 @@ def apply_joint_attention(model, settings: JointAttentionSettings):
 
     An ``attn1`` replacement already on a block (from another node) becomes the patch's
     ``previous`` and keeps computing the plain attention; an earlier Joint Attention is
-    replaced (its own ``previous`` is kept)."""
-    blocks = [key for key in self_attention_blocks(model) if key[0] in settings.blocks]
+    replaced (its own ``previous`` is kept). DiTs: ``apply_dit_joint_attention``."""
+    found = self_attention_blocks(model)
+    if isinstance(found[0][0], tuple):
+        return apply_dit_joint_attention(model, settings, found)
+    blocks = [key for key in found if key[0] in settings.blocks]
     patched = model.clone()
     existing = attn1_replacements(model)
 

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..comfy_glue.joint import apply_joint_attention, sample_joint, self_attention_blocks
 from ..pure.errors import InputError
 from ..pure.images import fit_to_size
-from ..pure.joint_attention import BLOCK_NAMES, MODES, JointAttentionSettings, check_strength
+from ..pure.joint_attention import BLOCK_NAMES, MODES, POSITIONS, JointAttentionSettings, check_strength
 from .errors import node_errors
 from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
@@ -36,7 +36,8 @@ class JointAttention(io.ComfyNode):
                 "being generated also attend to the reference images of the same batch. The references are "
                 "the first `reference_count` images of each batch (with the Joint Sampler: its reference "
                 "photos; the two nodes' strengths multiply). Works with KSampler, SamplerCustomAdvanced and every "
-                "ComfyUI sampler on SD1.x/SD2.x/SDXL; strength 0 = off."
+                "ComfyUI sampler on SD1.x/SD2.x/SDXL and on Flux.1 and SD3/SD3.5 (there only the images' tokens "
+                "attend to the references' image tokens; text tokens are unchanged); strength 0 = off."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
@@ -84,19 +85,36 @@ class JointAttention(io.ComfyNode):
                     tooltip="Sampling progress at which joint attention stops (1 = last step).",
                 ),
                 io.Boolean.Input(
-                    "input_blocks", default=True, tooltip="Patch the self-attention of the UNet's input (down) blocks."
+                    "input_blocks",
+                    default=True,
+                    tooltip="Patch the self-attention of the UNet's input (down) blocks; on a DiT, its first "
+                    "third of blocks.",
                 ),
                 io.Boolean.Input(
-                    "middle_block", default=True, tooltip="Patch the self-attention of the UNet's middle block."
+                    "middle_block",
+                    default=True,
+                    tooltip="Patch the self-attention of the UNet's middle block; on a DiT, its middle third.",
                 ),
                 io.Boolean.Input(
-                    "output_blocks", default=True, tooltip="Patch the self-attention of the UNet's output (up) blocks."
+                    "output_blocks",
+                    default=True,
+                    tooltip="Patch the self-attention of the UNet's output (up) blocks; on a DiT, its last third.",
                 ),
                 io.Boolean.Input(
                     "adain",
                     default=False,
                     tooltip="StyleAligned AdaIN: match the targets' queries and keys to the "
                     "references' mean and std before attending.",
+                ),
+                io.Combo.Input(
+                    "reference_positions",
+                    options=list(POSITIONS),
+                    default="offset",
+                    optional=True,
+                    tooltip="RoPE DiTs (Flux) only. offset: the references' tokens sit at positions of their "
+                    "own (as Flux Kontext places reference images), so the new images take the subject, not "
+                    "the references' layout. shared: on the new images' own positions (the layout is copied "
+                    "more). UNets and SD3 have no RoPE and ignore this.",
                 ),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with joint attention.")],
@@ -115,6 +133,7 @@ class JointAttention(io.ComfyNode):
         middle_block,
         output_blocks,
         adain,
+        reference_positions="offset",
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             try:
@@ -138,6 +157,7 @@ class JointAttention(io.ComfyNode):
                 adain_queries=adain,
                 adain_keys=adain,
                 reference_count=reference_count,
+                positions=reference_positions,
             )
             return io.NodeOutput(apply_joint_attention(model, settings))
 
@@ -182,7 +202,9 @@ class JointSampler(io.ComfyNode):
                 "it samples exactly like KSampler."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL model (LoRAs and other patches are kept)."),
+                io.Model.Input(
+                    "model", tooltip="SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches are kept)."
+                ),
                 io.Conditioning.Input("positive", tooltip="Prompt for the new images (describe the subject)."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
                 io.Vae.Input("vae", tooltip="Encodes the references and decodes the new images."),

@@ -25,6 +25,10 @@ LAYOUT_KEY = "prefp_joint_layout"
 
 MODES = ("joint", "blend")
 BLOCK_NAMES = ("input", "middle", "output")
+# Where a RoPE DiT (Flux) places the reference tokens the targets see: at positions of their own
+# (one step along the index axis, as Flux Kontext places reference latents) or on the targets' own
+# grid positions (the new images then tend to copy the references' layout).
+POSITIONS = ("offset", "shared")
 
 # ``kernel(q, k, v, heads, extra_options) -> out``, all ``[B, T, heads * dim_head]``.
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
@@ -252,6 +256,92 @@ def joint_attention(
     return out
 
 
+def token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    references: int,
+    chunks: int,
+    image: slice,
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    strength: float = 1.0,
+    mode: str = "joint",
+    plain: torch.Tensor | None = None,
+    adain_queries: bool = False,
+    adain_keys: bool = False,
+    reference_keep: torch.Tensor | None = None,
+    upcast: bool = False,
+    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    reference_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Joint attention of a DiT's token sequence: only the targets' image tokens also see the
+    references' image tokens; text tokens and references attend as before.
+
+    Args:
+        q, k, v: ``[B, T, H * D]``, T text and image tokens in one sequence (a DiT's joint
+            attention), B = ``chunks * (references + targets)``.
+        image: where the image tokens are in T (the same for queries and keys).
+        reference_keep: optional ``[references, image tokens]`` bool, the reference image tokens
+            targets may attend to (subject masks); default all.
+        reference_k: optional ``[B, T, H * D]`` keys the targets see for the references' tokens
+            (the references' own rows keep ``k``), e.g. rotated to positions of their own.
+        plain: optional already computed plain attention ``[B, T, H * D]``.
+        The rest: as ``joint_attention``; AdaIN matches the targets' image queries and keys to the
+        references' image tokens.
+
+    Returns:
+        ``[B, T, H * D]``: equal to ``plain`` except in the targets' image-token rows.
+    """
+    batch, tokens, channels = k.shape
+    per_chunk = batch // chunks
+    if batch % chunks or references < 1 or per_chunk - references < 1:
+        raise InputError(
+            f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) and at least one target"
+        )
+    plain = attention(q, k, v) if plain is None else plain
+    rows = torch.arange(batch, device=q.device).view(chunks, per_chunk)
+    ref_rows, target_rows = rows[:, :references].reshape(-1), rows[:, references:].reshape(-1)
+
+    q_mod, k_mod, plain_mod = q, k.clone(), plain
+    if adain_queries or adain_keys:
+
+        def matched(x):  # targets' image tokens to their chunk's references' image-token statistics
+            x = x.clone()
+            x_c = x.view(chunks, per_chunk, tokens, channels)
+            style = x_c[:, :references, image].reshape(chunks, 1, -1, channels)
+            x_c[:, references:, image] = adain(x_c[:, references:, image], style)
+            return x
+
+        q_mod = matched(q) if adain_queries else q
+        k_mod = matched(k) if adain_keys else k_mod
+        if mode == "blend":  # the targets' own attention is taken with the matched queries and keys
+            plain_mod = plain.clone()
+            plain_mod[target_rows] = attention(q_mod[target_rows], k_mod[target_rows], v[target_rows])
+    if reference_k is not None:
+        k_mod[ref_rows] = reference_k[ref_rows]
+    keep = torch.zeros(references, tokens, dtype=torch.bool, device=q.device)
+    keep[:, image] = True if reference_keep is None else reference_keep.to(q.device)
+    image_out = joint_attention(
+        q_mod[:, image].contiguous(),
+        k_mod,
+        v,
+        heads,
+        references,
+        chunks,
+        attention=attention,
+        strength=strength,
+        mode=mode,
+        plain=plain_mod[:, image].contiguous(),
+        reference_keep=keep,
+        upcast=upcast,
+        joint=joint,
+    )
+    out = plain.clone()
+    out[target_rows, image] = image_out[target_rows]
+    return out
+
+
 @dataclass(frozen=True)
 class JointAttentionSettings:
     """What a Joint Attention patch does when the layout does not override it.
@@ -260,9 +350,11 @@ class JointAttentionSettings:
         strength: see the module docstring; 0 = off.
         mode: ``"joint"`` or ``"blend"``.
         sigma_start, sigma_end: active while ``sigma_end <= sigma <= sigma_start``.
-        blocks: UNet block names (``input``, ``middle``, ``output``) where it is active.
+        blocks: block names (``input``, ``middle``, ``output``) where it is active: a UNet's
+            down, middle and up blocks; a DiT's first, middle and last third of its blocks.
         adain_queries, adain_keys: StyleAligned AdaIN of the targets' queries / keys.
         reference_count: references at the start of each chunk when no layout says otherwise.
+        positions: ``"offset"`` or ``"shared"`` (see ``POSITIONS``; RoPE DiTs only).
     """
 
     strength: float = 1.0
@@ -273,6 +365,7 @@ class JointAttentionSettings:
     adain_queries: bool = False
     adain_keys: bool = False
     reference_count: int = 1
+    positions: str = "offset"
 
 
 class JointAttentionPatch:

@@ -27,8 +27,8 @@ SIZE = 64  # 8 x 8 latents
 @pytest.fixture(scope="module")
 def server(comfy_server):
     """The session server, plus a tiny LoRA for the tiny checkpoint's self-attention, a
-    grayscale photo in input/ and a tiny SD3 (MMDiT) diffusion model, a family joint attention
-    does not support."""
+    grayscale photo in input/ and a tiny PixArt diffusion model, a family joint attention does
+    not support (a DiT with cross-attention to the text and no joint attention)."""
     base = comfy_server.base_directory
     lora_path = os.path.join(base, "models", "loras", "tiny_attn_lora.safetensors")
     if not os.path.exists(lora_path):
@@ -50,10 +50,11 @@ def server(comfy_server):
         safetensors.torch.save_file(lora, lora_path)
         gray = (np.linspace(0, 255, 80 * 50).reshape(50, 80)).astype(np.uint8)
         Image.fromarray(gray, mode="L").save(os.path.join(base, "input", "gray_subject.png"))
-        unet_dir = os.path.join(base, "models", "diffusion_models")
-        os.makedirs(unet_dir, exist_ok=True)
+    pixart_path = os.path.join(base, "models", "diffusion_models", "tiny_pixart.safetensors")
+    if not os.path.exists(pixart_path):
+        os.makedirs(os.path.dirname(pixart_path), exist_ok=True)
         subprocess.run(
-            [sys.executable, "-c", MMDIT_SCRIPT, comfyui_path(), os.path.join(unet_dir, "tiny_mmdit.safetensors")],
+            [sys.executable, "-c", PIXART_SCRIPT, comfyui_path(), pixart_path],
             check=True,
             cwd=comfyui_path(),
             capture_output=True,
@@ -61,21 +62,18 @@ def server(comfy_server):
     return comfy_server
 
 
-MMDIT_SCRIPT = r"""
+PIXART_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from comfy.cli_args import args
 args.cpu = True
 import comfy.ops, safetensors.torch
-from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-with torch.device("meta"):
-    net = MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=1, adm_in_channels=32,
-                context_embedder_config={"target": "torch.nn.Linear",
-                                         "params": {"in_features": 32, "out_features": 64}},
-                num_patches=64, pos_embed_max_size=8, operations=comfy.ops.disable_weight_init)
+from comfy.ldm.pixart.pixartms import PixArtMS
+net = PixArtMS(depth=1, input_size=32, operations=comfy.ops.disable_weight_init)  # its init reads values: no meta
 generator = torch.Generator().manual_seed(0)
-safetensors.torch.save_file({k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in net.state_dict().items()},
-                            sys.argv[2])
+safetensors.torch.save_file(
+    {k: (torch.randn(v.shape, generator=generator) * 0.02).half() for k, v in net.state_dict().items()}, sys.argv[2]
+)
 """
 
 
@@ -443,15 +441,15 @@ def test_unsupported_model_names_the_supported_families(server):
         **base(),
         "80": {
             "class_type": "UNETLoader",
-            "inputs": {"unet_name": "tiny_mmdit.safetensors", "weight_dtype": "default"},
+            "inputs": {"unet_name": "tiny_pixart.safetensors", "weight_dtype": "default"},
         },
         **joint("11", references=("4", 0), model=("80", 0)),
         **save("11", ("11", 1)),
     }
     with pytest.raises(
         PromptError,
-        match=r"Joint Sampler: this MODEL \(SD3\) has no UNet self-attention blocks.*"
-        r"Supported: SD1\.x, SD2\.x and SDXL",
+        match=r"Joint Sampler: this MODEL \(PixArt\) has no self-attention blocks.*"
+        r"Supported: SD1\.x, SD2\.x and SDXL.*Flux\.1 and SD3/SD3\.5",
     ):
         server.run(prompt)
     attention = {

@@ -21,6 +21,7 @@ from pack.pure.joint_attention import (
     sdpa_attention,
     sdpa_kernel,
     split_heads,
+    token_attention,
 )
 from pack.pure.joint_sampling import image_guided_pair, joint_batch
 
@@ -434,3 +435,71 @@ def test_patch_uses_its_joint_kernel_for_the_targets_only():
     out = patch(q, k, v, extra(6))
     assert seen == [(4, 12)]  # 2 chunks x 2 targets, own 6 + reference 6 keys
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 2), atol=1e-5, rtol=1e-5)
+
+
+# DiT token sequences: text tokens then image tokens in one attention (Flux, SD3's MMDiT).
+TEXT, IMAGE = 2, 4
+IMAGE_SLICE = slice(TEXT, TEXT + IMAGE)
+
+
+def test_token_attention_extends_only_the_targets_image_queries():
+    heads = 2
+    q, k, v = batch(chunks=2, references=1, targets=2, tokens=TEXT + IMAGE)
+    plain = naive_attention(q, k, v, heads)
+    out = token_attention(q, k, v, heads, 1, 2, IMAGE_SLICE, kernel(heads))
+    for row in range(6):
+        reference = row % 3 == 0
+        ref_row = row - row % 3
+        # references and every text query: the plain attention of the row itself
+        if reference:
+            torch.testing.assert_close(out[row], plain[row], atol=1e-5, rtol=1e-5)
+            continue
+        torch.testing.assert_close(out[row, :TEXT], plain[row, :TEXT], atol=1e-5, rtol=1e-5)
+        # image queries: own text + image keys, then the reference's image keys (not its text)
+        keys = torch.cat([k[row], k[ref_row, IMAGE_SLICE]])[None]
+        values = torch.cat([v[row], v[ref_row, IMAGE_SLICE]])[None]
+        by_hand = naive_attention(q[row : row + 1, IMAGE_SLICE], keys, values, heads)[0]
+        torch.testing.assert_close(out[row, IMAGE_SLICE], by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_token_attention_masks_strength_and_reference_keys():
+    heads = 2
+    q, k, v = batch(chunks=1, references=1, targets=1, tokens=TEXT + IMAGE, seed=3)
+    keep = torch.tensor([[True, False, True, False]])
+    rotated = torch.randn_like(k)
+    out = token_attention(
+        q, k, v, heads, 1, 1, IMAGE_SLICE, kernel(heads), strength=2.0, reference_keep=keep, reference_k=rotated
+    )
+    kept = torch.tensor([TEXT, TEXT + 2])
+    keys = torch.cat([k[1], rotated[0, kept]])[None]  # the targets see the given reference keys
+    values = torch.cat([v[1], v[0, kept]])[None]
+    bias = torch.tensor([0.0] * (TEXT + IMAGE) + [math.log(2.0)] * 2)
+    by_hand = naive_attention(q[1:, IMAGE_SLICE], keys, values, heads, key_bias=bias)[0]
+    torch.testing.assert_close(out[1, IMAGE_SLICE], by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], naive_attention(q, k, v, heads)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_token_attention_blend_and_adain_use_image_tokens_only():
+    heads = 2
+    q, k, v = batch(chunks=1, references=1, targets=1, tokens=TEXT + IMAGE, seed=5)
+    out = token_attention(
+        q,
+        k,
+        v,
+        heads,
+        1,
+        1,
+        IMAGE_SLICE,
+        kernel(heads),
+        strength=0.5,
+        mode="blend",
+        adain_queries=True,
+        adain_keys=True,
+    )
+    q_t, k_t = q[1:].clone(), k[1:].clone()
+    q_t[:, IMAGE_SLICE] = adain(q[1:, IMAGE_SLICE], q[:1, IMAGE_SLICE])
+    k_t[:, IMAGE_SLICE] = adain(k[1:, IMAGE_SLICE], k[:1, IMAGE_SLICE])
+    own = naive_attention(q_t, k_t, v[1:], heads)[:, IMAGE_SLICE]
+    to_refs = naive_attention(q_t[:, IMAGE_SLICE], k[:1, IMAGE_SLICE], v[:1, IMAGE_SLICE], heads)
+    torch.testing.assert_close(out[1:, IMAGE_SLICE], 0.5 * own + 0.5 * to_refs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:, :TEXT], naive_attention(q, k, v, heads)[1:, :TEXT], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,223 @@
+"""Joint attention on DiTs (Flux.1, SD3/SD3.5 MMDiT) through ComfyUI's own hooks, no monkeypatching.
+
+Three pieces, each a supported ComfyUI extension point of both ComfyUI versions the pack supports:
+
+- an ``APPLY_MODEL`` wrapper (``TokenGrid``) puts the text token count and the image token grid of
+  the call into a copy of ``transformer_options``: the attention calls see only token sequences;
+- a ``patches_replace["dit"]`` block replacement (``JointDitBlock``) on every chosen double,
+  single (Flux) or joint (MMDiT) block decides whether joint attention is active for the call
+  (layout, strength, schedule, block) and, when it is, runs the block with
+- an ``optimized_attention_override`` (``JointTokenAttention``) that computes the block's
+  attention with ``token_attention``: the targets' image tokens also attend to the references'
+  image tokens. The plain attention is ComfyUI's own call (or the override already set by another
+  node), so references, text tokens and every inactive call are exactly the stock computation.
+
+How it fits the UNet version: docs/algorithms.md, section 'Joint attention on DiTs'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import comfy.patcher_extension
+import torch
+from comfy.ldm.flux.math import apply_rope1
+from comfy.ldm.modules.attention import attention_basic, attention_split, attention_sub_quad
+
+from ..pure.joint_attention import (
+    LAYOUT_KEY,
+    JointAttentionPatch,
+    masks_to_tokens,
+    merge_heads,
+    sdpa_kernel,
+    split_heads,
+    token_attention,
+)
+
+# Key in ``transformer_options`` of the call's ``DitTokens``, and of the wrapper that writes it.
+TOKENS_KEY = "prefp_dit_tokens"
+
+UNFUSED_KERNELS = tuple(
+    getattr(kernel, "__wrapped__", kernel) for kernel in (attention_sub_quad, attention_split, attention_basic)
+)
+
+
+@dataclass(frozen=True)
+class DitTokens:
+    """A DiT call's token counts: ``text`` tokens (context and registers), image ``grid`` (h, w)."""
+
+    text: int
+    grid: tuple[int, int]
+
+    @property
+    def image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class TokenGrid:
+    """``APPLY_MODEL`` wrapper: adds the call's ``DitTokens`` to ``transformer_options``."""
+
+    def __init__(self, patch_size: int, extra_text_tokens: int = 0):
+        self.patch_size = patch_size
+        self.extra_text_tokens = extra_text_tokens
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        text = (c_crossattn.shape[1] if c_crossattn is not None else 0) + self.extra_text_tokens
+        grid = tuple(math.ceil(size / self.patch_size) for size in x.shape[-2:])
+        options = {**(transformer_options or {}), TOKENS_KEY: DitTokens(text, grid)}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def offset_rotation(diffusion_model, positions: str):
+    """The RoPE rotation that moves the references' keys one step along the index axis (where
+    Flux Kontext places reference latents): ``ids -> [1, 1, 1, D/2, 2, 2]``; None without RoPE
+    or for shared positions."""
+    embedder = getattr(diffusion_model, "pe_embedder", None)
+    if positions != "offset" or embedder is None:
+        return None
+    ids = torch.zeros(1, 1, len(embedder.axes_dim))
+    ids[..., 0] = 1.0
+    return embedder(ids)
+
+
+class JointTokenAttention:
+    """``optimized_attention_override`` of one active block call: ``token_attention`` over the
+    sequence ``(text, image[, Kontext references])`` (the image alone in MMDiT-X self-attention);
+    masked attention calls stay plain."""
+
+    def __init__(self, block, references, chunks, strength, text, tokens, options, previous):
+        self.block, self.references, self.chunks, self.strength = block, references, chunks, strength
+        self.text, self.tokens, self.options, self.previous = text, tokens, options, previous
+
+    def call(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def image_tokens(self, total: int) -> slice | None:
+        image = self.tokens.image
+        if total == image:
+            return slice(0, image)
+        return slice(self.text, self.text + image) if self.text + image <= total else None
+
+    def __call__(self, func, q, k, v, *rest, **kwargs):
+        heads = rest[0] if rest else kwargs["heads"]
+        skip_reshape = kwargs.get("skip_reshape", False)
+        image = self.image_tokens(q.shape[2] if skip_reshape else q.shape[1])
+        if kwargs.get("mask") is not None or image is None:
+            return self.call(func, q, k, v, *rest, **kwargs)
+        plain = self.call(func, q, k, v, *rest, **kwargs)
+        if kwargs.get("skip_output_reshape"):
+            plain = merge_heads(plain)
+        rotation = self.block.rotation
+        reference_k = None
+        if rotation is not None and skip_reshape:
+            reference_k = merge_heads(apply_rope1(k, rotation.to(k.device)))
+        if skip_reshape:
+            q, k, v = merge_heads(q), merge_heads(k), merge_heads(v)
+        flat_kwargs = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in ("heads", "mask", "skip_reshape", "skip_output_reshape")
+        }
+
+        def attention(q_, k_, v_):
+            return self.call(func, q_, k_, v_, heads, **flat_kwargs)
+
+        def joint(q_, k_, v_):
+            if self.previous is None and func in UNFUSED_KERNELS:
+                return sdpa_kernel(q_, k_, v_, heads, flat_kwargs)
+            return attention(q_, k_, v_)
+
+        settings = self.block.patch.settings
+        out = token_attention(
+            q,
+            k,
+            v,
+            heads,
+            self.references,
+            self.chunks,
+            image,
+            attention,
+            strength=self.strength,
+            mode=settings.mode,
+            plain=plain,
+            adain_queries=settings.adain_queries,
+            adain_keys=settings.adain_keys,
+            reference_keep=self.reference_keep(image),
+            upcast=kwargs.get("attn_precision") == torch.float32,
+            joint=joint,
+            reference_k=reference_k,
+        )
+        return split_heads(out, heads) if kwargs.get("skip_output_reshape") else out
+
+    def reference_keep(self, image: slice) -> torch.Tensor | None:
+        masks = (self.options.get(LAYOUT_KEY) or {}).get("reference_masks")
+        if masks is None or masks.shape[0] != self.references or image.stop - image.start != self.tokens.image:
+            return None
+        return masks_to_tokens(masks, self.tokens.grid)
+
+
+class JointDitBlock:
+    """A ``patches_replace["dit"]`` block replacement running the block with joint attention.
+
+    Args:
+        patch: a ``JointAttentionPatch`` holding the settings (and deciding when it is active).
+        name: the block's name in ``settings.blocks`` (its third of the model's depth).
+        index: the block's position in the model, for ``extra_options``-style ``block``.
+        rotation: the references' RoPE offset (``offset_rotation``) or None.
+        previous: a block replacement already on this block (it keeps running the block).
+    """
+
+    def __init__(self, patch: JointAttentionPatch, name: str, index: int, rotation=None, previous=None):
+        self.patch, self.name, self.index = patch, name, index
+        self.rotation, self.previous = rotation, previous
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        def run(block_args):
+            if self.previous is not None:
+                return self.previous(block_args, extra)
+            return extra["original_block"](block_args)
+
+        options = args.get("transformer_options") or {}
+        tokens = options.get(TOKENS_KEY)
+        if tokens is None:
+            return run(args)
+        call_options = {**options, "block": (self.name, self.index)}
+        references, chunks, strength = self.patch.active_references(args["img"].shape[0], call_options)
+        if references == 0:
+            return run(args)
+        text = args["txt"].shape[1] if args.get("txt") is not None else tokens.text
+        override = JointTokenAttention(
+            self, references, chunks, strength, text, tokens, options, options.get("optimized_attention_override")
+        )
+        return run({**args, "transformer_options": {**options, "optimized_attention_override": override}})
+
+
+def dit_joint_blocks(model) -> list[JointDitBlock]:
+    """The Joint Attention block replacements on ``model`` (empty when it has none)."""
+    replacements = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    return [block for block in replacements.values() if isinstance(block, JointDitBlock)]
+
+
+def apply_dit_joint_attention(model, settings, blocks: list[tuple[tuple[str, int], str]]):
+    """A clone of ``model`` with joint attention on the DiT ``blocks`` (from ``dit_blocks``) whose
+    name is in ``settings.blocks``; block replacements of other nodes are kept as ``previous``."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    patched = model.clone()
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    patch = JointAttentionPatch(settings)
+    rotation = offset_rotation(diffusion_model, settings.positions)
+    for index, ((kind, number), name) in enumerate(blocks):
+        if name in settings.blocks:
+            previous = existing.get((kind, number))
+            if isinstance(previous, JointDitBlock):  # an earlier Joint Attention is replaced
+                previous = previous.previous
+            patched.set_model_patch_replace(JointDitBlock(patch, name, index, rotation, previous), "dit", kind, number)
+    options = patched.model_options["transformer_options"]  # set_model_patch_replace made a new dict
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    if not comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options):
+        grid = TokenGrid(diffusion_model.patch_size, getattr(diffusion_model, "register_length", 0))
+        comfy.patcher_extension.add_wrapper_with_key(apply_model, TOKENS_KEY, grid, options)
+    return patched
