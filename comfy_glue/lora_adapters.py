@@ -12,7 +12,7 @@ applied in one of two ways (``LORA_MODES``):
 
 The reference prediction is the same network with the adapters switched off (peft's
 ``disable_adapter()``): no second copy in memory. Gradient checkpointing per block is another
-injection (``CheckpointedBlocks``), on the training patcher only. Choices (init, rank clamping,
+injection (``TrainingBlocks``), on the training patcher only. Choices (init, rank clamping,
 modes): docs/algorithms.md, section 'LoRA adapters and the reference model'.
 """
 
@@ -28,9 +28,10 @@ import torch
 from comfy.patcher_extension import PatcherInjection
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..pure.checkpointing import checkpointed_call, modules_at_depth
+from ..pure.checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
 from ..pure.errors import InputError
 from ..pure.lora_branch import ConvGeometry, lora_delta
+from .dit import adapted_dit_layer, in_place_blocks, is_dit
 
 try:  # ComfyUI 0.3.76 and later
     from comfy.weight_adapter.bypass import BypassInjectionManager
@@ -39,7 +40,7 @@ except ImportError:
 
 LORA_MODES = ("bypass", "weight")
 BYPASS_KEY = "prefpairs_lora_bypass"
-CHECKPOINT_KEY = "prefpairs_gradient_checkpointing"
+BLOCKS_KEY = "prefpairs_training_blocks"
 LOW_PRECISION_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
 
 
@@ -114,6 +115,19 @@ class AutogradSafeWeight:
         return 0
 
 
+def unwrapped_inference_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Inference-mode parameters that no weight wrapper reaches: those of modules without
+    ComfyUI's ``weight_function`` (e.g. Flux's RMSNorm ``scale``). Autograd refuses to save them
+    for backward, so training runs on normal copies of them (as object patches; they are small)."""
+    return [
+        (f"{module_name}.{name}" if module_name else name, parameter)
+        for module_name, module in model.named_modules()
+        if not hasattr(module, "weight_function")
+        for name, parameter in module.named_parameters(recurse=False)
+        if torch.is_inference(parameter)
+    ]
+
+
 def conv_geometry(module: torch.nn.Module) -> ConvGeometry | None:
     """A convolution layer's geometry, or None for a linear layer."""
     if not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -172,24 +186,42 @@ def bypass_injections(model, layers: dict[str, tuple[torch.nn.Module, torch.nn.M
     return manager.create_injections(model)
 
 
-class CheckpointedBlocks:
-    """Gradient checkpointing of ``blocks`` while the patcher is loaded (inject/eject)."""
+class TrainingBlocks:
+    """Training forwards of the diffusion model's blocks while the patcher is loaded
+    (inject/eject): gradient checkpointing of ``checkpointed``, and for ``in_place`` blocks (those
+    that update their inputs in place, see ``in_place_blocks``) the guards that let autograd
+    train them."""
 
-    def __init__(self, blocks: list[torch.nn.Module]):
-        self.blocks = blocks
+    def __init__(self, checkpointed: list[torch.nn.Module], in_place: list[torch.nn.Module]):
+        self.blocks = list({id(block): block for block in [*checkpointed, *in_place]}.values())
+        self.checkpointed = {id(block) for block in checkpointed}
+        self.in_place = {id(block) for block in in_place}
         self.originals: list[object] = []
+
+    def training_forward(self, block: torch.nn.Module):
+        checkpointed, in_place = id(block) in self.checkpointed, id(block) in self.in_place
+        if checkpointed and in_place:
+            return functools.partial(checkpointed_in_place_call, block.forward)
+        if checkpointed:
+            return functools.partial(checkpointed_call, block.forward)
+        return saving_copies(block.forward)
 
     def inject(self, patcher) -> None:
         if self.originals:
             return
         for block in self.blocks:
             self.originals.append(block.forward)
-            block.forward = functools.partial(checkpointed_call, block.forward)
+            block.forward = self.training_forward(block)
 
     def eject(self, patcher) -> None:
         for block, original in zip(self.blocks, self.originals, strict=True):
             block.forward = original
         self.originals = []
+
+
+def training_blocks(checkpointed: list, in_place: list) -> list[PatcherInjection]:
+    blocks = TrainingBlocks(checkpointed, in_place)
+    return [PatcherInjection(blocks.inject, blocks.eject)]
 
 
 @dataclass
@@ -220,6 +252,11 @@ class LoraOnModel:
                     patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
                 if self.mode == "bypass" or name not in self.layers:
                     patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
+            for name, parameter in unwrapped_inference_parameters(patcher.model):
+                patcher.add_object_patch(name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
+            in_place = in_place_blocks(patcher.model.diffusion_model)
+            if in_place:
+                patcher.set_injections(BLOCKS_KEY, training_blocks([], in_place))
         if self.mode == "bypass":
             patcher.set_injections(BYPASS_KEY, bypass_injections(patcher.model, self.layers))
         else:
@@ -230,9 +267,9 @@ class LoraOnModel:
     def checkpoint_blocks(self, depth: int) -> int:
         """Checkpoint the training patcher's diffusion model per block at ``depth``; returns the
         number of blocks."""
-        blocks = modules_at_depth(self.patcher.model.diffusion_model, depth)
-        checkpointed = CheckpointedBlocks(blocks)
-        self.patcher.set_injections(CHECKPOINT_KEY, [PatcherInjection(checkpointed.inject, checkpointed.eject)])
+        diffusion_model = self.patcher.model.diffusion_model
+        blocks = modules_at_depth(diffusion_model, depth)
+        self.patcher.set_injections(BLOCKS_KEY, training_blocks(blocks, in_place_blocks(diffusion_model)))
         return len(blocks)
 
     def inference_patcher(self):
@@ -252,7 +289,8 @@ def attach_lora(
     seed: int = 0,
     mode: str = "bypass",
 ) -> LoraOnModel:
-    """Trainable LoRA adapters on every adaptable layer of a clone of ``model_patcher``.
+    """Trainable LoRA adapters on every adaptable layer of a clone of ``model_patcher`` (on a
+    DiT: its blocks' attention and MLP linears, ``adapted_dit_layer``).
 
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
     no-op) with the up matrices drawn from ``seed``, so training is reproducible. Layers in
@@ -273,9 +311,12 @@ def attach_lora(
     generator = torch.Generator().manual_seed(seed)
     clamped: list[str] = []
     candidates = 0
+    dit = is_dit(model_patcher.model.diffusion_model)
     for name, module in model_patcher.model.named_modules():
         weight = getattr(module, "weight", None)
         if not hasattr(module, "weight_function") or weight is None or weight.ndim < 2:
+            continue
+        if dit and not adapted_dit_layer(name):
             continue
         if mode == "bypass" and not bypass_adaptable(module):
             continue

@@ -34,13 +34,22 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
+from .dit import is_dit
 from .versions import pack_version, running_comfyui_version
 
 LORA_LAYOUTS = ("kohya", "comfyui")
 LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 # sd-scripts names SDXL LoRAs after its sgm UNet; ``ss_base_model_version`` as sd-scripts writes it.
 SGM_FAMILIES = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
-KOHYA_BASE_VERSIONS = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SDXL": "sdxl_base_v1-0"}
+KOHYA_BASE_VERSIONS = {
+    "SD15": "sd_v1",
+    "SD20": "sd_v2",
+    "SD21UnclipL": "sd_v2",
+    "SDXL": "sdxl_base_v1-0",
+    "SD3": "sd3",
+    "Flux": "flux1",
+    "FluxSchnell": "flux1",
+}
 
 
 class LoraWithMetadata(dict):
@@ -76,18 +85,20 @@ def diffusers_unet_keys(model_patcher) -> dict[str, str] | None:
 
 
 def kohya_module_names(model_patcher, modules: list[str]) -> dict[str, str]:
-    """The kohya name (``lora_unet_...``) of each ``diffusion_model.*`` module of the model.
+    """The kohya name (``lora_unet_...``) of each ``diffusion_model.*`` module of the model:
+    diffusers UNet names for SD1.x/SD2.x, the model's own names for SDXL and the DiTs (sd-scripts'
+    Flux and SD3 LoRAs name BFL's and SAI's modules).
 
     Raises:
-        InputError: a model without a kohya naming (not an SD1.x/SD2.x/SDXL UNet).
+        InputError: a model without a kohya naming (neither an SD1.x/SD2.x/SDXL UNet nor a DiT).
     """
-    diffusers_of = diffusers_unet_keys(model_patcher)
-    if diffusers_of is None:
+    sgm = isinstance(model_patcher.model, SGM_FAMILIES) or is_dit(model_patcher.model.diffusion_model)
+    diffusers_of = None if sgm else diffusers_unet_keys(model_patcher)
+    if not sgm and diffusers_of is None:
         raise InputError(
-            f"the kohya layout names SD1.x, SD2.x and SDXL UNet layers; this is a {base_family(model_patcher)} "
-            "model: save in the comfyui layout"
+            f"the kohya layout names SD1.x, SD2.x, SDXL, SD3 and Flux layers; this is a "
+            f"{base_family(model_patcher)} model: save in the comfyui layout"
         )
-    sgm = isinstance(model_patcher.model, SGM_FAMILIES)
     names = {}
     for module in modules:
         inner = module.removeprefix("diffusion_model.")

@@ -9,6 +9,7 @@ docs/algorithms.md, sections 'Diffusion-DPO and the loss modes' and 'The trainin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -346,8 +347,24 @@ def train_dpo_lora(
             f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE"
         )
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         return DPOTrainer(model_patcher, pairs, config, resume, parallel).run(on_step)
+
+
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's own training switch, on while training (core TrainLoraNode sets it the same way):
+    kernels without a backward (comfy_kitchen's RoPE in Flux, ComfyUI 0.33) then run as plain,
+    differentiable torch code. Older ComfyUI has no such switch and needs none."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Gradient checkpointing per block: which modules are the blocks, and the checkpointed call.
+"""Gradient checkpointing per block: which modules are the blocks, and the checkpointed call;
+training blocks that update their inputs in place (Flux's ``img += ...``).
 
 Depth counts as core ``TrainLoraNode``'s ``checkpoint_depth`` does: the diffusion model itself
 is depth 1, and containers (ModuleList, Sequential, ModuleDict) do not count, so depth 2 is a
@@ -7,6 +8,8 @@ section 'The training loop'.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.utils.checkpoint
@@ -43,3 +46,52 @@ def checkpointed_call(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def saving_copies(forward):
+    """``forward`` for a block that updates its tensor arguments in place (Flux's ``x += ...``
+    after a norm saved ``x`` for backward): while it runs with grad on, autograd saves copies of
+    whatever shares storage with the arguments, so backward reads the values from before the
+    update instead of failing ("modified by an inplace operation"). Costs one copy per such
+    saved tensor, what out-of-place code would hold anyway."""
+
+    @functools.wraps(forward)
+    def call(*args, **kwargs):
+        tensors = [value for value in (*args, *kwargs.values()) if torch.is_tensor(value)]
+        if not torch.is_grad_enabled() or not tensors:
+            return forward(*args, **kwargs)
+        storages = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+
+        def pack(saved: torch.Tensor) -> torch.Tensor:
+            return saved.clone() if saved.untyped_storage().data_ptr() in storages else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+            return forward(*args, **kwargs)
+
+    return call
+
+
+def checkpointed_in_place_call(forward, *args, **kwargs):
+    """``checkpointed_call`` for a block that updates its tensor arguments in place.
+
+    PyTorch's reentrant checkpoint: the first pass runs without grad (nothing saved, the update
+    is harmless) and the recomputation in backward is a normal graph of its own, where
+    ``saving_copies`` works; the non-reentrant one keeps references to the tensors the block
+    then updates, and saved-tensor hooks inside it break its bookkeeping. The block always runs
+    on copies of its tensor arguments, so the inputs kept for the recomputation stay as they were
+    (copying them alone gives silently wrong gradients once a block updates a tensor twice)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    tensor_names = [name for name, value in kwargs.items() if torch.is_tensor(value)]
+    others = {name: value for name, value in kwargs.items() if name not in tensor_names}
+
+    def run(_anchor, *values):
+        copies = [value.clone() if torch.is_tensor(value) else value for value in values]
+        named = dict(zip(tensor_names, copies[len(args) :], strict=True))
+        return saving_copies(forward)(*copies[: len(args)], **named, **others)
+
+    tensors = [kwargs[name] for name in tensor_names]
+    # The reentrant checkpoint passes gradients only when an input requires grad; the block's own
+    # parameters (LoRA adapters) need them even when its inputs do not (the first block).
+    anchor = torch.zeros((), requires_grad=True)
+    return torch.utils.checkpoint.checkpoint(run, anchor, *args, *tensors, use_reentrant=True)

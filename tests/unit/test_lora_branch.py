@@ -2,10 +2,12 @@
 hand-computed values and against the layer with the merged weight W + s·BA; block discovery
 against a hand-drawn module tree; checkpointed gradients against plain ones."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from pack.pure.checkpointing import checkpointed_call, modules_at_depth
+from pack.pure.checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
 from pack.pure.lora_branch import ConvGeometry, lora_delta
 
 
@@ -84,3 +86,58 @@ def test_checkpointed_gradients_match_plain_ones():
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # without grad the call passes straight through
         assert torch.equal(checkpointed_call(torch.neg, x), -x)
+
+
+class InPlaceBlock(torch.nn.Module):
+    """Updates its input in place twice after norms saved it, as Flux's blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(4, elementwise_affine=False)
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0):
+        x += self.first(self.norm(x)) * scale
+        x += self.second(self.norm(x))
+        return x
+
+    def out_of_place(self, x):
+        x = x + self.first(self.norm(x))
+        return x + self.second(self.norm(x))
+
+
+def gradients(loss, inputs):
+    """``loss.backward()`` (the reentrant checkpoint refuses ``autograd.grad``), then the grads."""
+    for tensor in inputs:
+        tensor.grad = None
+    loss.backward()
+    return [tensor.grad.clone() for tensor in inputs]
+
+
+def test_in_place_blocks_train_plain_and_checkpointed():
+    torch.manual_seed(0)
+    block, x = InPlaceBlock(), torch.randn(3, 4, requires_grad=True)
+    inputs = [x, *block.parameters()]
+    expected = gradients(block.out_of_place(x).square().sum(), inputs)
+    with pytest.raises(RuntimeError, match="inplace operation"):  # what the guards are for
+        gradients(block(x * 1).square().sum(), inputs)
+    guarded = gradients(saving_copies(block.forward)(x * 1).square().sum(), inputs)
+    before = x * 1
+    checkpointed = gradients(checkpointed_in_place_call(block.forward, before, scale=1.0).square().sum(), inputs)
+    for want, got_plain, got_checkpointed in zip(expected, guarded, checkpointed, strict=True):
+        torch.testing.assert_close(got_plain, want)
+        torch.testing.assert_close(got_checkpointed, want)
+    torch.testing.assert_close(before, x)  # the checkpointed block ran on a copy of its input
+    # copying the inputs alone (no saved copies in the recomputation) is silently wrong
+    copied = torch.utils.checkpoint.checkpoint(lambda a: block(a.clone()), x * 1, use_reentrant=False)
+    wrong = gradients(copied.square().sum(), inputs)
+    assert (wrong[0] - expected[0]).abs().max() > 1e-3
+    # inputs without grad (the first block): the block's own parameters still get their gradients
+    constant = x.detach()
+    parameters = list(block.parameters())
+    want = gradients(block.out_of_place(constant).square().sum(), parameters)
+    got = gradients(checkpointed_in_place_call(block.forward, constant.clone()).square().sum(), parameters)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        assert torch.equal(checkpointed_in_place_call(block.forward, x.detach().clone()), block.out_of_place(x))
