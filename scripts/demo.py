@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "dev"))  # the harness (dev tooling),
 
 from harness.comfy_server import ComfyServer  # noqa: E402
 from harness.frontend import Frontend  # noqa: E402
-from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, checkpoint_names  # noqa: E402
+from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, provide_workflow_models  # noqa: E402
 
 DEMO_WORKFLOWS = ["patch_quality.json", "focus_and_metrics.json", "joint_sampling.json", "build_pairs_and_train.json"]
 
@@ -49,8 +49,7 @@ def main() -> int:
     print("Starting ComfyUI with the pack (CPU; random-weight tiny checkpoint, no downloads)...", flush=True)
     try:
         with ComfyServer(log_path=os.path.join(partial, "comfyui.log")) as server:
-            for name in checkpoint_names(paths):
-                server.provide_checkpoint(name)
+            provide_workflow_models(server, paths)
             with Frontend(server.url) as page:
                 for path in paths:
                     name = os.path.basename(path)[: -len(".json")]

@@ -28,7 +28,7 @@ import harness  # noqa: E402
 harness.register_pack()
 
 from harness.comfy_server import ComfyServer, comfyui_path  # noqa: E402
-from harness.workflows import checkpoint_names, workflow_paths  # noqa: E402
+from harness.workflows import provide_workflow_models, workflow_paths  # noqa: E402
 
 ARTIFACTS = os.path.join(REPO_ROOT, "test_artifacts")
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -70,12 +70,12 @@ def artifacts_dir() -> str:
 
 @pytest.fixture(scope="session")
 def comfy_server(artifacts_dir):
-    """A real ComfyUI server with the pack, serving the tiny checkpoint under every checkpoint
-    name the workflows use (and as ``tiny_sd15.safetensors``)."""
+    """A real ComfyUI server with the pack, serving the tiny checkpoint as ``tiny_sd15.safetensors``
+    and every model file the workflows load (``provide_workflow_models``)."""
     server = ComfyServer()
     server.prepare()
-    for name in {TINY_CHECKPOINT, *checkpoint_names(workflow_paths())}:
-        server.provide_checkpoint(name)
+    server.provide_checkpoint(TINY_CHECKPOINT)
+    provide_workflow_models(server, workflow_paths())
     server.start()
     try:
         yield server

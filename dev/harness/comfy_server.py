@@ -21,9 +21,12 @@ import uuid
 
 from . import REPO_ROOT
 from .tiny_checkpoint import ensure_checkpoint
+from .tiny_dit import TAESD_NAMES, ensure_dit, ensure_taesd, taesd_file_names
 
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
+# Text encoders by what they are -> the generated file that is one (the SDXL ones are the same models).
+TEXT_ENCODER_KINDS = {"clip_l": "sdxl_clip_l", "clip_g": "sdxl_clip_g"}
 
 
 def comfyui_path() -> str:
@@ -86,25 +89,45 @@ class ComfyServer:
         if not os.path.lexists(link):
             os.symlink(REPO_ROOT, link)
 
-    def provide_checkpoint(self, name: str, seed: int = 0) -> str:
-        """Serve the tiny generated checkpoint under ``name`` in models/checkpoints/."""
-        source = ensure_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed)
-        target = os.path.join(self.base_directory, "models", "checkpoints", name)
+    def provide_model(self, folder: str, name: str, source: str) -> str:
+        """Serve the file ``source`` under ``name`` in models/``folder``/ (a symbolic link)."""
+        target = os.path.join(self.base_directory, "models", folder, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.lexists(target):
             os.symlink(source, target)
         return target
+
+    def provide_checkpoint(self, name: str, seed: int = 0) -> str:
+        """Serve the tiny generated checkpoint under ``name`` in models/checkpoints/."""
+        source = ensure_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed)
+        return self.provide_model("checkpoints", name, source)
+
+    def provide_dit(self, kind: str, name: str, seed: int = 0) -> str:
+        """Serve the tiny ``kind`` DiT (``sd3``, ``flux``) under ``name`` in models/diffusion_models/."""
+        source = ensure_dit(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind, seed)
+        return self.provide_model("diffusion_models", name, source)
+
+    def provide_text_encoder(self, kind: str, name: str) -> str:
+        """Serve a random text encoder (``clip_l``, ``clip_g``; full size, as their configs are
+        fixed) under ``name`` in models/text_encoders/, for CLIPLoader / DualCLIPLoader."""
+        cache = os.path.join(self.cache_dir, "checkpoints")
+        source = ensure_checkpoint(comfyui_path(), cache, kind=TEXT_ENCODER_KINDS[kind])
+        return self.provide_model("text_encoders", name, source)
+
+    def provide_taesd(self, kind: str) -> str:
+        """Serve random TAESD3 / TAEF1 files in models/vae_approx/: VAELoader then offers
+        ``taesd3`` / ``taef1`` (16-channel latents)."""
+        folder = ensure_taesd(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind)
+        for name in taesd_file_names(kind):
+            self.provide_model("vae_approx", name, os.path.join(folder, name))
+        return TAESD_NAMES[kind]
 
     def provide_clip_vision(self, name: str, seed: int = 0) -> str:
         """Serve a random CLIP ViT-L/14 vision model under ``name`` in models/clip_vision/."""
         source = ensure_checkpoint(
             comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed, kind="clip_vision"
         )
-        target = os.path.join(self.base_directory, "models", "clip_vision", name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.lexists(target):
-            os.symlink(source, target)
-        return target
+        return self.provide_model("clip_vision", name, source)
 
     def start(self, timeout: float = 240.0) -> ComfyServer:
         self.prepare()

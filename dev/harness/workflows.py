@@ -40,6 +40,57 @@ def checkpoint_names(paths: list[str]) -> set[str]:
     return names
 
 
+# Model loaders of the workflows: node type -> (models/ folder, positions of file names in its widgets).
+MODEL_LOADERS = {
+    "UNETLoader": ("diffusion_models", (0,)),
+    "CLIPLoader": ("text_encoders", (0,)),
+    "DualCLIPLoader": ("text_encoders", (0, 1)),
+    "VAELoader": ("vae", (0,)),
+}
+
+# What the tests and the demo serve under each non-checkpoint file name a workflow loads: a tiny
+# random DiT of a family, a random (full-size) text encoder, or VAELoader's TAESD3/TAEF1.
+WORKFLOW_MODEL_FILES = {
+    ("diffusion_models", "flux1-dev.safetensors"): ("dit", "flux"),
+    ("diffusion_models", "sd3.5_large.safetensors"): ("dit", "sd3"),
+    ("text_encoders", "clip_l.safetensors"): ("clip_l", None),
+    ("text_encoders", "clip_g.safetensors"): ("clip_g", None),
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"): ("t5xxl", None),
+    ("vae", "taef1"): ("taesd", "flux"),
+    ("vae", "taesd3"): ("taesd", "sd3"),
+}
+
+
+def model_files(paths: list[str]) -> set[tuple[str, str]]:
+    """``(models folder, file name)`` of every file the workflows' model loaders (other than
+    checkpoint loaders) ask for."""
+    files = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            workflow = json.load(handle)
+        for node in workflow.get("nodes", []):
+            folder, positions = MODEL_LOADERS.get(node.get("type"), (None, ()))
+            for position in positions:
+                files.add((folder, node["widgets_values"][position]))
+    return files
+
+
+def provide_workflow_models(server, paths: list[str]) -> None:
+    """Serve every checkpoint and model file the workflows load on ``server`` (a ComfyServer)."""
+    for name in checkpoint_names(paths):
+        server.provide_checkpoint(name)
+    for folder, name in sorted(model_files(paths)):
+        if (folder, name) not in WORKFLOW_MODEL_FILES:
+            raise KeyError(f"a workflow loads {folder}/{name}, which WORKFLOW_MODEL_FILES does not serve")
+        what, kind = WORKFLOW_MODEL_FILES[(folder, name)]
+        if what == "dit":
+            server.provide_dit(kind, name)
+        elif what == "taesd":
+            server.provide_taesd(kind)
+        else:
+            server.provide_text_encoder(what, name)
+
+
 def quick_run_widget_count(workflow: dict) -> int:
     """How many widgets ``QUICK_RUN_WIDGETS`` changes in ``workflow`` (every listed widget exists
     on its node type): a quick run that sets fewer has lost one to a rename."""
