@@ -21,7 +21,8 @@ import uuid
 
 from . import REPO_ROOT
 from .tiny_checkpoint import ensure_checkpoint
-from .tiny_dit import TAESD_NAMES, ensure_dit, ensure_taesd, taesd_file_names
+from .tiny_dit import TAESD_NAMES, ensure_dit, ensure_t5xxl, ensure_taesd, taesd_file_names
+from .tiny_vae import ensure_dit_checkpoint, ensure_kl_vae16
 
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
@@ -107,11 +108,25 @@ class ComfyServer:
         source = ensure_dit(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind, seed)
         return self.provide_model("diffusion_models", name, source)
 
+    def provide_dit_checkpoint(self, kind: str, name: str, seed: int = 0) -> str:
+        """Serve the tiny ``kind`` DiT with a 16-channel VAE as one checkpoint under ``name`` in
+        models/checkpoints/ (as SD3.5 ships), for CheckpointLoaderSimple."""
+        source = ensure_dit_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind, seed)
+        return self.provide_model("checkpoints", name, source)
+
+    def provide_kl_vae16(self, name: str, seed: int = 0) -> str:
+        """Serve a random 16-channel KL VAE (Flux's / SD3's, full size) under ``name`` in models/vae/."""
+        source = ensure_kl_vae16(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed)
+        return self.provide_model("vae", name, source)
+
     def provide_text_encoder(self, kind: str, name: str) -> str:
-        """Serve a random text encoder (``clip_l``, ``clip_g``; full size, as their configs are
-        fixed) under ``name`` in models/text_encoders/, for CLIPLoader / DualCLIPLoader."""
+        """Serve a random text encoder (``clip_l``, ``clip_g``, ``t5xxl`` (fp8); full size, as their
+        configs are fixed) under ``name`` in models/text_encoders/, for CLIPLoader / DualCLIPLoader."""
         cache = os.path.join(self.cache_dir, "checkpoints")
-        source = ensure_checkpoint(comfyui_path(), cache, kind=TEXT_ENCODER_KINDS[kind])
+        if kind == "t5xxl":
+            source = ensure_t5xxl(comfyui_path(), cache)
+        else:
+            source = ensure_checkpoint(comfyui_path(), cache, kind=TEXT_ENCODER_KINDS[kind])
         return self.provide_model("text_encoders", name, source)
 
     def provide_taesd(self, kind: str) -> str:

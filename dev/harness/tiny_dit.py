@@ -20,30 +20,43 @@ the keys it looks at, so it is exactly what the loader of the ComfyUI at hand ex
 
 Tensors are drawn in sorted key order, so a seed gives the same file whichever ComfyUI builds it.
 
-Text encoders (T5-XXL, 4.7 B parameters, is too big to make here): ``dit_conditioning`` gives
-CONDITIONING of the shapes the stock encoders give. The cheapest stock graph for both families is
-``CLIPLoader`` type ``sd3`` with a CLIP-L file alone (``tiny_checkpoint``'s ``sdxl_clip_l``): it
-pads CLIP-L's states to ``[B, 77, 4096]`` and its pooled output with zeros to ``[B, 2048]``,
-which SD3 takes as is and Flux too (its forward keeps ``y[:, :768]``, the CLIP-L part; add
-``FluxGuidance`` or the guidance defaults to 3.5).
+Text encoders: ``dit_conditioning`` gives CONDITIONING of the shapes the stock encoders give. The
+cheapest stock graph for both families is ``CLIPLoader`` type ``sd3`` with a CLIP-L file alone
+(``tiny_checkpoint``'s ``sdxl_clip_l``): it pads CLIP-L's states to ``[B, 77, 4096]`` and its
+pooled output with zeros to ``[B, 2048]``, which SD3 takes as is and Flux too (its forward keeps
+``y[:, :768]``, the CLIP-L part; add ``FluxGuidance`` or the guidance defaults to 3.5).
+
+The stock Flux graph (``DualCLIPLoader`` type ``flux``, ``clip_l.safetensors`` +
+``t5xxl_fp8_e4m3fn.safetensors``) needs a T5-XXL, whose config ComfyUI fixes (4.76 B
+parameters): ``ensure_t5xxl`` makes a full-size random one, every tensor float8_e4m3fn as in the
+real file (4.76 GB; ComfyUI then keeps it in fp8 and computes in fp32), and
+``ensure_flux_text_encoders`` a folder linking both files under those stock names. Its keys are
+``T5XXLModel``'s ``transformer`` (``shared.weight``, ``encoder.block.*``,
+``encoder.final_layer_norm.weight``; real files also carry ``encoder.embed_tokens.weight``, a
+copy of ``shared.weight`` that ComfyUI ignores). Fan-in init would put the weights at fp8's
+smallest normal (2^-6) and flush many to zero, so they are drawn at std 1 or 1/8 and the RMS
+norms before them (2^-6, exact in fp8) take the fan-in scale; see ``T5XXL_INIT``. The file is
+written tensor by tensor in chunks, so building it takes little memory (0.75 GB peak).
 
 TAESD: ``VAELoader`` lists ``taesd3`` / ``taef1`` once ``models/vae_approx/`` holds
 ``<name>_encoder.*`` and ``<name>_decoder.*``; ``ensure_taesd`` makes a folder with both.
 
-Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,taesd}``, ``dev/``
-on ``PYTHONPATH``) so ComfyUI's modules load in a process of their own; ``ensure_dit`` and
-``ensure_taesd`` do that.
+Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,taesd,t5xxl}``,
+``dev/`` on ``PYTHONPATH``) so ComfyUI's modules load in a process of their own; ``ensure_dit``,
+``ensure_taesd`` and ``ensure_t5xxl`` do that.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 
 import torch
 
-from .tiny_checkpoint import _init_like, _state_dict_shapes
+from .tiny_checkpoint import _init_like, _state_dict_shapes, ensure_checkpoint
 
 # Bump when the recipe changes so cached files are rebuilt.
 DIT_RECIPE_VERSION = 1
@@ -275,6 +288,157 @@ def dit_conditioning(kind: str, batch: int = 1, tokens: int | None = None, seed:
     return [[cond, extras]]
 
 
+# --- T5-XXL (Flux's and SD3's T5 text encoder), full size, float8_e4m3fn ---
+
+# Bump when the T5-XXL recipe changes so cached files are rebuilt.
+T5XXL_RECIPE_VERSION = 1
+T5XXL_DTYPE = torch.float8_e4m3fn
+# The names ComfyUI's Flux examples give DualCLIPLoader (type flux).
+FLUX_CLIP_L_NAME = "clip_l.safetensors"
+FLUX_T5XXL_NAME = "t5xxl_fp8_e4m3fn.safetensors"
+T5XXL_TOKENS = 256  # Flux's T5 tokenizer pads to at least 256
+T5XXL_DIM = 4096
+
+# (key suffix, std of a normal draw or None for a constant, the constant), first match wins.
+# T5 has no 1/sqrt(d) anywhere (ComfyUI multiplies k by sqrt(d_head) to undo SDPA's), and fp8
+# e4m3fn keeps 3 mantissa bits from 2^-6 to 448 (subnormals to 2^-9, below that 0). Fan-in init
+# (std 1/64 at width 4096, 1/101 for wo) would sit at the smallest normal and flush many weights to
+# 0, so weights are drawn at std 1 or 1/8 (≤ 0.7 % of them become 0) and the scale goes elsewhere:
+# - the pre-norms are 2^-6 = 1/sqrt(4096), so q/k/v and wi_0/wi_1 see unit-fan-in inputs: k, v,
+#   wi_0 have unit std outputs; q is 1/8, so scores q.k over d_head 64 have std 1 (plus a std-1
+#   relative position bias);
+# - v and o at 1/8 give the attention branch std <= 64 / 64 = 1; wi_1 and wo at 1/8 give the FF
+#   branch std ~ 0.65 * 101 / 64 ~ 1 (gelu(N(0, 1)) has rms 0.65);
+# - the final norm is 1, so the output is unit RMS per token. Embeddings are unit normal.
+T5XXL_INIT = (
+    ("final_layer_norm.weight", None, 1.0),
+    ("layer_norm.weight", None, 2.0**-6),
+    ("shared.weight", 1.0, None),
+    ("relative_attention_bias.weight", 1.0, None),
+    ("SelfAttention.q.weight", 1 / 8, None),
+    ("SelfAttention.k.weight", 1.0, None),
+    ("SelfAttention.v.weight", 1 / 8, None),
+    ("SelfAttention.o.weight", 1 / 8, None),
+    ("DenseReluDense.wi_0.weight", 1.0, None),
+    ("DenseReluDense.wi_1.weight", 1 / 8, None),
+    ("DenseReluDense.wo.weight", 1 / 8, None),
+)
+_CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 at a time
+_SAFETENSORS_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _t5xxl_shapes() -> dict[str, torch.Size]:
+    """The weight shapes of ComfyUI's T5-XXL text encoder, keyed as its file is (what
+    ``T5XXLModel.load_sd`` hands its ``transformer``)."""
+    _comfy_cpu()
+    import comfy.text_encoders.sd3_clip
+
+    with torch.device("meta"):
+        model = comfy.text_encoders.sd3_clip.T5XXLModel(device="meta", dtype=T5XXL_DTYPE)
+    return _state_dict_shapes(model.transformer)
+
+
+def t5xxl_init(name: str) -> tuple[float | None, float | None]:
+    """``(std, None)`` for a normal draw or ``(None, value)`` for a constant, from ``T5XXL_INIT``."""
+    for suffix, std, value in T5XXL_INIT:
+        if name.endswith(suffix):
+            return std, value
+    raise KeyError(f"no T5-XXL init for {name!r}")
+
+
+def _t5xxl_chunks(name: str, shape: torch.Size, generator: torch.Generator):
+    """The tensor's values in ``T5XXL_DTYPE``, row blocks of at most ``_CHUNK_ELEMENTS``."""
+    std, value = t5xxl_init(name)
+    if std is None:
+        yield torch.full(shape, value).to(T5XXL_DTYPE)
+        return
+    rows, row_shape = shape[0], shape[1:]
+    step = max(1, _CHUNK_ELEMENTS // max(1, math.prod(row_shape)))
+    for start in range(0, rows, step):
+        block = torch.randn((min(step, rows - start), *row_shape), generator=generator)
+        yield block.mul_(std).to(T5XXL_DTYPE)
+
+
+def t5xxl_file_bytes() -> int:
+    """The T5-XXL file's tensor bytes (its header adds ~28 kB). Needs ComfyUI importable."""
+    size = torch.empty((), dtype=T5XXL_DTYPE).element_size()
+    return sum(size * math.prod(shape) for shape in _t5xxl_shapes().values())
+
+
+def write_t5xxl(path: str, seed: int = 0) -> str:
+    """Write the random T5-XXL atomically to ``path`` and return it. The safetensors file is
+    streamed (header, then each tensor chunk by chunk, sorted key order), never held in memory."""
+    shapes = dict(sorted(_t5xxl_shapes().items()))
+    size = torch.empty((), dtype=T5XXL_DTYPE).element_size()
+    header: dict = {"__metadata__": {"recipe": str(T5XXL_RECIPE_VERSION), "seed": str(seed)}}
+    offset = 0
+    for name, shape in shapes.items():
+        end = offset + size * math.prod(shape)
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[T5XXL_DTYPE], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes
+    generator = torch.Generator().manual_seed(seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            for name, shape in shapes.items():
+                for chunk in _t5xxl_chunks(name, shape, generator):
+                    handle.write(chunk.contiguous().view(torch.uint8).numpy().data)
+        if os.path.getsize(tmp) != 8 + len(encoded) + offset:
+            raise RuntimeError(f"{tmp} has {os.path.getsize(tmp)} bytes, expected {8 + len(encoded) + offset}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def t5xxl_path(cache_dir: str, seed: int = 0) -> str:
+    """Where ``ensure_t5xxl`` keeps this recipe's T5-XXL of ``seed``."""
+    return os.path.join(cache_dir, f"random_t5xxl_fp8_e4m3fn_r{T5XXL_RECIPE_VERSION}_s{seed}.safetensors")
+
+
+def ensure_t5xxl(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
+    """Return a cached full-size random T5-XXL file (float8_e4m3fn, 4.76 GB) for this recipe and
+    seed, building it on first use in a subprocess that imports ComfyUI from ``comfyui_path``
+    (75 s on 2 busy cores; 0.75 GB peak memory)."""
+    path = os.path.abspath(t5xxl_path(cache_dir, seed))  # the builder runs in comfyui_path
+    if not os.path.exists(path):
+        _build_in_subprocess(comfyui_path, path, "flux", seed, "t5xxl")
+    return path
+
+
+def _link(target: str, link: str) -> None:
+    tmp = f"{link}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+    os.replace(tmp, link)
+
+
+def ensure_flux_text_encoders(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
+    """Return a folder holding ``clip_l.safetensors`` (``tiny_checkpoint``'s random ``sdxl_clip_l``)
+    and ``t5xxl_fp8_e4m3fn.safetensors`` (``ensure_t5xxl``), links into ``cache_dir``. Add it to
+    ``folder_paths``' ``text_encoders`` and the stock ``DualCLIPLoader`` loads
+    ``(FLUX_CLIP_L_NAME, FLUX_T5XXL_NAME, "flux")``."""
+    cache_dir = os.path.abspath(cache_dir)  # the builders run in comfyui_path
+    folder = os.path.join(cache_dir, f"flux_text_encoders_r{T5XXL_RECIPE_VERSION}_s{seed}")
+    os.makedirs(folder, exist_ok=True)
+    targets = {
+        FLUX_CLIP_L_NAME: ensure_checkpoint(comfyui_path, cache_dir, seed=seed, kind="sdxl_clip_l"),
+        FLUX_T5XXL_NAME: ensure_t5xxl(comfyui_path, cache_dir, seed),
+    }
+    for name, target in targets.items():
+        link = os.path.join(folder, name)
+        if not os.path.exists(link) or os.path.realpath(link) != os.path.realpath(target):
+            _link(target, link)
+    return folder
+
+
 def main(argv: list[str]) -> None:
     comfyui_path, out, kind, seed, what = argv
     sys.path.insert(0, os.path.abspath(comfyui_path))
@@ -282,8 +446,10 @@ def main(argv: list[str]) -> None:
         write_dit(out, kind, int(seed))
     elif what == "taesd":
         write_taesd(out, kind, int(seed))
+    elif what == "t5xxl":
+        write_t5xxl(out, int(seed))
     else:
-        raise ValueError(f"unknown target {what!r}; 'dit' or 'taesd'")
+        raise ValueError(f"unknown target {what!r}; 'dit', 'taesd' or 't5xxl'")
 
 
 if __name__ == "__main__":

@@ -48,14 +48,16 @@ MODEL_LOADERS = {
     "VAELoader": ("vae", (0,)),
 }
 
-# What the tests and the demo serve under each non-checkpoint file name a workflow loads: a tiny
-# random DiT of a family, a random (full-size) text encoder, or VAELoader's TAESD3/TAEF1.
+# What the tests and the demo serve under each checkpoint name a workflow loads (default: the tiny
+# SD1.5 checkpoint) and each other model file: a tiny random DiT of a family, a random text
+# encoder or 16-channel VAE (full size: their configs are fixed), or VAELoader's TAESD3/TAEF1.
+WORKFLOW_CHECKPOINTS = {"sd3.5_large.safetensors": "sd3"}
 WORKFLOW_MODEL_FILES = {
     ("diffusion_models", "flux1-dev.safetensors"): ("dit", "flux"),
-    ("diffusion_models", "sd3.5_large.safetensors"): ("dit", "sd3"),
     ("text_encoders", "clip_l.safetensors"): ("clip_l", None),
     ("text_encoders", "clip_g.safetensors"): ("clip_g", None),
     ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"): ("t5xxl", None),
+    ("vae", "ae.safetensors"): ("kl_vae16", None),
     ("vae", "taef1"): ("taesd", "flux"),
     ("vae", "taesd3"): ("taesd", "sd3"),
 }
@@ -78,7 +80,10 @@ def model_files(paths: list[str]) -> set[tuple[str, str]]:
 def provide_workflow_models(server, paths: list[str]) -> None:
     """Serve every checkpoint and model file the workflows load on ``server`` (a ComfyServer)."""
     for name in checkpoint_names(paths):
-        server.provide_checkpoint(name)
+        if name in WORKFLOW_CHECKPOINTS:
+            server.provide_dit_checkpoint(WORKFLOW_CHECKPOINTS[name], name)
+        else:
+            server.provide_checkpoint(name)
     for folder, name in sorted(model_files(paths)):
         if (folder, name) not in WORKFLOW_MODEL_FILES:
             raise KeyError(f"a workflow loads {folder}/{name}, which WORKFLOW_MODEL_FILES does not serve")
@@ -87,6 +92,8 @@ def provide_workflow_models(server, paths: list[str]) -> None:
             server.provide_dit(kind, name)
         elif what == "taesd":
             server.provide_taesd(kind)
+        elif what == "kl_vae16":
+            server.provide_kl_vae16(name)
         else:
             server.provide_text_encoder(what, name)
 

@@ -6,6 +6,10 @@ with CLIP-L alone conditions both families (no T5-XXL).
 
 Flux stays at ComfyUI's fixed 3072 width (~0.55 B parameters), so it samples with 16 text tokens
 to keep the steps short.
+
+The stock Flux text encoders (``DualCLIPLoader`` type ``flux`` with the random fp8 T5-XXL,
+``harness.tiny_dit.ensure_t5xxl``) run in the browser test of ``workflows/joint_sampling_flux.json``
+(an encode takes a minute or more on 2 cores, so it is not repeated here).
 """
 
 import os
@@ -30,6 +34,7 @@ CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
 MODEL_CLASSES = {"sd3": "SD3", "flux": "Flux"}
 CFG = {"sd3": 2.0, "flux": 1.0}  # Flux dev is guidance-distilled: cfg 1, guidance in the conditioning
 TOKENS = 16
+T5XXL_ROOM = 6_000_000_000  # the 4.76 GB file and some headroom
 
 
 @pytest.fixture(scope="module", params=DIT_KINDS)
