@@ -22,7 +22,14 @@ from harness.comfy_server import ComfyServer  # noqa: E402
 from harness.frontend import Frontend  # noqa: E402
 from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, provide_workflow_models  # noqa: E402
 
-DEMO_WORKFLOWS = ["patch_quality.json", "focus_and_metrics.json", "joint_sampling.json", "build_pairs_and_train.json"]
+DEMO_WORKFLOWS = [
+    "patch_quality.json",
+    "focus_and_metrics.json",
+    "joint_sampling.json",
+    "build_pairs_and_train.json",
+    "joint_sampling_flux.json",
+    "build_pairs_and_train_sd35.json",
+]
 
 
 def node_titles(workflow: dict) -> dict[str, str]:
