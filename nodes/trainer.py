@@ -47,7 +47,8 @@ TRAINING_OPTIONS = (
         min=1.0,
         max=100000.0,
         step=50.0,
-        tooltip="DPO temperature: 5000 for SD1.5/SDXL; flow models use ~100-2000.",
+        tooltip="DPO temperature: 5000 for SD1.5/SDXL (noise errors); flow models (SD3.5, Flux: velocity "
+        "errors) start near 100.",
     ),
     io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
     io.Float.Input(
