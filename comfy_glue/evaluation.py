@@ -11,7 +11,6 @@ from .lora_adapters import LoraOnModel
 from .pair_batches import PairBatcher
 
 
-@torch.no_grad()
 def implicit_accuracy(
     lora: LoraOnModel,
     pairs: PreferencePairs,
@@ -31,7 +30,9 @@ def implicit_accuracy(
     score = total = 0.0
     indices = list(range(len(pairs)))
     count = len(indices)
-    with torch.inference_mode(False):
+    # inference_mode(False) turns grad mode back on, so no_grad must come inside it: otherwise every
+    # forward built a graph (on Flux, 9 GB held across the evaluation).
+    with torch.inference_mode(False), torch.no_grad():
         for _ in range(repeats):
             percents = sample_percents(count, timestep_start, timestep_end, "uniform", generator)
             batch = batcher.batch(indices, percents, generator)
