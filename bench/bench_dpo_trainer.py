@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 5]
         [--rank 8] [--checkpoint PATH | --unet PATH --clip CLIP_L,CLIP_G] [--modes bypass,weight]
         [--checkpoint-depth D] [--methods core,ours] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
+        [--model sd15|sd3|flux] [--tokens 16]
 
 One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
 batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
@@ -21,6 +22,16 @@ over what was resident before it. Each device runs in a worker process of its ow
 
 ``--references N`` adds a row for joint-set training: the same pairs carrying N reference
 latents, on the MODEL through Joint Attention (every forward then holds N more images).
+
+``--model sd3`` / ``flux``: the tests' tiny random-weight DiT (``harness.tiny_dit``; SD3 MMDiT
+depth 2, 128 wide; Flux one double and one single block at the full 3072 width) through Load
+Diffusion Model (``--unet`` or ``--checkpoint``: another diffusion-model file of the family),
+16-channel latents and CONDITIONING made as tensors with ``--tokens`` text tokens (Flux: guidance
+3.5 in it). Where core TrainLoraNode cannot train the model with the given settings (Flux
+without gradient checkpointing: its blocks add to inputs that autograd saved, in place), its row
+says why instead of a ratio. With checkpointing core runs on Flux, on wrong gradients (its
+non-reentrant checkpoint recomputes the blocks from inputs they have since updated; see
+BENCHMARKS.md): its time and memory are still a core step's.
 """
 
 from __future__ import annotations
@@ -32,7 +43,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, base_parser, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    DIT_MODELS,
+    PeakMemory,
+    add_model_options,
+    base_parser,
+    bench_main,
+    dit_conditioning,
+    load_comfyui,
+    software,
+    tiny_checkpoint,
+    tiny_dit,
+)
 
 
 def parse_args(argv=None):
@@ -48,6 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default="core,ours", help="core, ours or both (a model too big for one)")
     parser.add_argument("--profile", type=int, default=0, help="also print each run's N costliest torch ops")
     parser.add_argument("--checkpoint-depth", type=int, default=0, help="gradient checkpointing depth (0: off)")
+    add_model_options(parser)
     return parser.parse_args(argv)
 
 
@@ -70,17 +93,39 @@ def core_inputs(**given) -> dict:
     return {name: value if name == "latents" else [value] for name, value in values.items()}
 
 
+class CoreCannotTrain(Exception):
+    """Core TrainLoraNode failed to train the model; the message says why."""
+
+
+def core_failure(error: RuntimeError, model: str) -> str:
+    """Why core failed, for the report: the error's first line and, where known, its cause."""
+    message = f"{type(error).__name__}: {str(error).splitlines()[0].split(' Hint:')[0]}"
+    if "modified by an inplace operation" in message and model == "flux":
+        message += (
+            " [cause: Flux's double and single blocks add to their input in place (img += ..., x += ... in "
+            "comfy/ldm/flux/layers.py) after its LayerNorm saved it for backward, and core trains the blocks "
+            "as they are; with gradient checkpointing it runs (see the note below)]"
+        )
+    return message
+
+
 def load_model(args, comfyui: str):
-    """(MODEL, CLIP, a name for the report) from --unet/--clip or a checkpoint."""
+    """(MODEL, positive CONDITIONING, a name for the report) from --model, --unet/--clip or a checkpoint."""
     import comfy.sd
 
+    if args.model in DIT_MODELS:
+        model, name = tiny_dit(comfyui, args.model, args.cache, args.unet or args.checkpoint)
+        return model, dit_conditioning(args.model, args.tokens), f"{name} + {args.tokens} text tokens"
     if args.unet:
         clip = comfy.sd.load_clip(args.clip.split(","), embedding_directory=None)
         names = ", ".join(os.path.basename(path) for path in [args.unet, *args.clip.split(",")])
-        return comfy.sd.load_diffusion_model(args.unet), clip, names
-    checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
-    model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
-    return model, clip, os.path.basename(checkpoint)
+        model = comfy.sd.load_diffusion_model(args.unet)
+    else:
+        checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
+        model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
+        names = os.path.basename(checkpoint)
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
+    return model, [[cond, {"pooled_output": pooled}]], names
 
 
 def worker(args) -> dict:
@@ -96,15 +141,14 @@ def worker(args) -> dict:
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    model, clip, model_name = load_model(args, comfyui)
+    model, positive, model_name = load_model(args, comfyui)
     modes = args.modes.split(",")
     depth = args.checkpoint_depth
-    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
-    positive = [[cond, {"pooled_output": pooled}]]
     grid = args.size // 8
+    channels = model.model.latent_format.latent_channels
     generator = torch.Generator().manual_seed(0)
     count = args.pairs
-    latents = torch.randn(2 * count, 4, grid, grid, generator=generator)
+    latents = torch.randn(2 * count, channels, grid, grid, generator=generator)
     pairs = uniform_pairs(positive, latents[:count], latents[count:])
 
     def synchronize():
@@ -164,6 +208,8 @@ def worker(args) -> dict:
                     existing_lora="[None]",
                 )
             )
+        except RuntimeError as error:
+            raise CoreCannotTrain(core_failure(error, args.model)) from error
         finally:
             comfy.utils.set_progress_bar_global_hook(None)
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
@@ -182,7 +228,7 @@ def worker(args) -> dict:
         from pack.pure.joint_attention import JointAttentionSettings
 
         joint_model = apply_joint_attention(model, JointAttentionSettings())
-        joint_pairs = replace(pairs, references=torch.randn(args.references, 4, grid, grid, generator=generator))
+        joint_pairs = replace(pairs, references=torch.randn(args.references, channels, grid, grid, generator=generator))
         timers.append(
             (
                 f"DPO LoRA Trainer, {modes[0]}, joint (+{args.references} refs)",
@@ -193,8 +239,12 @@ def worker(args) -> dict:
     results = {}
     for name, mode, timer in timers:
         profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
-        with PeakMemory(device) as peak, profiler:
-            seconds = timer(mode, 1 + args.steps)
+        try:
+            with PeakMemory(device) as peak, profiler:
+                seconds = timer(mode, 1 + args.steps)
+        except CoreCannotTrain as failure:
+            results[name] = {"error": str(failure)}
+            continue
         results[name] = {"steps": seconds, "peak_mib": peak.added_mib}
         if args.profile:
             averages = profiler.key_averages()
@@ -204,6 +254,7 @@ def worker(args) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": dtype_name,
         "checkpoint": model_name,
+        "software": software(),
         "checkpoint_depth": depth,
         "results": results,
     }
@@ -213,24 +264,38 @@ def report(result: dict, args) -> str:
     results = result["results"]
     depth = result["checkpoint_depth"]
     lines = [
-        f"device: {result['device']} ({result['threads']} threads), {result['dtype']}, model "
+        f"device: {result['device']} ({result['threads']} threads), {result['software']}, {result['dtype']}, model "
         f"{result['checkpoint']}, {args.size}x{args.size} px, {args.pairs} pair(s) = {2 * args.pairs} "
         f"images per step, rank {args.rank}, gradient checkpointing " + (f"at depth {depth}" if depth else "off"),
         f"{'method':44s} {'s/step':>8s} {'x core':>7s} {'peak +MiB':>10s} {'x core':>7s}  every step (s)",
     ]
+
+    def ratio(value, base_value):
+        return f"{'-':>7s}" if base_value is None else f"{value / max(base_value, 1e-9):7.2f}"
+
     for name, values in results.items():
+        if "error" in values:
+            lines.append(f"{name:44s} {'-':>8s} {'-':>7s} {'-':>10s} {'-':>7s}  cannot train: {values['error']}")
+            continue
         mode = name.split(", ")[1]
         base = results.get(f"TrainLoraNode, {mode}") or results.get("TrainLoraNode, weight")
+        base = None if base is None or "error" in base else base
         mean = statistics.mean(values["steps"][1:])
-        base_mean = statistics.mean(base["steps"][1:]) if base else float("nan")
-        base_peak = base["peak_mib"] if base else float("nan")
+        base_mean = statistics.mean(base["steps"][1:]) if base else None
+        base_peak = base["peak_mib"] if base else None
         lines.append(
-            f"{name:44s} {mean:8.3f} {mean / base_mean:7.2f} {values['peak_mib']:10.1f} "
-            f"{values['peak_mib'] / max(base_peak, 1e-9):7.2f}  " + " ".join(f"{s:.2f}" for s in values["steps"])
+            f"{name:44s} {mean:8.3f} {ratio(mean, base_mean)} {values['peak_mib']:10.1f} "
+            f"{ratio(values['peak_mib'], base_peak)}  " + " ".join(f"{s:.2f}" for s in values["steps"])
         )
     for name, values in results.items():
         if "profile" in values:
             lines += ["", f"{name}: the {args.profile} costliest ops (self CPU time, whole run)", values["profile"]]
+    if args.model == "flux":
+        lines.append(
+            "Flux: core trains it only with gradient checkpointing, and that recomputes each block in backward "
+            "(PyTorch's non-reentrant checkpoint) from inputs the block has since updated in place, so its LoRA "
+            "gradients are not the model's (BENCHMARKS.md); its time and memory are still what a core step costs"
+        )
     lines.append(
         "x core: against TrainLoraNode in the same mode (weight where this ComfyUI's has no bypass); "
         "s/step: mean of the steps after the first; targets: time <= 1.5x, peak memory <= 1.1x"

@@ -2,14 +2,23 @@
 
     .venv/bin/python bench/bench_joint_sampler.py [--size 256] [--images 4] [--references 1]
         [--steps 8] [--repeats 3] [--checkpoint PATH] [--devices cpu,cuda]
+        [--model sd15|sd3|flux] [--tokens 16] [--cfg C] [--scheduler S]
 
 Runs in one go on CPU, and on CUDA too when PyTorch sees a GPU: each device in a subprocess
 of its own (ComfyUI picks its device at import). The model is the tests' tiny random-weight
 SD1.5 checkpoint unless ``--checkpoint`` names a real one; speed does not depend on weights.
 
+``--model sd3`` / ``flux``: the tests' tiny random-weight DiT (``harness.tiny_dit``; SD3 MMDiT
+depth 2, 128 wide; Flux one double and one single block at the full 3072 width, ~0.55 B
+parameters) through Load Diffusion Model (``--checkpoint``: another diffusion-model file of
+the family), CONDITIONING made as tensors of the stock encoders' shapes with ``--tokens`` text
+tokens (no T5 here), and the family's TAESD (taesd3 / taef1, random weights) as the VAE of
+both arms. Defaults per model: cfg 7 / 4 / 1 (Flux dev is guidance-distilled: guidance 3.5 in
+the conditioning, one pass per step), scheduler normal / simple / simple.
+
 Per device it times, after a warm-up, the median of ``--repeats`` runs of
 
-- KSampler(N):       EmptyLatentImage(N) -> KSampler -> VAE Decode (the baseline);
+- KSampler(N):       an empty latent (N; 16 channels on DiTs) -> KSampler -> VAE Decode (the baseline);
 - KSampler(R+N):     the same with R more images: the cost of the reference slots alone;
 - Joint Sampler:     R references + N new images, image guidance 1 (default) and 2;
 
@@ -27,38 +36,76 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, base_parser, bench_main, load_comfyui, tiny_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    DIT_MODELS,
+    PeakMemory,
+    add_model_options,
+    base_parser,
+    bench_main,
+    dit_conditioning,
+    load_comfyui,
+    software,
+    tiny_checkpoint,
+    tiny_dit,
+    tiny_taesd,
+)
+
+DEFAULT_CFG = {"sd15": 7.0, "sd3": 4.0, "flux": 1.0}
+DEFAULT_SCHEDULER = {"sd15": "normal", "sd3": "simple", "flux": "simple"}
 
 
 def parse_args(argv=None):
     parser = base_parser(__doc__)
     parser.add_argument("--images", type=int, default=4, help="new images N")
     parser.add_argument("--references", type=int, default=1, help="reference images R")
-    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--cfg", type=float, default=None, help="default: 7 (sd15), 4 (sd3), 1 (flux)")
+    parser.add_argument("--scheduler", default=None, help="default: normal (sd15), simple (DiTs)")
     parser.add_argument("--repeats", type=int, default=3)
-    return parser.parse_args(argv)
+    add_model_options(parser)
+    args = parser.parse_args(argv)
+    args.cfg = DEFAULT_CFG[args.model] if args.cfg is None else args.cfg
+    args.scheduler = args.scheduler or DEFAULT_SCHEDULER[args.model]
+    return args
 
 
-def worker(args) -> dict:
-    device = args.worker
-    comfyui = load_comfyui(device)
+def load_model(args, comfyui: str):
+    """(MODEL, VAE, positive, negative, what they are for the report) for ``--model``."""
+    if args.model in DIT_MODELS:
+        from harness.tiny_dit import TAESD_NAMES
+
+        vae_name = TAESD_NAMES[args.model]
+        model, name = tiny_dit(comfyui, args.model, args.cache, args.checkpoint)
+        vae = tiny_taesd(comfyui, args.model, args.cache)
+        positive = dit_conditioning(args.model, args.tokens)
+        negative = dit_conditioning(args.model, args.tokens, seed=1)
+        return model, vae, positive, negative, f"model {name} + {args.tokens} text tokens, VAE {vae_name}"
     import comfy.sd
     import nodes as comfy_nodes
-    import torch
-
-    from pack.nodes.joint import JointSampler
 
     checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    return model, vae, positive, negative, f"checkpoint {os.path.basename(checkpoint)}"
+
+
+def worker(args) -> dict:
+    device = args.worker
+    comfyui = load_comfyui(device)
+    import nodes as comfy_nodes
+    import torch
+
+    from pack.nodes.joint import JointSampler
+
+    model, vae, positive, negative, model_name = load_model(args, comfyui)
+    channels = model.model.latent_format.latent_channels
     generator = torch.Generator().manual_seed(0)
     references = torch.rand(args.references, args.size, args.size, 3, generator=generator)
 
     def ksampler(batch):
-        latent = {"samples": torch.zeros([batch, 4, args.size // 8, args.size // 8])}
+        latent = {"samples": torch.zeros([batch, channels, args.size // 8, args.size // 8])}
         samples = comfy_nodes.common_ksampler(
-            model, 1, args.steps, args.cfg, "euler", "normal", positive, negative, latent
+            model, 1, args.steps, args.cfg, "euler", args.scheduler, positive, negative, latent
         )[0]
         return vae.decode(samples["samples"])
 
@@ -75,7 +122,7 @@ def worker(args) -> dict:
             args.steps,
             args.cfg,
             "euler",
-            "normal",
+            args.scheduler,
             image_guidance,
             1.0,
             references,
@@ -106,7 +153,8 @@ def worker(args) -> dict:
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "threads": torch.get_num_threads(),
-        "checkpoint": os.path.basename(checkpoint),
+        "checkpoint": model_name,
+        "software": software(),
         "seconds": {name: statistics.median(values) for name, values in times.items()},
         "peak_mib": {name: max(values) for name, values in memory.items()},
     }
@@ -116,9 +164,9 @@ def report(result: dict, args) -> str:
     seconds, peak = result["seconds"], result["peak_mib"]
     base_s, base_m = seconds["KSampler(N)"], max(peak["KSampler(N)"], 1e-9)
     lines = [
-        f"device: {result['device']} ({result['threads']} threads), checkpoint {result['checkpoint']}, "
+        f"device: {result['device']} ({result['threads']} threads), {result['software']}, {result['checkpoint']}, "
         f"{args.size}x{args.size} px, N={args.images} new images, R={args.references} reference(s), "
-        f"{args.steps} steps, euler, cfg {args.cfg}, median of {args.repeats}",
+        f"{args.steps} steps, euler / {args.scheduler}, cfg {args.cfg:g}, median of {args.repeats}",
         f"{'run':34s} {'time s':>8s} {'x KSampler(N)':>14s} {'peak +MiB':>10s} {'x KSampler(N)':>14s}",
     ]
     for name in seconds:

@@ -80,6 +80,14 @@ def load_comfyui(device: str) -> str:
     return comfyui
 
 
+def software() -> str:
+    """The running ComfyUI's and PyTorch's versions, for a report (after ``load_comfyui``)."""
+    import comfyui_version
+    import torch
+
+    return f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}"
+
+
 DEFAULT_CHECKPOINT_CACHE = os.path.join(REPO_ROOT, ".cache", "checkpoints")
 
 
@@ -89,6 +97,59 @@ def tiny_checkpoint(comfyui: str, cache: str = DEFAULT_CHECKPOINT_CACHE) -> str:
     from harness.tiny_checkpoint import ensure_checkpoint
 
     return ensure_checkpoint(comfyui, cache)
+
+
+# ``--model`` choices: the tiny SD1.5 checkpoint (or ``--checkpoint``) and the tiny DiTs of
+# ``harness.tiny_dit`` (random weights; the real families' block layout, Flux at its full 3072 width).
+MODELS = ("sd15", "sd3", "flux")
+DIT_MODELS = ("sd3", "flux")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (sd15, sd3 or flux) and ``--tokens`` (the DiTs' text tokens)."""
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="sd15",
+        help="sd15: an SD1.x checkpoint (the tiny one unless named); sd3, flux: the tiny random-weight DiT "
+        "(Load Diffusion Model) with CONDITIONING made as tensors",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=16, help="DiTs: text tokens of the conditioning (stock: SD3 77, Flux 256+)"
+    )
+    for action in parser._actions:
+        if action.dest == "checkpoint":
+            action.help = "an SD1.x checkpoint, or with --model sd3/flux a diffusion-model file (default: the tiny one)"
+
+
+def tiny_dit(comfyui: str, kind: str, cache: str = DEFAULT_CHECKPOINT_CACHE, path: str | None = None):
+    """(MODEL, file name) of the tiny ``kind`` DiT in ``cache`` (built there on first use), or of
+    the diffusion-model file ``path``, loaded as ComfyUI's Load Diffusion Model does."""
+    import comfy.sd
+
+    from harness.tiny_dit import ensure_dit
+
+    path = path or ensure_dit(comfyui, cache, kind)
+    return comfy.sd.load_diffusion_model(path), os.path.basename(path)
+
+
+def tiny_taesd(comfyui: str, kind: str, cache: str = DEFAULT_CHECKPOINT_CACHE):
+    """The ``kind`` family's TAESD VAE (taesd3, taef1; random weights, built in ``cache`` on
+    first use) through the stock VAELoader."""
+    import folder_paths
+    import nodes
+
+    from harness.tiny_dit import TAESD_NAMES, ensure_taesd
+
+    folder_paths.add_model_folder_path("vae_approx", ensure_taesd(comfyui, cache, kind))
+    return nodes.VAELoader().load_vae(TAESD_NAMES[kind])[0]
+
+
+def dit_conditioning(kind: str, tokens: int, seed: int = 0) -> list:
+    """CONDITIONING for a ``kind`` DiT of the stock encoders' shapes (Flux: guidance 3.5 in it)."""
+    from harness.tiny_dit import dit_conditioning as make
+
+    return make(kind, tokens=tokens, seed=seed)
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
