@@ -209,13 +209,14 @@ def build_taesd_state_dicts(kind: str, seed: int = 0) -> dict[str, dict[str, tor
     return files
 
 
-def _save_atomically(state: dict[str, torch.Tensor], path: str) -> None:
+def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name and rename it: no half-written cache file."""
     import safetensors.torch
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        safetensors.torch.save_file(state, tmp, metadata={"recipe": str(DIT_RECIPE_VERSION)})
+        safetensors.torch.save_file(state, tmp, metadata=metadata or {"recipe": str(DIT_RECIPE_VERSION)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -225,14 +226,14 @@ def _save_atomically(state: dict[str, torch.Tensor], path: str) -> None:
 def write_dit(path: str, kind: str, seed: int = 0) -> str:
     """Write the diffusion-model file of ``kind`` atomically to ``path`` and return it."""
     builders = {"sd3": build_sd3_state_dict, "flux": build_flux_state_dict}
-    _save_atomically(builders[_check_kind(kind)](seed), path)
+    save_atomically(builders[_check_kind(kind)](seed), path)
     return path
 
 
 def write_taesd(folder: str, kind: str, seed: int = 0) -> str:
     """Write the TAESD encoder and decoder files of ``kind`` into ``folder`` and return it."""
     for name, state in build_taesd_state_dicts(kind, seed).items():
-        _save_atomically(state, os.path.join(folder, name))
+        save_atomically(state, os.path.join(folder, name))
     return folder
 
 

@@ -90,17 +90,10 @@ def build_kl_vae16_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_kl_vae16(path: str, seed: int = 0) -> str:
     """Write the VAE file atomically to ``path`` (a ``.safetensors`` file) and return it."""
-    import safetensors.torch
 
-    state = build_kl_vae16_state_dict(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        safetensors.torch.save_file(state, tmp, metadata={"recipe": str(VAE_RECIPE_VERSION), "seed": str(seed)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .tiny_dit import save_atomically
+
+    save_atomically(build_kl_vae16_state_dict(seed), path, {"recipe": str(VAE_RECIPE_VERSION), "seed": str(seed)})
     return path
 
 
@@ -128,7 +121,7 @@ def ensure_dit_checkpoint(comfyui_path: str, cache_dir: str, kind: str, seed: in
     ``first_stage_model.``, no text encoders (they come from their own files). Cached."""
     import safetensors.torch
 
-    from .tiny_dit import ensure_dit
+    from .tiny_dit import ensure_dit, save_atomically
 
     dit, vae = ensure_dit(comfyui_path, cache_dir, kind, seed), ensure_kl_vae16(comfyui_path, cache_dir, seed)
     path = os.path.join(
@@ -137,13 +130,7 @@ def ensure_dit_checkpoint(comfyui_path: str, cache_dir: str, kind: str, seed: in
     if not os.path.exists(path):
         state = {f"model.diffusion_model.{k}": v for k, v in safetensors.torch.load_file(dit).items()}
         state.update({f"first_stage_model.{k}": v for k, v in safetensors.torch.load_file(vae).items()})
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            safetensors.torch.save_file(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_atomically(state, path, {"recipe": str(VAE_RECIPE_VERSION)})
     return path
 
 
