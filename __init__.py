@@ -4,7 +4,7 @@ from .comfy_glue.versions import check_comfyui_version, running_comfyui_version
 
 check_comfyui_version(running_comfyui_version())  # before anything a too-old ComfyUI lacks
 
-from comfy_api.latest import ComfyExtension  # noqa: E402
+from comfy_api.v0_0_2 import ComfyExtension  # noqa: E402
 
 from .comfy_glue.backbone import register_model_folders  # noqa: E402
 from .nodes import NODE_LIST  # noqa: E402

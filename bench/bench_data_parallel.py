@@ -51,7 +51,7 @@ def worker(args) -> dict:
     import comfy.sd
 
     from harness.pairs import uniform_pairs
-    from pack.comfy_glue.headless import export_job
+    from prefpersonalize.trainers.headless import export_job
 
     checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
     model = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False)[0]

@@ -137,7 +137,7 @@ def worker(args) -> dict:
     from comfy_extras.nodes_train import TrainLoraNode
 
     from harness.pairs import uniform_pairs
-    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -224,8 +224,8 @@ def worker(args) -> dict:
     if args.references:
         from dataclasses import replace
 
-        from pack.comfy_glue.joint import apply_joint_attention
-        from pack.pure.joint_attention import JointAttentionSettings
+        from prefpersonalize.comfy_glue.joint import apply_joint_attention
+        from prefpersonalize.pure.joint_attention import JointAttentionSettings
 
         joint_model = apply_joint_attention(model, JointAttentionSettings())
         joint_pairs = replace(pairs, references=torch.randn(args.references, channels, grid, grid, generator=generator))

@@ -95,7 +95,7 @@ def worker(args) -> dict:
     import nodes as comfy_nodes
     import torch
 
-    from pack.nodes.joint import JointSampler
+    from prefpersonalize.nodes.joint import JointSampler
 
     model, vae, positive, negative, model_name = load_model(args, comfyui)
     channels = model.model.latent_format.latent_channels

@@ -63,7 +63,7 @@ class PeakMemory:
 
 
 def load_comfyui(device: str) -> str:
-    """Put ComfyUI and the pack (as package ``pack``, without its ComfyUI entry point) on the
+    """Put ComfyUI and the pack (as package ``prefpersonalize``, without its ComfyUI entry point) on the
     path, select the device, and return ComfyUI's path. Call once, in a worker process."""
     from harness.comfy_server import comfyui_path
 

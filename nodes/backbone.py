@@ -4,7 +4,7 @@ backbone, or a CLIP_VISION the graph already loaded."""
 from __future__ import annotations
 
 from comfy import model_management
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..comfy_glue.backbone import (
     BUILTIN_BACKBONE,

@@ -8,14 +8,14 @@ import os
 
 import comfy.utils
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..comfy_glue.backbone import backbones_folder
 from ..comfy_glue.devices import on_compute_device
 from ..pure.backbone import TunedPatchBackbone
 from ..pure.errors import InputError
-from ..pure.estimator import train_patch_estimator
 from ..pure.files import sanitize_file_stem, unused_stem
+from ..trainers.estimator import train_patch_estimator
 from .errors import node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 from PIL import Image
 
 from ..pure.errors import InputError

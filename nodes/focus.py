@@ -4,7 +4,7 @@ correspondence and image complexity, and how that moves over the sampling steps.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..comfy_glue.devices import on_compute_device
 from ..comfy_glue.focus import strip_progress

@@ -11,7 +11,7 @@ import logging
 
 import comfy.samplers
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..comfy_glue.joint import apply_joint_attention, sample_joint, self_attention_blocks
 from ..pure.errors import InputError

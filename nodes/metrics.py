@@ -4,7 +4,7 @@ optional before/after comparison."""
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..comfy_glue.devices import on_compute_device
 from ..comfy_glue.metrics import clip_t_row

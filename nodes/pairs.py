@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..comfy_glue.pairs import build_pairs, pairs_folder, saved_pair_files
 from ..pure.errors import InputError

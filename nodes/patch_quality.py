@@ -4,7 +4,7 @@ reference photos, as maps, a heat-map overlay and numbers."""
 from __future__ import annotations
 
 import comfy.utils
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..comfy_glue.devices import on_compute_device
 from ..pure.drawing import overlay_heat

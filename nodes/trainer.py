@@ -7,12 +7,13 @@ import os
 
 import comfy.model_management
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
-from ..comfy_glue.headless import OPTIONS, export_job
-from ..comfy_glue.lora_adapters import LORA_MODES
-from ..comfy_glue.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
-from ..comfy_glue.trainer import (
+from ..pure.drawing import training_plot
+from ..pure.errors import InputError
+from ..pure.files import sanitize_file_stem, unused_stem
+from ..trainers.headless import OPTIONS, export_job
+from ..trainers.loop import (
     TRAINING_DTYPES,
     DPOTrainingConfig,
     TrainingProgress,
@@ -20,11 +21,10 @@ from ..comfy_glue.trainer import (
     train_dpo_lora,
     training_metadata,
 )
-from ..pure.dpo_losses import LOSS_MODES
-from ..pure.dpo_sampling import TIMESTEP_SAMPLING
-from ..pure.drawing import training_plot
-from ..pure.errors import InputError
-from ..pure.files import sanitize_file_stem, unused_stem
+from ..trainers.lora_adapters import LORA_MODES
+from ..trainers.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
+from ..trainers.losses import LOSS_MODES
+from ..trainers.timesteps import TIMESTEP_SAMPLING
 from .errors import node_errors
 from .types import CATEGORY, PreferencePairsType
 

@@ -1,6 +1,6 @@
 """The pack's own ComfyUI socket types and category, defined once for every node file."""
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 CATEGORY = "personalization"
 

@@ -1,7 +1,7 @@
 """Shared test setup: import paths, the real ComfyUI server fixture and artifact folders.
 
-- the pack is imported as the package ``pack`` (``pack.pure``, ``pack.comfy_glue``,
-  ``pack.nodes``; see ``harness.register_pack``), and the dev tooling as ``harness`` from
+- the pack is imported as the package ``prefpersonalize`` (``prefpersonalize.pure``, ``prefpersonalize.comfy_glue``,
+  ``prefpersonalize.nodes``; see ``harness.register_pack``), and the dev tooling as ``harness`` from
   ``dev/``. The repository root is never put on ``sys.path``: its ``nodes`` package would
   shadow ComfyUI's ``nodes`` module.
 - The ``comfy_server`` fixture starts one real ComfyUI per test session with this pack linked

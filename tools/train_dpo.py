@@ -8,7 +8,7 @@ on N processes (GPUs, or CPU processes) through accelerate.
 A job file comes from the Export Training Job node; flags (``--help``) give or override its parts.
 With ``--processes`` this command starts ``accelerate launch`` itself and, if a process fails or
 is killed, says so and names the last LoRA checkpoint written. The training code is the DPO LoRA
-Trainer node's (``comfy_glue/headless.py``).
+Trainer node's (``trainers/headless.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ import sys
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "prefpersonalize"
 WORKER_ENV = "PREFP_TRAIN_WORKER"  # set in the processes this command launches
+
+
+def register_pack() -> None:
+    """Make the pack importable in this process as ``prefpersonalize`` (``prefpersonalize.trainers``,
+    ...) without running its ``__init__.py``, which registers nodes in a running ComfyUI; the
+    modules' relative imports then work as they do inside ComfyUI. The tests' harness uses it too."""
+    if PACKAGE in sys.modules:
+        return
+    spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [PACK_ROOT]
+    sys.modules[PACKAGE] = package
 
 
 def own_flags(argv):
@@ -83,12 +95,8 @@ def train(comfyui: str, cpu: bool, argv: list[str]) -> int:
     from comfy.cli_args import args
 
     args.cpu = accelerator.device.type == "cpu"
-    # The pack as a package of its own, without its __init__ (that registers nodes in a server).
-    spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
-    package = importlib.util.module_from_spec(spec)
-    package.__path__ = [PACK_ROOT]
-    sys.modules[PACKAGE] = package
-    headless = importlib.import_module(f"{PACKAGE}.comfy_glue.headless")
+    register_pack()
+    headless = importlib.import_module(f"{PACKAGE}.trainers.headless")
     errors = importlib.import_module(f"{PACKAGE}.pure.errors")
     import logging
 

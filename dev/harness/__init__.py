@@ -7,22 +7,16 @@ package would shadow ComfyUI's ``nodes`` module) and import ``harness.<module>``
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import os
-import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACK_PACKAGE = "pack"
 
 
 def register_pack() -> None:
-    """Make the pack importable in this process as ``pack`` (``pack.pure``, ``pack.comfy_glue``,
-    ``pack.nodes``) without running its ``__init__.py``, which needs a running ComfyUI; the
-    modules' relative imports then work as they do inside ComfyUI."""
-    if PACK_PACKAGE in sys.modules:
-        return
-    spec = importlib.machinery.ModuleSpec(PACK_PACKAGE, None, is_package=True)
-    package = importlib.util.module_from_spec(spec)
-    package.__path__ = [REPO_ROOT]
-    sys.modules[PACK_PACKAGE] = package
+    """Make the pack importable as ``prefpersonalize`` without running its ComfyUI entry point,
+    as the headless training command does (one definition: ``tools/train_dpo.py``)."""
+    spec = importlib.util.spec_from_file_location("train_dpo_command", os.path.join(REPO_ROOT, "tools", "train_dpo.py"))
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    command.register_pack()

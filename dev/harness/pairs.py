@@ -9,7 +9,7 @@ def uniform_pairs(conditioning, winners: torch.Tensor, losers: torch.Tensor, wei
     """Pairs of ``winners`` over ``losers`` ``[N, 4, h, w]``, all with ``conditioning``: weight
     maps ``weights`` (broadcast to ``[N, h, w]``; default 1 everywhere), quality 1 (the losers'
     ``loser_quality``), complexity 0.5, "easy" difficulty."""
-    from pack.pure.pairs import PreferencePairs
+    from prefpersonalize.pure.pairs import PreferencePairs
 
     count, _, height, width = winners.shape
     ones = torch.ones(count, height, width)

@@ -46,7 +46,7 @@ def latents(count, seed, scale=1.0):
 
 def joint(dit, model=None, references=None, strength=1.0, masks=None, image_guidance=1.0, new_images=2):
     """Joint Sampler's sampling (2 euler steps) with ``references`` given as latents."""
-    from pack.comfy_glue.joint import sample_joint
+    from prefpersonalize.comfy_glue.joint import sample_joint
 
     kind, base, positive, negative = dit
     images = None if references is None else torch.zeros(references.shape[0], *SIZE, 3)
@@ -83,8 +83,8 @@ def stock(dit, model=None, batch=2):
 
 
 def with_joint_attention(model, **settings):
-    from pack.comfy_glue.joint import apply_joint_attention
-    from pack.pure.joint_attention import JointAttentionSettings
+    from prefpersonalize.comfy_glue.joint import apply_joint_attention
+    from prefpersonalize.pure.joint_attention import JointAttentionSettings
 
     return apply_joint_attention(model, JointAttentionSettings(**settings))
 
@@ -183,7 +183,7 @@ def test_settings_schedule_blocks_blend_adain_and_image_guidance(dit):
     never = with_joint_attention(model, sigma_start=-1.0, sigma_end=-2.0)  # a window no step is in
     assert torch.equal(joint(dit, model=never, references=reference)[0], plain)
     none_chosen = with_joint_attention(model, blocks=frozenset({"middle"}))
-    from pack.comfy_glue.dit import dit_blocks
+    from prefpersonalize.comfy_glue.dit import dit_blocks
 
     names = {name for _, name in dit_blocks(model.get_model_object("diffusion_model"))}
     moved = joint(dit, model=none_chosen, references=reference)[0]
@@ -244,7 +244,7 @@ def synthetic_pairs(conditioning, count, seed):
 
 
 def config(**overrides):
-    from pack.comfy_glue.trainer import DPOTrainingConfig
+    from prefpersonalize.trainers.loop import DPOTrainingConfig
 
     values = dict(loss_mode="dpo", beta=100.0, steps=4, learning_rate=1e-3, rank=4, alpha=4.0, batch_size=4, seed=0)
     values.update(overrides)
@@ -255,8 +255,8 @@ LEARNING = {"sd3": dict(steps=30, learning_rate=2e-3), "flux": dict(steps=10, le
 
 
 def test_trainer_learns_a_synthetic_preference_on_the_blocks(dit):
-    from pack.comfy_glue.evaluation import implicit_accuracy
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     kind, model, positive, _ = dit
     train, held_out = synthetic_pairs(positive, 8, seed=1), synthetic_pairs(positive, 8, seed=2)
@@ -272,7 +272,7 @@ def test_trainer_learns_a_synthetic_preference_on_the_blocks(dit):
 def prediction(patcher, x, sigma, conditioning):
     import comfy.model_management
 
-    from pack.comfy_glue.pair_batches import batch_kwargs, conditioning_batches
+    from prefpersonalize.trainers.pair_batches import batch_kwargs, conditioning_batches
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     conds = conditioning_batches(patcher.model, [conditioning], DIT_LATENT_SHAPE, patcher.load_device)
@@ -284,8 +284,8 @@ def test_saved_lora_reloads_through_the_stock_loader(dit, tmp_path):
     import comfy.sd
     import comfy.utils
 
-    from pack.comfy_glue.lora_files import save_lora
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_files import save_lora
 
     kind, model, positive, _ = dit
     result = train_dpo_lora(model, synthetic_pairs(positive, 4, seed=6), config(steps=2, learning_rate=5e-3))
@@ -302,7 +302,7 @@ def test_saved_lora_reloads_through_the_stock_loader(dit, tmp_path):
 
 
 def test_joint_set_training_and_checkpointing_train_the_same_way(dit):
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     kind, model, positive, _ = dit
     pairs = synthetic_pairs(positive, 4, seed=7)
@@ -318,8 +318,8 @@ def test_joint_set_training_and_checkpointing_train_the_same_way(dit):
 
 
 def test_pairs_of_another_latent_family_are_refused(dit):
-    from pack.comfy_glue.trainer import train_dpo_lora
-    from pack.pure.errors import InputError
+    from prefpersonalize.pure.errors import InputError
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     kind, model, positive, _ = dit
     four_channel = uniform_pairs(positive, torch.ones(2, 4, 8, 8), torch.zeros(2, 4, 8, 8))

@@ -62,7 +62,7 @@ def synthetic_pairs(conditioning, count, seed):
 
 
 def config(**overrides):
-    from pack.comfy_glue.trainer import DPOTrainingConfig
+    from prefpersonalize.trainers.loop import DPOTrainingConfig
 
     values = dict(
         loss_mode="dpo",
@@ -87,7 +87,7 @@ def base_prediction(patcher, x, sigma, conditioning):
     """x0 prediction of a (loaded) patcher, through the same helpers the trainer uses."""
     import comfy.model_management
 
-    from pack.comfy_glue.pair_batches import batch_kwargs, conditioning_batches
+    from prefpersonalize.trainers.pair_batches import batch_kwargs, conditioning_batches
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     conds = conditioning_batches(patcher.model, [conditioning], LATENT, patcher.load_device)
@@ -108,9 +108,9 @@ def generate(patcher, conditioning, count=16, seed=0, steps=12):
 
 
 def test_learns_a_synthetic_preference(denoiser):
-    from pack.comfy_glue.evaluation import implicit_accuracy
-    from pack.comfy_glue.lora_adapters import attach_lora
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
 
     model, conditioning = denoiser
     train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
@@ -154,10 +154,10 @@ def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     import comfy.model_sampling
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 
-    from pack.comfy_glue.evaluation import implicit_accuracy
-    from pack.comfy_glue.lora_adapters import attach_lora
-    from pack.comfy_glue.pair_batches import PairBatcher
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
+    from prefpersonalize.trainers.pair_batches import PairBatcher
 
     model, conditioning = tiny
     if prediction == "flow":
@@ -190,7 +190,7 @@ def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(de
        change is concentrated in the region: at least 3x the energy inside, at two noise levels,
        while generations still move toward the winners there.
     """
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     model, conditioning = denoiser
     losers = synthetic_latents(16, torch.Generator().manual_seed(1))
@@ -237,11 +237,11 @@ def test_joint_set_training_uses_the_references(tiny):
     joint batch: the references change what is learned, and the policy and reference passes see
     the same noised references (an untrained LoRA ties exactly). Without Joint Attention the
     references are ignored; Joint Attention without references is off, not fed a pair image."""
-    from pack.comfy_glue.evaluation import implicit_accuracy
-    from pack.comfy_glue.joint import apply_joint_attention
-    from pack.comfy_glue.lora_adapters import attach_lora
-    from pack.comfy_glue.trainer import train_dpo_lora
-    from pack.pure.joint_attention import JointAttentionSettings
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.comfy_glue.joint import apply_joint_attention
+    from prefpersonalize.pure.joint_attention import JointAttentionSettings
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
 
     model, conditioning = tiny
     joint = apply_joint_attention(model, JointAttentionSettings())
@@ -269,7 +269,7 @@ def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
     denoised exactly: |out - out*| = factor * |x0_pred - x0| per sample."""
     import comfy.model_sampling as sampling
 
-    from pack.comfy_glue.pair_batches import target_space_scale
+    from prefpersonalize.trainers.pair_batches import target_space_scale
 
     base, prediction = {
         "eps": (sampling.ModelSamplingDiscrete, sampling.EPS),
@@ -294,7 +294,7 @@ def test_errors_are_in_the_models_own_prediction_space(comfy_modules, kind):
 
 
 def test_deterministic_and_input_model_untouched(tiny):
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 4, seed=5)
@@ -312,7 +312,7 @@ def test_deterministic_and_input_model_untouched(tiny):
 def test_saved_lora_loads_like_the_trained_model(tiny):
     import comfy.sd
 
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     model, conditioning = tiny
     result = train_dpo_lora(model, synthetic_pairs(conditioning, 4, seed=6), config(steps=4, learning_rate=2e-3))
@@ -327,7 +327,7 @@ def test_saved_lora_loads_like_the_trained_model(tiny):
 
 @pytest.mark.parametrize("mode", ["patchdpo_paper", "focus_dpo", "hg_dpo"])
 def test_every_mode_runs_and_logs(tiny, mode):
-    from pack.comfy_glue.trainer import METRICS, train_dpo_lora
+    from prefpersonalize.trainers.loop import METRICS, train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 6, seed=7)
@@ -338,7 +338,7 @@ def test_every_mode_runs_and_logs(tiny, mode):
 
 
 def test_rank_above_a_small_layer_is_clamped_there(tiny):
-    from pack.comfy_glue.lora_adapters import attach_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
 
     model, _ = tiny
     lora = attach_lora(model, rank=8, alpha=8.0)
@@ -348,7 +348,7 @@ def test_rank_above_a_small_layer_is_clamped_there(tiny):
 
 
 def test_bad_training_input_is_refused(tiny):
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 2, seed=8)
@@ -389,7 +389,7 @@ def test_bad_training_input_is_refused(tiny):
 def nonzero_lora(model, mode):
     """A LoRA of ``mode`` on ``model`` whose down matrices are drawn from a fixed seed (a fresh
     LoRA is a no-op), so the modes can be compared."""
-    from pack.comfy_glue.lora_adapters import attach_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
 
     lora = attach_lora(model, rank=4, alpha=4.0, mode=mode)
     generator = torch.Generator().manual_seed(5)
@@ -403,8 +403,8 @@ def test_bypass_and_weight_modes_are_the_same_lora(tiny):
     """The forward-path branch and the rebuilt weight W + s·BA predict the same; adapters off
     is the base model bit for bit; the sampling MODEL carries the LoRA; training moves both
     modes' LoRAs alike."""
-    from pack.comfy_glue.lora_adapters import LORA_MODES
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_adapters import LORA_MODES
 
     model, conditioning = tiny
     x = 3.0 * torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(4))
@@ -430,7 +430,7 @@ def test_bypass_and_weight_modes_are_the_same_lora(tiny):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_gradient_checkpointing_per_block_trains_the_same_lora(tiny, depth):
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     model, conditioning = tiny
     pairs = synthetic_pairs(conditioning, 4, seed=10)
@@ -447,7 +447,7 @@ def test_gradient_checkpointing_per_block_trains_the_same_lora(tiny, depth):
 def test_fp8_weights_train_in_bypass_mode_only(comfy_modules):
     import comfy.sd
 
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
 
     path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind="sd15")
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, model_options={"dtype": torch.float8_e4m3fn})

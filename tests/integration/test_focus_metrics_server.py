@@ -9,7 +9,7 @@ from PIL import Image
 
 from harness.comfy_server import PromptError
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
-from pack.pure.backbone import read_tuned_head
+from prefpersonalize.pure.backbone import read_tuned_head
 
 pytestmark = pytest.mark.server
 

@@ -94,7 +94,7 @@ def random_pairs(conditioning, px, count=1, seed=0):
 
 
 def test_joint_sampler_keeps_the_reference(full_size):
-    from pack.comfy_glue.joint import sample_joint
+    from prefpersonalize.comfy_glue.joint import sample_joint
 
     model, conditioning, px = full_size
     reference = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(1))
@@ -120,7 +120,7 @@ def test_joint_sampler_keeps_the_reference(full_size):
 
 @pytest.mark.parametrize("mode", ["dpo", "patch_dpo", "patchdpo_paper", "focus_dpo", "hg_dpo"])
 def test_one_step_of_every_loss_mode(full_size, mode):
-    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
 
     model, conditioning, px = full_size
     config = DPOTrainingConfig(loss_mode=mode, steps=1, rank=4, alpha=4.0, gradient_checkpointing=True)
@@ -134,8 +134,8 @@ def test_saved_lora_loads_with_the_stock_loader(full_size, tmp_path, caplog):
     import comfy.sd
     import comfy.utils
 
-    from pack.comfy_glue.pair_batches import PairBatcher
-    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.pair_batches import PairBatcher
 
     model, conditioning, px = full_size
     pairs = random_pairs(conditioning, px)
@@ -178,7 +178,7 @@ SDXL_LAYERS_PER_BLOCK = 2  # diffusers' SDXL UNet config: what its sgm -> diffus
 def random_lora(model, seed=0):
     """The trainer's LoRA on every layer it adapts, with nonzero down matrices (alpha = rank, so
     files without alpha, as diffusers writes them, apply it alike)."""
-    from pack.comfy_glue.lora_adapters import attach_lora
+    from prefpersonalize.trainers.lora_adapters import attach_lora
 
     lora = attach_lora(model, rank=4, alpha=4.0)
     generator = torch.Generator().manual_seed(seed)
@@ -189,7 +189,7 @@ def random_lora(model, seed=0):
 
 
 def assert_resumes_as(tensors, model, state):
-    from pack.comfy_glue.lora_files import read_lora_layers
+    from prefpersonalize.trainers.lora_files import read_lora_layers
 
     layers = read_lora_layers(tensors, model)
     assert {f"{name}.lora_up.weight" for name in layers} == {key for key in state if key.endswith("lora_up.weight")}
@@ -206,7 +206,7 @@ def test_kohya_and_diffusers_layouts_load_and_resume(full_size, tmp_path, caplog
     from diffusers.configuration_utils import FrozenDict
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-    from pack.comfy_glue.lora_files import save_lora
+    from prefpersonalize.trainers.lora_files import save_lora
 
     model, _, px = full_size
     state = random_lora(model)
@@ -242,7 +242,7 @@ def test_kohya_file_changes_a_diffusers_unet_as_it_changes_comfyuis(full_size, t
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
 
-    from pack.comfy_glue.lora_files import save_lora
+    from prefpersonalize.trainers.lora_files import save_lora
 
     model, _, _ = full_size
     state = random_lora(model, seed=1)

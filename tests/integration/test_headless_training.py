@@ -39,7 +39,7 @@ def pair_set(conditioning, count, size=LATENT_SHAPE, seed=0):
 
 
 def export(tiny, folder, pairs=None, **options):
-    from pack.comfy_glue.headless import export_job
+    from prefpersonalize.trainers.headless import export_job
 
     path, model, conditioning = tiny
     pairs = pairs if pairs is not None else pair_set(conditioning, 4)
@@ -112,8 +112,8 @@ def test_a_killed_worker_stops_the_run_and_the_last_lora_stays_whole(tiny, tmp_p
 
 
 def test_a_job_takes_the_trainer_nodes_options(comfy_modules):
-    from pack.comfy_glue.headless import OPTIONS
-    from pack.nodes.trainer import OPTIONAL_TRAINING_OPTIONS, TRAINING_OPTIONS
+    from prefpersonalize.nodes.trainer import OPTIONAL_TRAINING_OPTIONS, TRAINING_OPTIONS
+    from prefpersonalize.trainers.headless import OPTIONS
 
     assert {option.id for option in TRAINING_OPTIONS + OPTIONAL_TRAINING_OPTIONS} == set(OPTIONS)
 
@@ -121,7 +121,7 @@ def test_a_job_takes_the_trainer_nodes_options(comfy_modules):
 def test_bad_jobs_are_refused(tiny, tmp_path):
     import json
 
-    from pack.comfy_glue.headless import (
+    from prefpersonalize.trainers.headless import (
         check_process_count,
         export_job,
         job_from_json,

@@ -31,7 +31,7 @@ def tiny(comfy_modules):
 @pytest.fixture(scope="module")
 def trained(tiny):
     """(model, pairs, config, result) of a short run whose LoRA changes the prediction."""
-    from pack.comfy_glue.trainer import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
 
     model, conditioning = tiny
     generator = torch.Generator().manual_seed(3)
@@ -51,7 +51,7 @@ def header(path):
 def prediction(patcher, conditioning):
     import comfy.model_management
 
-    from pack.comfy_glue.pair_batches import PairBatcher
+    from prefpersonalize.trainers.pair_batches import PairBatcher
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
@@ -67,10 +67,10 @@ def test_saved_file_loads_and_resumes_as_the_trained_lora(trained, tiny, tmp_pat
     import comfy.sd
     import comfy.utils
 
-    from pack.comfy_glue.lora_adapters import attach_lora
-    from pack.comfy_glue.lora_files import LoraWithMetadata, read_lora_layers, save_lora
-    from pack.comfy_glue.trainer import training_metadata
-    from pack.comfy_glue.versions import pack_version
+    from prefpersonalize.comfy_glue.versions import pack_version
+    from prefpersonalize.trainers.loop import training_metadata
+    from prefpersonalize.trainers.lora_adapters import attach_lora
+    from prefpersonalize.trainers.lora_files import LoraWithMetadata, read_lora_layers, save_lora
 
     model, pairs, config, result = trained
     _, conditioning = tiny
@@ -121,8 +121,8 @@ def test_saved_file_loads_and_resumes_as_the_trained_lora(trained, tiny, tmp_pat
 
 def test_trainer_node_output_carries_the_run(trained):
     """The LORA_MODEL the node outputs is a plain dict for core nodes, with the run attached."""
-    from pack.comfy_glue.lora_files import LoraWithMetadata
-    from pack.comfy_glue.trainer import training_metadata
+    from prefpersonalize.trainers.loop import training_metadata
+    from prefpersonalize.trainers.lora_files import LoraWithMetadata
 
     model, pairs, config, result = trained
     lora = LoraWithMetadata(result.lora.state_dict(), training_metadata(config, pairs, model, result.steps_done))
@@ -131,8 +131,8 @@ def test_trainer_node_output_carries_the_run(trained):
 
 
 def test_bad_lora_files_are_refused(trained, tmp_path):
-    from pack.comfy_glue.lora_files import read_lora_layers, save_lora
-    from pack.comfy_glue.trainer import train_dpo_lora
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_files import read_lora_layers, save_lora
 
     model, pairs, config, result = trained
     with pytest.raises(ValueError, match="unknown layout or made for another model family"):

@@ -8,14 +8,14 @@ import safetensors.torch
 import torch
 import transformers
 
-from pack.pure.backbone import (
+from prefpersonalize.pure.backbone import (
     ClipVisionPatchBackbone,
     EfficientNetLitePatchBackbone,
     dinov2_config_from_state_dict,
     extract_patch_features,
     load_dinov2,
 )
-from pack.pure.errors import InputError
+from prefpersonalize.pure.errors import InputError
 
 
 def tiny_dinov2(registers: int = 0, seed: int = 0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.pure.backbone import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
-from pack.pure.estimator import (
+from prefpersonalize.pure.backbone import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
+from prefpersonalize.trainers.estimator import (
     dense_info_nce,
     make_view_pairs,
     patch_correspondences,

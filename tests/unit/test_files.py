@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pack.pure.files import sanitize_file_stem, unused_stem, write_all_atomically
+from prefpersonalize.pure.files import sanitize_file_stem, unused_stem, write_all_atomically
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.pure.backbone import EfficientNetLitePatchBackbone
-from pack.pure.focus import (
+from prefpersonalize.pure.backbone import EfficientNetLitePatchBackbone
+from prefpersonalize.pure.focus import (
     FocusMaps,
     blend_focus,
     complexity_gate,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pack.pure.images import fit_to_size
-from pack.pure.joint_attention import (
+from prefpersonalize.pure.images import fit_to_size
+from prefpersonalize.pure.joint_attention import (
     LAYOUT_KEY,
     JointAttentionPatch,
     JointAttentionSettings,
@@ -23,7 +23,7 @@ from pack.pure.joint_attention import (
     split_heads,
     token_attention,
 )
-from pack.pure.joint_sampling import image_guided_pair, joint_batch
+from prefpersonalize.pure.joint_sampling import image_guided_pair, joint_batch
 
 
 def naive_attention(q, k, v, heads, key_bias=None):

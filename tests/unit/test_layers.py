@@ -20,20 +20,29 @@ COMFYUI_MODULES = {
     "execution",
     "node_helpers",
 }
-PACK_LAYERS = ("pure", "comfy_glue", "nodes")
+PACK_LAYERS = ("pure", "comfy_glue", "trainers", "nodes")
 
 # layer -> (top-level modules it must not import, pack layers it must not import)
 RULES = {
-    "pure": (COMFYUI_MODULES, {"comfy_glue", "nodes"}),
-    "comfy_glue": ({"comfy_api"}, {"nodes"}),
+    "pure": (COMFYUI_MODULES, {"comfy_glue", "trainers", "nodes"}),
+    "comfy_glue": ({"comfy_api"}, {"trainers", "nodes"}),
+    "trainers": ({"comfy_api"}, {"nodes"}),
     "nodes": (set(), set()),
 }
+# The training algorithms in trainers/ (plain torch, as pure/ is); the rest of trainers/ is glue.
+TRAINER_ALGORITHMS = {"losses", "timesteps", "lora_branch", "checkpointing", "estimator"}
 
 
 def imports(path: str) -> tuple[set[str], set[str]]:
     """``(absolute top-level modules, pack layers reached by relative imports)`` of a file,
     including imports inside functions."""
-    absolute, relative = set(), set()
+    absolute, relative, _ = all_imports(path)
+    return absolute, relative
+
+
+def all_imports(path: str) -> tuple[set[str], set[str], set[str]]:
+    """``imports(path)`` plus the modules of the file's own folder it imports (``from .x import``)."""
+    absolute, relative, siblings = set(), set(), set()
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.Import):
             absolute |= {alias.name.split(".")[0] for alias in node.names}
@@ -42,7 +51,9 @@ def imports(path: str) -> tuple[set[str], set[str]]:
                 absolute.add(node.module.split(".")[0])
             elif node.level == 2 and node.module:  # from ..layer.module import x
                 relative.add(node.module.split(".")[0])
-    return absolute, relative
+            elif node.level == 1:  # from .module import x, or from . import module
+                siblings |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return absolute, relative, siblings
 
 
 def layer_files(layer: str) -> list[str]:
@@ -60,6 +71,26 @@ def test_layer_imports_follow_the_rules(layer):
         assert not absolute & banned_modules, f"{name} imports {sorted(absolute & banned_modules)}"
         assert not relative & banned_layers, f"{name} imports the layer(s) {sorted(relative & banned_layers)}"
         assert not absolute & set(PACK_LAYERS), f"{name} imports the pack absolutely; use relative imports"
+
+
+def test_training_algorithms_import_no_comfyui_and_no_training_glue():
+    """trainers/' algorithm modules hold to pure/'s rule: tested on tensors, no ComfyUI anywhere."""
+    for module in sorted(TRAINER_ALGORITHMS):
+        path = os.path.join(REPO_ROOT, "trainers", f"{module}.py")
+        absolute, relative, siblings = all_imports(path)
+        assert not absolute & COMFYUI_MODULES, f"trainers/{module}.py imports {sorted(absolute & COMFYUI_MODULES)}"
+        assert relative <= {"pure"}, f"trainers/{module}.py imports the layer(s) {sorted(relative - {'pure'})}"
+        glue = siblings - TRAINER_ALGORITHMS
+        assert not glue, f"trainers/{module}.py imports the training glue {sorted(glue)}"
+
+
+def test_nodes_import_the_pinned_node_api_not_latest():
+    """``comfy_api.latest`` moves with every ComfyUI; ``v0_0_2`` is in both supported versions."""
+    files = [os.path.join(REPO_ROOT, "__init__.py")] + layer_files("nodes")
+    for path in files:
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("comfy_api"):
+                assert node.module == "comfy_api.v0_0_2", f"{os.path.relpath(path, REPO_ROOT)} imports {node.module}"
 
 
 def test_the_pack_never_imports_the_dev_tooling():

@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from pack.pure.checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
-from pack.pure.lora_branch import ConvGeometry, lora_delta
+from prefpersonalize.trainers.checkpointing import (
+    checkpointed_call,
+    checkpointed_in_place_call,
+    modules_at_depth,
+    saving_copies,
+)
+from prefpersonalize.trainers.lora_branch import ConvGeometry, lora_delta
 
 
 def test_linear_branch_by_hand():

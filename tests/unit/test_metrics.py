@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from pack.pure.backbone import EfficientNetLitePatchBackbone
-from pack.pure.drawing import render_text_image
-from pack.pure.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine
+from prefpersonalize.pure.backbone import EfficientNetLitePatchBackbone
+from prefpersonalize.pure.drawing import render_text_image
+from prefpersonalize.pure.metrics import MetricRow, dreambench_crop, format_table, mean_pairwise_cosine
 
 
 def test_mean_pairwise_cosine_hand_computed():

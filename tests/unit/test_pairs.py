@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from pack.pure.errors import InputError
-from pack.pure.images import maps_to_grid
-from pack.pure.pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
+from prefpersonalize.pure.errors import InputError
+from prefpersonalize.pure.images import maps_to_grid
+from prefpersonalize.pure.pairs import PreferencePairs, load_pairs, merge_pairs, rank_pairs, save_pairs
 
 
 def make_pairs(count=2, size=(4, 6), channels=4, seed=0):

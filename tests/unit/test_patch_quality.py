@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack.pure.backbone import EfficientNetLitePatchBackbone, PatchBackbone
-from pack.pure.drawing import heat_colors, labelled_strip, overlay_heat
-from pack.pure.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
-from pack.pure.patch_quality import best_match_quality, score_patches
+from prefpersonalize.pure.backbone import EfficientNetLitePatchBackbone, PatchBackbone
+from prefpersonalize.pure.drawing import heat_colors, labelled_strip, overlay_heat
+from prefpersonalize.pure.images import check_image_batch, maps_to_grid, resize_to_patch_grid, to_rgb_channels_first
+from prefpersonalize.pure.patch_quality import best_match_quality, score_patches
 
 
 def grid(*patches):

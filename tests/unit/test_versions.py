@@ -2,7 +2,7 @@
 
 import pytest
 
-from pack.comfy_glue.versions import check_comfyui_version, parse_version
+from prefpersonalize.comfy_glue.versions import check_comfyui_version, parse_version
 
 
 def test_parse_version():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import comfy.model_management
 import torch
 
-from ..pure.dpo_sampling import sample_percents
-from ..pure.pairs import PreferencePairs
-from .lora_adapters import LoraOnModel
-from .pair_batches import PairBatcher
+from prefpersonalize.pure.pairs import PreferencePairs
+from prefpersonalize.trainers.lora_adapters import LoraOnModel
+from prefpersonalize.trainers.pair_batches import PairBatcher
+from prefpersonalize.trainers.timesteps import sample_percents
 
 
 def implicit_accuracy(

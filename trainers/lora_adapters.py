@@ -28,10 +28,10 @@ import torch
 from comfy.patcher_extension import PatcherInjection
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..pure.checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
+from ..comfy_glue.dit import adapted_dit_layer, in_place_blocks, is_dit
 from ..pure.errors import InputError
-from ..pure.lora_branch import ConvGeometry, lora_delta
-from .dit import adapted_dit_layer, in_place_blocks, is_dit
+from .checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
+from .lora_branch import ConvGeometry, lora_delta
 
 try:  # ComfyUI 0.3.76 and later
     from comfy.weight_adapter.bypass import BypassInjectionManager

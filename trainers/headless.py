@@ -28,8 +28,8 @@ from ..pure.drawing import training_plot
 from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem, write_atomically
 from ..pure.pairs import PreferencePairs, load_pairs, merge_pairs, save_pairs
+from .loop import DataParallel, DPOTrainingConfig, resolve_dtype, train_dpo_lora, training_metadata
 from .lora_files import LORA_LAYOUTS, LoraWithMetadata, base_family, save_lora
-from .trainer import DataParallel, DPOTrainingConfig, resolve_dtype, train_dpo_lora, training_metadata
 
 JOB_FORMAT = "prefpersonalize-training-job"
 JOB_VERSION = 1

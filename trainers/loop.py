@@ -3,7 +3,7 @@
 ``DPOTrainer`` owns a run's state (the LoRA on a cloned patcher, the pair batcher, the
 optimiser, the random generator, the history), as core ``TrainSampler`` owns its loss,
 optimizer and accumulation. The adapters are in ``lora_adapters``, pair batching and noising
-in ``pair_batches``, the losses (pure torch) in ``pure.dpo_losses``. Formulas and choices:
+in ``pair_batches``, the losses (pure torch) in ``trainers.losses``. Formulas and choices:
 docs/algorithms.md, sections 'Diffusion-DPO and the loss modes' and 'The training loop'.
 """
 
@@ -19,16 +19,16 @@ import comfy.utils
 import torch
 from PIL import Image
 
-from ..pure.dpo_losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
-from ..pure.dpo_sampling import curriculum_pool, sample_percents
+from ..comfy_glue.joint import has_joint_attention
 from ..pure.drawing import training_plot
 from ..pure.errors import InputError
 from ..pure.focus import blend_focus
 from ..pure.pairs import PreferencePairs
-from .joint import has_joint_attention
 from .lora_adapters import LoraOnModel, attach_lora
 from .lora_files import LoraWithMetadata, read_lora_layers, save_lora_to_output
+from .losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
 from .pair_batches import MicroBatch, PairBatcher
+from .timesteps import curriculum_pool, sample_percents
 
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
@@ -58,7 +58,7 @@ class DPOTrainingConfig:
     dtype: torch.dtype = torch.float32
     lora_mode: str = "bypass"  # see lora_adapters.LORA_MODES
     gradient_checkpointing: bool = False
-    checkpoint_depth: int = 2  # 1 = the whole diffusion model, 2 = its blocks (see pure.checkpointing)
+    checkpoint_depth: int = 2  # 1 = the whole diffusion model, 2 = its blocks (see trainers.checkpointing)
     stats_weight: float = 0.1  # hg_dpo colour-statistics term
     focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
     preserve_outside: float = 0.0  # patch_dpo / focus_dpo: anchor low-weight cells to the reference

@@ -18,8 +18,8 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-from .backbone import PatchBackbone, TunedPatchBackbone
-from .errors import InputError
+from ..pure.backbone import PatchBackbone, TunedPatchBackbone
+from ..pure.errors import InputError
 
 # Photometric jitter of each view: brightness and saturation factors drawn uniformly from these
 # ranges, so matching cannot rely on exact colour.

@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from pack.pure.dpo_losses import (
+from prefpersonalize.pure.focus import blend_focus
+from prefpersonalize.trainers.losses import (
     channel_stats_loss,
     dpo_loss,
     outside_preservation_loss,
     patchdpo_paper_loss,
     weighted_mean,
 )
-from pack.pure.focus import blend_focus
 
 
 def errors(seed, shape=(2, 2, 2, 3)):

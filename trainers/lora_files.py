@@ -32,10 +32,10 @@ import safetensors.torch
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
+from ..comfy_glue.dit import is_dit
+from ..comfy_glue.versions import pack_version, running_comfyui_version
 from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
-from .dit import is_dit
-from .versions import pack_version, running_comfyui_version
 
 LORA_LAYOUTS = ("kohya", "comfyui")
 LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")

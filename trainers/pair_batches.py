@@ -16,12 +16,12 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
+from ..comfy_glue.joint import has_joint_attention
 from ..pure.joint_attention import LAYOUT_KEY, joint_layout
 from ..pure.pairs import PreferencePairs
-from .joint import has_joint_attention
 
 # Smallest sigma the target-space scale divides by: percents are capped below 1 (see
-# ``pure.dpo_sampling.MAX_PERCENT``), so real sigmas stay above it; it only guards the division.
+# ``trainers.timesteps.MAX_PERCENT``), so real sigmas stay above it; it only guards the division.
 MIN_SIGMA = 1e-4
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pack.pure.dpo_sampling import MAX_PERCENT, curriculum_pool, sample_percents
+from prefpersonalize.trainers.timesteps import MAX_PERCENT, curriculum_pool, sample_percents
 
 
 def test_uniform_percents_fill_the_range_and_follow_the_seed():
