@@ -15,7 +15,7 @@ from ..comfy_glue.devices import on_compute_device
 from ..pure.backbone import TunedPatchBackbone
 from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem
-from ..trainers.estimator import train_patch_estimator
+from ..trainers.estimator import EstimatorSettings, train_patch_estimator
 from .errors import node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
@@ -109,10 +109,7 @@ class TrainPatchQualityEstimator(io.ComfyNode):
                     backbone,
                     base_id or "",
                     photos.clone().to(device),
-                    steps=steps,
-                    learning_rate=learning_rate,
-                    resolution=resolution,
-                    seed=seed,
+                    EstimatorSettings(steps=steps, learning_rate=learning_rate, resolution=resolution, seed=seed),
                     on_step=on_step,
                 )
         tuned = result.backbone.cpu()

@@ -181,17 +181,34 @@ class EstimatorTrainingResult:
     losses: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """How the patch head is tuned.
+
+    Attributes:
+        steps: optimisation steps (0 = measure only, return the backbone untuned).
+        learning_rate: AdamW's learning rate for the head.
+        resolution: square view side (rounded to the patch grid).
+        pairs_per_step: view pairs per step.
+        temperature: the dense InfoNCE temperature.
+        seed: seeds the views (training and held-out ones).
+        held_out_pairs: view pairs accuracy is measured on, never trained on.
+    """
+
+    steps: int = 200
+    learning_rate: float = 1e-3
+    resolution: int = 224
+    pairs_per_step: int = 2
+    temperature: float = 0.1
+    seed: int = 0
+    held_out_pairs: int = 16
+
+
 def train_patch_estimator(
     backbone: PatchBackbone,
     base_id: str,
     photos: torch.Tensor,
-    steps: int = 200,
-    learning_rate: float = 1e-3,
-    resolution: int = 224,
-    pairs_per_step: int = 2,
-    temperature: float = 0.1,
-    seed: int = 0,
-    held_out_pairs: int = 16,
+    settings: EstimatorSettings = EstimatorSettings(),
     on_step: Callable[[int, float], None] | None = None,
 ) -> EstimatorTrainingResult:
     """Tune a residual patch head on augmented views of ``photos``.
@@ -201,8 +218,7 @@ def train_patch_estimator(
             is trained further (the input is never modified).
         base_id: how the loader will find the base again (stored in the saved file).
         photos: ``[R, 3, H, W]`` RGB in 0..1, on the device to train on.
-        steps: optimisation steps (0 = measure only, return the backbone untuned).
-        resolution: square view side (rounded to the patch grid).
+        settings: steps, learning rate, view size and seeds.
         on_step: called after every step with ``(step, loss)``; it may raise to interrupt.
 
     Returns:
@@ -220,26 +236,30 @@ def train_patch_estimator(
         with torch.no_grad():
             channels = backbone(torch.zeros(1, 3, probe, probe, device=backbone.device)).shape[1]
         tuned = TunedPatchBackbone(backbone, base_id, channels).to(backbone.device)
-    size = max(1, round(resolution / tuned.patch_size)) * tuned.patch_size
+    size = max(1, round(settings.resolution / tuned.patch_size)) * tuned.patch_size
     device = tuned.device
     photos = square_canvases(photos.to(device), size)  # once, not every step
 
     # Held-out views come from their own seed, so training never sees them.
     held_out = make_view_pairs(
-        photos, held_out_pairs, size, tuned.patch_size, torch.Generator().manual_seed(seed + 1_000_003)
+        photos,
+        settings.held_out_pairs,
+        size,
+        tuned.patch_size,
+        torch.Generator().manual_seed(settings.seed + 1_000_003),
     )
     accuracy_before = correspondence_accuracy(tuned.project, tuned.base_features, held_out)
 
-    generator = torch.Generator().manual_seed(seed)  # every draw uses it: the process's RNG is left alone
-    optimizer = torch.optim.AdamW(tuned.head.parameters(), lr=learning_rate, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed)  # every draw uses it: the process's RNG is left alone
+    optimizer = torch.optim.AdamW(tuned.head.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     losses = []
-    for step in range(steps):
-        pairs = make_view_pairs(photos, pairs_per_step, size, tuned.patch_size, generator)
+    for step in range(settings.steps):
+        pairs = make_view_pairs(photos, settings.pairs_per_step, size, tuned.patch_size, generator)
         base = tuned.base_features(torch.stack([view for pair in pairs for view in (pair.view_a, pair.view_b)]))
         features = tuned.project(base)
         loss = torch.stack(
             [
-                dense_info_nce(features[2 * i], features[2 * i + 1], pair.source, pair.target, temperature)
+                dense_info_nce(features[2 * i], features[2 * i + 1], pair.source, pair.target, settings.temperature)
                 for i, pair in enumerate(pairs)
                 if len(pair.source)
             ]

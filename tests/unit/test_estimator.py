@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from prefpersonalize.pure.backbone import EfficientNetLitePatchBackbone, apply_tuned_head, read_tuned_head
 from prefpersonalize.trainers.estimator import (
+    EstimatorSettings,
     dense_info_nce,
     make_view_pairs,
     patch_correspondences,
@@ -74,7 +75,9 @@ def test_view_pairs_have_matches(backbone):
 
 
 def test_tuning_raises_held_out_correspondence_accuracy(backbone, tmp_path):
-    result = train_patch_estimator(backbone, "built-in", photos(), steps=30, learning_rate=4e-3, resolution=160, seed=0)
+    result = train_patch_estimator(
+        backbone, "built-in", photos(), EstimatorSettings(steps=30, learning_rate=4e-3, resolution=160, seed=0)
+    )
     assert result.accuracy_after > result.accuracy_before + 0.08, (result.accuracy_before, result.accuracy_after)
     assert result.losses[-1] < result.losses[0]
 
@@ -89,14 +92,14 @@ def test_tuning_raises_held_out_correspondence_accuracy(backbone, tmp_path):
 
 def test_zero_steps_is_the_base_and_input_is_never_modified(backbone):
     images = photos()[:1]
-    untouched = train_patch_estimator(backbone, "built-in", images, steps=0, held_out_pairs=2)
+    untouched = train_patch_estimator(backbone, "built-in", images, EstimatorSettings(steps=0, held_out_pairs=2))
     assert untouched.accuracy_after == untouched.accuracy_before and untouched.losses == []
     probe = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(untouched.backbone(probe), backbone(probe).float())
 
-    first = train_patch_estimator(backbone, "built-in", images, steps=3, held_out_pairs=2)
+    first = train_patch_estimator(backbone, "built-in", images, EstimatorSettings(steps=3, held_out_pairs=2))
     head_before = {k: v.clone() for k, v in first.backbone.head.state_dict().items()}
-    train_patch_estimator(first.backbone, "built-in", images, steps=3, held_out_pairs=2)
+    train_patch_estimator(first.backbone, "built-in", images, EstimatorSettings(steps=3, held_out_pairs=2))
     for key, value in first.backbone.head.state_dict().items():
         torch.testing.assert_close(value, head_before[key])
 
