@@ -7,7 +7,7 @@ PORT ?= 8188
 CURRENT_TARBALL ?= ../shared/comfyui/ComfyUI-0.33.0.tar.gz
 CURRENT_TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 
-.PHONY: env test unit test-current lint format demo serve clean
+.PHONY: env test unit check test-current lint format demo serve clean
 
 env:
 	@bash scripts/bootstrap.sh
@@ -17,6 +17,10 @@ test: env
 
 unit: env
 	$(PY) -m pytest tests/unit
+
+# Before a commit: the lint gate and the fast tiers (no server, no browser, nothing slow).
+check: lint
+	$(PY) -m pytest tests -m "not server and not browser and not slow" -q
 
 # The whole suite again on the current ComfyUI, in its own .venv-current and .comfyui-current.
 test-current:

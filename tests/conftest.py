@@ -1,9 +1,9 @@
 """Shared test setup: import paths, the real ComfyUI server fixture and artifact folders.
 
-- the pack is imported as the package ``prefpersonalize`` (``prefpersonalize.pure``, ``prefpersonalize.comfy_glue``,
-  ``prefpersonalize.nodes``; see ``harness.register_pack``), and the dev tooling as ``harness`` from
-  ``dev/``. The repository root is never put on ``sys.path``: its ``nodes`` package would
-  shadow ComfyUI's ``nodes`` module.
+- the pack is imported as the package ``prefpersonalize`` (``prefpersonalize.pure``,
+  ``prefpersonalize.trainers``, ...; see ``harness.register_pack``), and the dev tooling as
+  ``harness`` from ``dev/`` (``pythonpath`` in pytest.ini). The repository root is never put on
+  ``sys.path``: its ``nodes`` package would shadow ComfyUI's ``nodes`` module.
 - The ``comfy_server`` fixture starts one real ComfyUI per test session with this pack linked
   into its ``custom_nodes/``; its log is copied to ``test_artifacts/`` at the end.
 - Tests that need ComfyUI skip cleanly where there is none (``make test`` always has one).
@@ -18,17 +18,14 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEV = os.path.join(REPO_ROOT, "dev")
-if DEV not in sys.path:
-    sys.path.insert(0, DEV)
-
-import harness  # noqa: E402
+import harness  # tests/pytest.ini puts dev/ on the path
 
 harness.register_pack()
 
 from harness.comfy_server import ComfyServer, comfyui_path  # noqa: E402
 from harness.workflows import provide_workflow_models, workflow_paths  # noqa: E402
+
+REPO_ROOT = harness.REPO_ROOT
 
 ARTIFACTS = os.path.join(REPO_ROOT, "test_artifacts")
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -46,13 +43,6 @@ def pytest_collection_modifyitems(config, items):
         missing["comfy"] = missing["server"] = str(error)
     if shutil.which("chromium") is None:
         missing["browser"] = "no chromium on PATH (make env installs it)"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            missing["gpu"] = "no CUDA device"
-    except ImportError:
-        missing["gpu"] = "no torch"
     for item in items:
         for marker, fixture in TIER_FIXTURES.items():
             if fixture in item.fixturenames and item.get_closest_marker(marker) is None:

@@ -23,14 +23,23 @@ def test_mean_pairwise_cosine_hand_computed():
         mean_pairwise_cosine(torch.ones(1, 3), torch.ones(1, 4))
 
 
-def test_identical_images_score_one_with_a_real_backbone():
+def test_real_backbone_ranks_a_near_copy_above_another_subject():
+    """DINO-style similarity with real ImageNet weights: the cat photo, shifted and mirrored,
+    stays closer to itself than to the coffee photo, and embedding it alone or in a batch gives
+    the same vector (an eval-mode backbone)."""
+    from skimage import data
+
+    def crop(array):
+        return dreambench_crop(torch.from_numpy(array.copy()).float().div(255).permute(2, 0, 1).unsqueeze(0))
+
+    cat, coffee = crop(data.chelsea()), crop(data.coffee())
+    near_copy = crop(data.chelsea()[10:, 12:][:, ::-1])
     backbone = EfficientNetLitePatchBackbone.from_package()
-    images = dreambench_crop(torch.rand(2, 3, 300, 400))
-    assert images.shape == (2, 3, 224, 224)
     with torch.no_grad():
-        embeddings, other = backbone.embed(images[:1]), backbone.embed(images[1:])
-    assert mean_pairwise_cosine(embeddings, embeddings) == pytest.approx(1.0, abs=1e-5)
-    assert mean_pairwise_cosine(embeddings, other) < 1.0
+        alone = backbone.embed(cat)
+        batch = backbone.embed(torch.cat([cat, near_copy, coffee]))
+    assert mean_pairwise_cosine(alone, batch[:1]) == pytest.approx(1.0, abs=1e-5)
+    assert mean_pairwise_cosine(alone, batch[1:2]) > mean_pairwise_cosine(alone, batch[2:]) + 0.1
 
 
 def test_table_with_before_after_and_delta():
