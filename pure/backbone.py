@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .errors import InputError
 from .files import write_atomically
@@ -149,7 +150,7 @@ class Dinov2PatchBackbone(PatchBackbone):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         tokens = self._tokens(images)[:, self.num_prefix_tokens :]
-        return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid_h, grid_w)
+        return rearrange(tokens, "b (h w) c -> b c h w", h=grid_h, w=grid_w)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The class token after the final layer norm (what DINO image similarity uses)."""
@@ -264,7 +265,7 @@ class ClipVisionPatchBackbone(PatchBackbone):
         grid = math.isqrt(tokens.shape[1])
         tokens = tokens[:, tokens.shape[1] - grid * grid :]  # drop the class (and register) tokens
         self.patch_size = self.fixed_input_size // grid
-        return tokens.transpose(1, 2).reshape(images.shape[0], -1, grid, grid).float()
+        return rearrange(tokens, "b (h w) c -> b c h w", h=grid, w=grid).float()
 
 
 # --- a backbone tuned for patch matching ---------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .backbone import PatchBackbone, extract_patch_features
 from .errors import InputError
@@ -72,21 +73,20 @@ def best_match_quality(
     Raises:
         InputError: when no reference patch lies inside the mask.
     """
-    channels = generated.shape[1]
-    reference_patches = references.permute(0, 2, 3, 1).reshape(-1, channels)
+    reference_patches = rearrange(references, "r c h w -> (r h w) c")
     if reference_weights is not None:
-        keep = reference_weights.reshape(-1) >= min_coverage
+        keep = rearrange(reference_weights, "r h w -> (r h w)") >= min_coverage
         reference_patches = reference_patches[keep]
     if reference_patches.shape[0] == 0:
         raise InputError("the subject mask covers no reference patch; paint a larger mask or leave it empty")
     centre = reference_patches.mean(dim=0)
     reference_patches = F.normalize(reference_patches - centre, dim=1)
     batch, _, height, width = generated.shape
-    generated_patches = F.normalize(generated.permute(0, 2, 3, 1).reshape(batch, -1, channels) - centre, dim=2)
+    generated_patches = F.normalize(rearrange(generated, "b c h w -> b (h w) c") - centre, dim=2)
     best = torch.empty(batch, height * width, device=generated.device)
     for index in range(batch):  # one image at a time bounds the similarity matrix's memory
         best[index] = (generated_patches[index] @ reference_patches.T).amax(dim=1)
-    return best.clamp(0, 1).reshape(batch, height, width)
+    return rearrange(best.clamp(0, 1), "b (h w) -> b h w", h=height, w=width)
 
 
 def score_patches(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import kornia
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..pure.backbone import PatchBackbone, TunedPatchBackbone
 from ..pure.errors import InputError
@@ -134,7 +135,7 @@ def make_view_pairs(
 
 def _flat(features: torch.Tensor) -> torch.Tensor:
     """``[C, h, w]`` -> ``[h * w, C]``, L2-normalised."""
-    return F.normalize(features.flatten(1).T, dim=1)
+    return F.normalize(rearrange(features, "c h w -> (h w) c"), dim=1)
 
 
 def dense_info_nce(
