@@ -16,7 +16,7 @@ from ..pure.backbone import TunedPatchBackbone
 from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem
 from ..trainers.estimator import EstimatorSettings, train_patch_estimator
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
@@ -87,6 +87,7 @@ class TrainPatchQualityEstimator(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, references, steps, learning_rate, resolution, seed, save_name) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             photos = image_input_to_rgb(references, "references", cls.TITLE)
             stem = sanitize_file_stem(save_name) if save_name.strip() else ""
             if save_name.strip() and not stem:

@@ -9,9 +9,8 @@ from comfy_api.v0_0_2 import io, ui
 from ..comfy_glue.devices import on_compute_device
 from ..comfy_glue.focus import strip_progress
 from ..pure.drawing import overlay_heat
-from ..pure.errors import InputError
 from ..pure.focus import blend_focus, compute_focus_maps, focus_strips
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .inputs import image_input_to_rgb
 from .types import CATEGORY, PatchBackbone
 
@@ -21,6 +20,7 @@ STRIP_FRAME_SIZE = 256
 
 class FocusRegions(io.ComfyNode):
     TITLE = "Focus Regions"
+    ORDERED_INPUTS = (("gate_start", "gate_end"),)
 
     @classmethod
     def define_schema(cls):
@@ -136,10 +136,9 @@ class FocusRegions(io.ComfyNode):
         model=None,
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             generated_rgb = image_input_to_rgb(generated, "generated", cls.TITLE)
             references_rgb = image_input_to_rgb(references, "references", cls.TITLE)
-            if gate_end < gate_start:
-                raise InputError(f"gate_end ({gate_end}) is below gate_start ({gate_start}); swap them.")
             if subject_masks is not None and subject_masks.ndim == 2:
                 subject_masks = subject_masks.unsqueeze(0)
             hint = "Paint each subject mask so it covers part of its reference image, or disconnect subject_masks."

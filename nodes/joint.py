@@ -17,13 +17,14 @@ from ..comfy_glue.joint import apply_joint_attention, sample_joint, self_attenti
 from ..pure.errors import InputError
 from ..pure.images import fit_to_size
 from ..pure.joint_attention import BLOCK_NAMES, MODES, POSITIONS, JointAttentionSettings, check_strength
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
 
 
 class JointAttention(io.ComfyNode):
     TITLE = "Joint Attention"
+    ORDERED_INPUTS = (("start_percent", "end_percent"),)
 
     @classmethod
     def define_schema(cls):
@@ -136,12 +137,11 @@ class JointAttention(io.ComfyNode):
         reference_positions="offset",
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             try:
                 check_strength(mode, strength)
             except InputError as error:
                 raise InputError(f"{error}.") from error
-            if start_percent > end_percent:
-                raise InputError(f"start_percent {start_percent} is after end_percent {end_percent}; swap them.")
             chosen = [
                 name for name, on in zip(BLOCK_NAMES, (input_blocks, middle_block, output_blocks), strict=True) if on
             ]
@@ -308,6 +308,7 @@ class JointSampler(io.ComfyNode):
         subject_mask=None,
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             self_attention_blocks(model)  # raises for models without supported attention
             if new_images < 1:
                 raise InputError(f"new_images is {new_images}; set it to at least 1.")

@@ -12,7 +12,7 @@ from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem
 from ..pure.images import fit_to_size
 from ..pure.pairs import load_pairs, merge_pairs, preview_grid, rank_pairs, save_pairs
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .inputs import image_input_fitted, image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchQuality, PreferencePairsType
 
@@ -73,6 +73,7 @@ class PairsFromRankedCandidates(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, candidates, patch_quality, pairing, margin, references=None) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             images = image_input_to_rgb(candidates, "candidates", cls.TITLE)
             quality = patch_quality.quality
             if quality.shape[0] != images.shape[0] or tuple(patch_quality.image_size) != tuple(images.shape[-2:]):

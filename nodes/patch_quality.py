@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..comfy_glue.devices import on_compute_device
 from ..pure.drawing import overlay_heat
 from ..pure.patch_quality import score_patches
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .inputs import image_input_to_rgb, optional_mask
 from .types import CATEGORY, PatchBackbone, PatchQuality
 
@@ -83,6 +83,7 @@ class PatchQualityScore(io.ComfyNode):
     @classmethod
     def execute(cls, backbone, generated, references, resolution, overlay_opacity, subject_mask=None) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, locals())
             generated_rgb = image_input_to_rgb(generated, "generated", cls.TITLE)
             references_rgb = image_input_to_rgb(references, "references", cls.TITLE)
             subject_mask = optional_mask(

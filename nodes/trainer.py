@@ -25,7 +25,7 @@ from ..trainers.lora_adapters import LORA_MODES
 from ..trainers.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
 from ..trainers.losses import LOSS_MODES
 from ..trainers.timesteps import TIMESTEP_SAMPLING
-from .errors import node_errors
+from .errors import check_number_inputs, node_errors
 from .types import CATEGORY, PreferencePairsType
 
 TRAIN_COMMAND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_dpo.py")
@@ -156,6 +156,7 @@ OPTIONAL_TRAINING_OPTIONS = (
 
 class DPOLoraTrainer(io.ComfyNode):
     TITLE = "DPO LoRA Trainer"
+    ORDERED_INPUTS = (("timestep_start", "timestep_end"),)
 
     @classmethod
     def define_schema(cls):
@@ -226,8 +227,7 @@ class DPOLoraTrainer(io.ComfyNode):
         resume_lora=None,
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
-            if timestep_end <= timestep_start:
-                raise InputError(f"timestep_end ({timestep_end}) must be above timestep_start ({timestep_start}).")
+            check_number_inputs(cls, locals())
             if len(pairs) == 0:
                 raise InputError("the pair set is empty; build pairs first.")
         prefix = sanitize_file_stem(save_prefix) or "dpo_lora"
@@ -331,6 +331,7 @@ def model_files() -> list[str]:
 
 class ExportTrainingJob(io.ComfyNode):
     TITLE = "Export Training Job"
+    ORDERED_INPUTS = DPOLoraTrainer.ORDERED_INPUTS
 
     @classmethod
     def define_schema(cls):
@@ -370,6 +371,7 @@ class ExportTrainingJob(io.ComfyNode):
     @classmethod
     def execute(cls, pairs, model, model_file, name, layout, **options) -> io.NodeOutput:
         with node_errors(cls.TITLE):
+            check_number_inputs(cls, options)
             if len(pairs) == 0:
                 raise InputError("the pair set is empty; build pairs first.")
             folder, _, file = model_file.partition("/")
