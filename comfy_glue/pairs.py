@@ -4,13 +4,14 @@ pair sets are saved to."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import folder_paths
 import torch
 
 from ..pure.focus import local_entropy
 from ..pure.images import maps_to_grid
-from ..pure.pairs import PreferencePairs, thumbnails
+from ..pure.pairs import PairMaps, PreferencePairs, thumbnails
 
 PAIRS_SUBFOLDER = "preference_pairs"
 
@@ -31,49 +32,59 @@ def encode(vae, images_rgb: torch.Tensor) -> torch.Tensor:
     return vae.encode(images_rgb.movedim(1, -1)).float().cpu()
 
 
+@dataclass(frozen=True)
+class PairSide:
+    """One side of N pairs: pair i takes ``images[index[i]]`` (``images`` ``[B, 3, H, W]``)."""
+
+    images: torch.Tensor
+    index: list[int]
+
+
+@dataclass(frozen=True)
+class ImageMaps:
+    """Per-pair maps ``[N, H, W]`` at image size, as the builders know them; None means 1."""
+
+    winner_weights: torch.Tensor | None = None
+    loser_weights: torch.Tensor | None = None
+    loser_quality: torch.Tensor | None = None
+
+
 def build_pairs(
+    *,
     vae,
     positive,
-    winner_images: torch.Tensor,
-    winner_index: list[int],
-    loser_images: torch.Tensor,
-    loser_index: list[int],
-    winner_quality,
-    loser_quality,
-    winner_weights,
-    loser_weights,
+    winners: PairSide,
+    losers: PairSide,
+    maps: ImageMaps,
     metadata: list[dict],
     references: torch.Tensor | None = None,
 ) -> PreferencePairs:
-    """Assemble a pair set: pair i is ``winner_images[winner_index[i]]`` against
-    ``loser_images[loser_index[i]]`` (``[B, 3, H, W]`` batches of one size). Each image is encoded,
-    measured and thumbnailed once however many pairs it is in. Maps are per pair, ``[N, H, W]``
-    at image size (or None = 1); ``references`` are reference photos ``[R, 3, H, W]`` of that size."""
-    winners, losers = encode(vae, winner_images), encode(vae, loser_images)
-    grid = tuple(winners.shape[-2:])
-    count = len(winner_index)
+    """Assemble a pair set of ``winners`` against ``losers`` (images of one size), all with the
+    conditioning ``positive``. Each image is encoded, measured and thumbnailed once however many
+    pairs it is in; ``maps`` are pooled onto the latent grid; ``references`` are reference photos
+    ``[R, 3, H, W]`` of the pairs' size."""
+    winner_latents, loser_latents = encode(vae, winners.images), encode(vae, losers.images)
+    grid = tuple(winner_latents.shape[-2:])
+    count = len(winners.index)
     reference_latents = None if references is None else encode(vae, references)
 
-    def grid_map(maps):
-        return torch.ones(count, *grid) if maps is None else maps_to_grid(maps.cpu(), grid).clamp(0, 1)
-
-    def complexity(images):
-        return maps_to_grid(local_entropy(images).cpu(), grid)
+    def grid_map(image_maps):
+        return torch.ones(count, *grid) if image_maps is None else maps_to_grid(image_maps.cpu(), grid).clamp(0, 1)
 
     return PreferencePairs(
-        winners=winners[winner_index],
-        losers=losers[loser_index],
+        winners=winner_latents[winners.index],
+        losers=loser_latents[losers.index],
         conditionings=[positive],
         condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=grid_map(winner_weights),
-        loser_weights=grid_map(loser_weights),
-        winner_quality=grid_map(winner_quality),
-        loser_quality=grid_map(loser_quality),
-        winner_complexity=complexity(winner_images)[winner_index],
-        loser_complexity=complexity(loser_images)[loser_index],
-        thumbnails_winner=thumbnails(winner_images)[winner_index],
-        thumbnails_loser=thumbnails(loser_images)[loser_index],
+        maps=PairMaps(
+            winner_weights=grid_map(maps.winner_weights),
+            loser_weights=grid_map(maps.loser_weights),
+            loser_quality=grid_map(maps.loser_quality),
+            loser_complexity=maps_to_grid(local_entropy(losers.images).cpu(), grid)[losers.index],
+        ),
+        thumbnails_winner=thumbnails(winners.images)[winners.index],
+        thumbnails_loser=thumbnails(losers.images)[losers.index],
         metadata=metadata,
-        latent_channels=int(winners.shape[1]),
+        latent_channels=int(winner_latents.shape[1]),
         references=reference_latents,
     )

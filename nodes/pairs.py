@@ -7,7 +7,7 @@ import os
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..comfy_glue.pairs import build_pairs, pairs_folder, saved_pair_files
+from ..comfy_glue.pairs import ImageMaps, PairSide, build_pairs, pairs_folder, saved_pair_files
 from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem
 from ..pure.images import fit_to_size
@@ -94,18 +94,15 @@ class PairsFromRankedCandidates(io.ComfyNode):
         ]
         return io.NodeOutput(
             build_pairs(
-                vae,
-                positive,
-                images,
-                w_index,
-                images,
-                l_index,
-                maps[w_index],
-                maps[l_index],
-                maps[w_index],
-                1.0 - maps[l_index],
-                metadata,
-                reference_images,
+                vae=vae,
+                positive=positive,
+                winners=PairSide(images, w_index),
+                losers=PairSide(images, l_index),
+                maps=ImageMaps(
+                    winner_weights=maps[w_index], loser_weights=1.0 - maps[l_index], loser_quality=maps[l_index]
+                ),
+                metadata=metadata,
+                references=reference_images,
             )
         )
 
@@ -159,18 +156,15 @@ class PairsFromRealPhotos(io.ComfyNode):
         photo_index = [i % photos.shape[0] for i in range(count)]  # photos are cycled
         return io.NodeOutput(
             build_pairs(
-                vae,
-                positive,
-                photos,
-                photo_index,
-                losers,
-                list(range(count)),
-                None,
-                loser_quality,
-                None,
-                None if loser_quality is None else 1.0 - loser_quality,
-                metadata,
-                reference_images,
+                vae=vae,
+                positive=positive,
+                winners=PairSide(photos, photo_index),
+                losers=PairSide(losers, list(range(count))),
+                maps=ImageMaps(
+                    loser_weights=None if loser_quality is None else 1.0 - loser_quality, loser_quality=loser_quality
+                ),
+                metadata=metadata,
+                references=reference_images,
             )
         )
 
@@ -227,18 +221,15 @@ class PairsFromArtistChoice(io.ComfyNode):
         metadata = [{"source": "artist", "difficulty": "normal"} for _ in range(count)]
         return io.NodeOutput(
             build_pairs(
-                vae,
-                positive,
-                winners,
-                [i % winners.shape[0] for i in range(count)],
-                losers,
-                [i % losers.shape[0] for i in range(count)],
-                None,
-                None if bad is None else 1.0 - bad,
-                good,
-                bad,
-                metadata,
-                reference_images,
+                vae=vae,
+                positive=positive,
+                winners=PairSide(winners, [i % winners.shape[0] for i in range(count)]),
+                losers=PairSide(losers, [i % losers.shape[0] for i in range(count)]),
+                maps=ImageMaps(
+                    winner_weights=good, loser_weights=bad, loser_quality=None if bad is None else 1.0 - bad
+                ),
+                metadata=metadata,
+                references=reference_images,
             )
         )
 

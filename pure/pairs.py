@@ -1,18 +1,19 @@
 """Preference pairs: what the DPO trainer learns from, and how they are built, merged and stored.
 
 A ``PreferencePairs`` set holds N pairs of same-size latents (unscaled, as the VAE returns
-them), each pair's conditioning, per-pair maps on the latent grid, optional reference latents
-and metadata. The nodes build them from images (they own the VAE); the rules that turn quality
-maps into weights live here so they are tested on tensors.
+them), each pair's conditioning, per-pair maps on the latent grid (``PairMaps``), optional
+reference latents and metadata. The nodes build them from images (they own the VAE).
 
-Weight rules: docs/algorithms.md, section 'Preference pairs and their maps'.
+Weight rules and the file format: docs/algorithms.md, section 'Preference pairs and their maps'.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import safetensors.torch
 import torch
@@ -26,7 +27,42 @@ from .files import write_all_atomically
 # Height of the thumbnails a pair set keeps for its preview.
 THUMBNAIL_HEIGHT = 128
 DIFFICULTIES = ("easy", "normal", "hard")
-FORMAT = "prefp-preference-pairs/1"
+# A pair file's JSON names its format as "<FORMAT_NAME>/<version>". Version 1 also stored
+# winner_quality and winner_complexity maps, which nothing read: they are ignored on loading.
+# Raise the version whenever the stored layout changes, so an older pack refuses the file
+# rather than misreading it.
+FORMAT_NAME = "prefp-preference-pairs"
+FORMAT_VERSION = 2
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+
+
+@dataclass
+class PairMaps:
+    """Per-pair maps on the latent grid, each ``[N, h, w]`` in [0, 1].
+
+    Attributes:
+        winner_weights, loser_weights: loss weights (1 where unknown).
+        loser_quality: the loser's patch quality (1 where unknown), read by ``patchdpo_paper``
+            and ``focus_dpo``.
+        loser_complexity: the loser's local entropy, ``focus_dpo``'s other input.
+    """
+
+    winner_weights: torch.Tensor
+    loser_weights: torch.Tensor
+    loser_quality: torch.Tensor
+    loser_complexity: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The maps by field name (``dataclasses.asdict`` would deep-copy the tensors)."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    def apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> PairMaps:
+        """``function`` of every map, e.g. ``lambda m: m[indices]`` or a move to a device."""
+        return PairMaps(**{name: function(value) for name, value in self.as_dict().items()})
+
+    def joined(self, other: PairMaps) -> PairMaps:
+        """These pairs' maps, then ``other``'s."""
+        return PairMaps(**{name: torch.cat([value, getattr(other, name)]) for name, value in self.as_dict().items()})
 
 
 @dataclass
@@ -37,31 +73,23 @@ class PreferencePairs:
         winners, losers: ``[N, C, h, w]`` latents as the VAE returns them (unscaled).
         conditionings: the distinct ComfyUI CONDITIONING lists used by the pairs.
         condition_index: ``[N]`` index into ``conditionings`` for each pair.
-        winner_weights, loser_weights: ``[N, h, w]`` loss weights (1 where unknown).
-        winner_quality, loser_quality: ``[N, h, w]`` patch quality in [0, 1] (1 where unknown).
-        winner_complexity, loser_complexity: ``[N, h, w]`` local entropy in [0, 1].
+        maps: the per-pair weight, quality and complexity maps ``[N, h, w]``.
         thumbnails_winner, thumbnails_loser: ``[N, 3, th, tw]`` small RGB previews in 0..1.
-        references: optional ``[R, C, h, w]`` reference latents (joint-set training).
         metadata: per pair: ``source``, ``difficulty`` (easy/normal/hard), scores, sizes.
         latent_channels: channel count of the VAE that made the latents (family check).
+        references: optional ``[R, C, h, w]`` reference latents (joint-set training).
     """
 
     winners: torch.Tensor
     losers: torch.Tensor
     conditionings: list
     condition_index: torch.Tensor
-    winner_weights: torch.Tensor
-    loser_weights: torch.Tensor
-    winner_quality: torch.Tensor
-    loser_quality: torch.Tensor
-    winner_complexity: torch.Tensor
-    loser_complexity: torch.Tensor
+    maps: PairMaps
     thumbnails_winner: torch.Tensor
     thumbnails_loser: torch.Tensor
     metadata: list[dict]
     latent_channels: int
     references: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.winners.shape[0]
@@ -80,15 +108,7 @@ class PreferencePairs:
                 f"winner latents {tuple(self.winners.shape)} and loser latents "
                 f"{tuple(self.losers.shape)} differ in size"
             )
-        for name in (
-            "winner_weights",
-            "loser_weights",
-            "winner_quality",
-            "loser_quality",
-            "winner_complexity",
-            "loser_complexity",
-        ):
-            value = getattr(self, name)
+        for name, value in self.maps.as_dict().items():
             if tuple(value.shape) != (n, *self.latent_size):
                 raise InputError(f"{name} has shape {tuple(value.shape)}, expected {(n, *self.latent_size)}")
         if not (torch.isfinite(self.winners).all() and torch.isfinite(self.losers).all()):
@@ -101,8 +121,8 @@ class PreferencePairs:
                 )
             if not torch.isfinite(self.references).all():
                 raise InputError("the reference latents contain NaN or infinite values")
-        if len(self.metadata) != n or self.condition_index.shape[0] != n:
-            raise InputError("metadata or conditioning count does not match the number of pairs")
+        if len(self.metadata) != n or any(getattr(self, name).shape[0] != n for name in _TENSOR_FIELDS):
+            raise InputError("metadata, conditioning or thumbnail count does not match the number of pairs")
 
     def difficulty_indices(self) -> dict[str, list[int]]:
         groups = {name: [] for name in DIFFICULTIES}
@@ -134,12 +154,7 @@ def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePa
         losers=cat([first.losers, second.losers]),
         conditionings=first.conditionings + second.conditionings,
         condition_index=cat([first.condition_index, second.condition_index + len(first.conditionings)]),
-        winner_weights=cat([first.winner_weights, second.winner_weights]),
-        loser_weights=cat([first.loser_weights, second.loser_weights]),
-        winner_quality=cat([first.winner_quality, second.winner_quality]),
-        loser_quality=cat([first.loser_quality, second.loser_quality]),
-        winner_complexity=cat([first.winner_complexity, second.winner_complexity]),
-        loser_complexity=cat([first.loser_complexity, second.loser_complexity]),
+        maps=first.maps.joined(second.maps),
         thumbnails_winner=cat([first.thumbnails_winner, thumbs(second.thumbnails_winner)]),
         thumbnails_loser=cat([first.thumbnails_loser, thumbs(second.thumbnails_loser)]),
         metadata=first.metadata + second.metadata,
@@ -185,19 +200,10 @@ def rank_pairs(scores: list[float], pairing: str = "best_vs_worst", margin: floa
 
 # --- storage: safetensors for tensors, JSON for the rest -------------------------------------------
 
-_TENSORS = (
-    "winners",
-    "losers",
-    "condition_index",
-    "winner_weights",
-    "loser_weights",
-    "winner_quality",
-    "loser_quality",
-    "winner_complexity",
-    "loser_complexity",
-    "thumbnails_winner",
-    "thumbnails_loser",
-)
+# The pair set's tensor fields (winners, losers, condition_index, thumbnails), read off the
+# annotations so the field list is written once. Files store them and the maps under their field
+# names; references, which may be None, are stored when present.
+_TENSOR_FIELDS = tuple(name for name, hint in typing.get_type_hints(PreferencePairs).items() if hint is torch.Tensor)
 
 
 def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
@@ -205,8 +211,9 @@ def save_pairs(pairs: PreferencePairs, path_stem: str) -> tuple[str, str]:
     renames; nothing half-written is left on failure). Conditioning keeps each entry's tensor
     and ``pooled_output``; other conditioning keys are not stored (listed in the JSON)."""
     pairs.validate()
+    stored = {**{name: getattr(pairs, name) for name in _TENSOR_FIELDS}, **pairs.maps.as_dict()}
     # clone(): safetensors refuses tensors that share memory, as the maps of a pair set may.
-    tensors = {name: getattr(pairs, name).clone(memory_format=torch.contiguous_format) for name in _TENSORS}
+    tensors = {name: value.clone(memory_format=torch.contiguous_format) for name, value in stored.items()}
     if pairs.references is not None:
         tensors["references"] = pairs.references.contiguous()
     dropped = set()
@@ -263,8 +270,7 @@ def _read_pairs(tensor_path: str) -> PreferencePairs:
         raise InputError(f"{json_path} is missing; it is written next to the .safetensors by Save Preference Pairs")
     with open(json_path, encoding="utf-8") as handle:
         info = json.load(handle)
-    if info.get("format") != FORMAT:
-        raise InputError(f"{json_path} is not a preference-pair file (format {info.get('format')!r})")
+    _check_format(json_path, info.get("format"))
     tensors = safetensors.torch.load_file(tensor_path)
     conditionings = []
     for c_index, entries in enumerate(info["conditionings"]):
@@ -278,10 +284,23 @@ def _read_pairs(tensor_path: str) -> PreferencePairs:
         metadata=info["metadata"],
         latent_channels=int(info["latent_channels"]),
         references=tensors.get("references"),
-        **{name: tensors[name] for name in _TENSORS},
+        maps=PairMaps(**{item.name: tensors[item.name] for item in fields(PairMaps)}),
+        **{name: tensors[name] for name in _TENSOR_FIELDS},
     )
     pairs.validate()
     return pairs
+
+
+def _check_format(json_path: str, name) -> None:
+    """Accept every format version up to ``FORMAT_VERSION``; refuse newer ones and foreign files."""
+    prefix, _, version = str(name).partition("/")
+    if prefix != FORMAT_NAME or not version.isdigit() or int(version) < 1:
+        raise InputError(f"{json_path} is not a preference-pair file (format {name!r})")
+    if int(version) > FORMAT_VERSION:
+        raise InputError(
+            f"{os.path.basename(json_path)} was saved by a newer version of the pack (pair format "
+            f"{version}; this version reads up to {FORMAT_VERSION}); update ComfyUI-PrefPersonalize to load it"
+        )
 
 
 # --- looking at pairs ------------------------------------------------------------------------
@@ -317,8 +336,8 @@ def preview_grid(pairs: PreferencePairs, max_pairs: int) -> torch.Tensor:
             [
                 winner[0],
                 F.interpolate(loser, size=size, mode="area")[0],
-                heat(pairs.winner_weights),
-                heat(pairs.loser_weights),
+                heat(pairs.maps.winner_weights),
+                heat(pairs.maps.loser_weights),
             ]
         )
         rows.append(labelled_strip(frames, labels))

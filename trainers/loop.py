@@ -261,7 +261,7 @@ class DPOTrainer:
         config = self.config
         batch = len(indices)
         mode = config.loss_mode
-        maps = {name: value[indices] for name, value in self.batcher.maps.items()}
+        maps = self.batcher.maps.apply(lambda value: value[indices])
         with self.autocast:
             if mode == "patchdpo_paper":
                 reference = None
@@ -273,7 +273,7 @@ class DPOTrainer:
         model_w, model_l = errors[:batch], errors[batch:]
         zero = torch.zeros((), device=self.device)
         if mode == "patchdpo_paper":
-            loss = patchdpo_paper_loss(model_w, model_l, maps["winner_weights"], maps["loser_quality"])
+            loss = patchdpo_paper_loss(model_w, model_l, maps.winner_weights, maps.loser_quality)
             return {
                 "loss": loss,
                 "accuracy": zero,
@@ -286,13 +286,13 @@ class DPOTrainer:
         reference_errors = micro.errors(reference)
         weights_w = weights_l = None
         if mode == "patch_dpo":
-            weights_w, weights_l = maps["winner_weights"], maps["loser_weights"]
+            weights_w, weights_l = maps.winner_weights, maps.loser_weights
         elif mode == "focus_dpo":
             # FocusDPO's pairs are pixel-aligned, so both images take the loser's focus map.
             gate_start, gate_end, weight = config.focus_gate
             focus = blend_focus(
-                1.0 - maps["loser_quality"],
-                maps["loser_complexity"],
+                1.0 - maps.loser_quality,
+                maps.loser_complexity,
                 micro.percents.to(self.device),
                 gate_start,
                 gate_end,

@@ -97,10 +97,7 @@ class PairBatcher:
         self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
         self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
         # The per-pair maps the losses read, on the device once rather than every micro-batch.
-        self.maps = {
-            name: getattr(pairs, name).float().to(self.device)
-            for name in ("winner_weights", "loser_weights", "loser_quality", "loser_complexity")
-        }
+        self.maps = pairs.maps.apply(lambda value: value.float().to(self.device))
         self.references = None
         if has_joint_attention(patcher):
             if pairs.references is not None:

@@ -7,9 +7,9 @@ import torch
 
 def uniform_pairs(conditioning, winners: torch.Tensor, losers: torch.Tensor, weights=None, loser_quality=1.0):
     """Pairs of ``winners`` over ``losers`` ``[N, 4, h, w]``, all with ``conditioning``: weight
-    maps ``weights`` (broadcast to ``[N, h, w]``; default 1 everywhere), quality 1 (the losers'
-    ``loser_quality``), complexity 0.5, "easy" difficulty."""
-    from prefpersonalize.pure.pairs import PreferencePairs
+    maps ``weights`` (broadcast to ``[N, h, w]``; default 1 everywhere), the losers' quality
+    ``loser_quality``, their complexity 0.5, "easy" difficulty."""
+    from prefpersonalize.pure.pairs import PairMaps, PreferencePairs
 
     count, _, height, width = winners.shape
     ones = torch.ones(count, height, width)
@@ -19,12 +19,12 @@ def uniform_pairs(conditioning, winners: torch.Tensor, losers: torch.Tensor, wei
         losers=losers,
         conditionings=[conditioning],
         condition_index=torch.zeros(count, dtype=torch.long),
-        winner_weights=weights,
-        loser_weights=weights,
-        winner_quality=ones,
-        loser_quality=ones * loser_quality,
-        winner_complexity=ones * 0.5,
-        loser_complexity=ones * 0.5,
+        maps=PairMaps(
+            winner_weights=weights,
+            loser_weights=weights,
+            loser_quality=ones * loser_quality,
+            loser_complexity=ones * 0.5,
+        ),
         thumbnails_winner=torch.zeros(count, 3, 8, 8),
         thumbnails_loser=torch.zeros(count, 3, 8, 8),
         metadata=[{"source": "synthetic", "difficulty": "easy"}] * count,
