@@ -121,9 +121,11 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path):
+    """The tensor file is written whole before the JSON fails half-way (metadata it cannot
+    encode): neither file, nor a temporary, is left."""
     pairs = make_pairs(2)
-    pairs.winners[0, 0, 0, 0] = float("inf")
-    with pytest.raises(ValueError):
+    pairs.metadata[0] = {**pairs.metadata[0], "not_json": object()}
+    with pytest.raises(TypeError, match="not JSON serializable"):
         save_pairs(pairs, str(tmp_path / "bad"))
     assert os.listdir(tmp_path) == []
     with pytest.raises(InputError, match="json"):
