@@ -1,40 +1,28 @@
-"""JeDi joint-image sampling on ComfyUI: installing the joint attention patch, the attention
-kernels, image guidance, and sampling the joint batch with ComfyUI's own ``comfy.sample.sample``
-(a per-image noise mask), so every sampler, scheduler and other patch behaves as in KSampler.
+"""JeDi joint-image sampling on ComfyUI: installing joint attention (the UNet patch in
+``joint_unet.py``, the DiT one in ``joint_dit.py``), image guidance, and sampling the joint batch
+with ComfyUI's own ``comfy.sample.sample`` (a per-image noise mask), so every sampler, scheduler
+and other patch behaves as in KSampler.
 
 How it plugs into ComfyUI: docs/algorithms.md, section 'Joint-image sampling (JeDi)'.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy.ldm.modules.attention import (
-    SpatialTransformer,
-    SpatialVideoTransformer,
-    attention_basic,
-    attention_split,
-    attention_sub_quad,
-    optimized_attention,
-)
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..pure.errors import InputError
 from ..pure.images import maps_to_grid
-from ..pure.joint_attention import (
-    LAYOUT_KEY,
-    JointAttentionPatch,
-    JointAttentionSettings,
-    check_strength,
-    joint_layout,
-    sdpa_kernel,
-)
+from ..pure.joint_attention import LAYOUT_KEY, JointAttentionSettings, check_strength, joint_layout
 from ..pure.joint_sampling import image_guided_pair, joint_batch
-from .dit import DIT_FAMILIES, dit_blocks
+from .dit import DIT_FAMILIES, dit_blocks, is_dit
 from .joint_dit import apply_dit_joint_attention, dit_joint_blocks
+from .joint_unet import apply_unet_joint_attention, unet_attention_blocks, unet_joint_patches
 
 SUPPORTED_FAMILIES = (
     "SD1.x, SD2.x and SDXL checkpoints (and other UNet models built from SpatialTransformer self-attention "
@@ -42,42 +30,11 @@ SUPPORTED_FAMILIES = (
 )
 
 
-def comfy_attention(q, k, v, heads, extra_options):
-    """ComfyUI's own attention kernel (xformers, SDPA, sage, ... as the user chose)."""
-    return optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
-    )
-
-
-# ComfyUI's fallback kernels (chosen where it enables no fused one, e.g. on CPU). They are several
-# times slower than PyTorch's fused SDPA there and their memory grows with the key count, which
-# joint attention doubles; the targets' joint attention uses SDPA instead of them.
-UNFUSED_KERNEL = optimized_attention in (attention_sub_quad, attention_split, attention_basic)
-
-
-def joint_attention_kernel(q, k, v, heads, extra_options):
-    """Kernel for the targets' attention over own + reference tokens: ComfyUI's own when it is a
-    fused one (PyTorch SDPA, xformers, sage, flash) or overridden, PyTorch SDPA otherwise."""
-    if UNFUSED_KERNEL and "optimized_attention_override" not in extra_options:
-        return sdpa_kernel(q, k, v, heads, extra_options)
-    return comfy_attention(q, k, v, heads, extra_options)
-
-
 def self_attention_blocks(model) -> list:
-    """The blocks joint attention can patch: ``(block name, index)`` of every UNet block with image
-    self-attention (the keys of ComfyUI's ``attn1`` replacements), or a DiT's ``dit_blocks``.
-    Raises ``InputError`` for other models."""
-    unet = model.get_model_object("diffusion_model")
-    found = dit_blocks(unet)
-    if isinstance(unet, UNetModel):
-        middle = [unet.middle_block] if unet.middle_block is not None else []
-        for name, blocks in (("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)):
-            for index, block in enumerate(blocks):
-                if any(
-                    isinstance(layer, SpatialTransformer) and not isinstance(layer, SpatialVideoTransformer)
-                    for layer in block
-                ):
-                    found.append((name, index))
+    """The blocks joint attention can patch: a UNet's ``unet_attention_blocks`` or a DiT's
+    ``dit_blocks``. Raises ``InputError`` for other models."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    found = dit_blocks(diffusion_model) if is_dit(diffusion_model) else unet_attention_blocks(diffusion_model)
     if not found:
         raise InputError(
             f"this MODEL ({type(model.model).__name__}) has no self-attention blocks that joint attention "
@@ -87,45 +44,52 @@ def self_attention_blocks(model) -> list:
     return found
 
 
-def attn1_replacements(model) -> dict:
-    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-
-
-def joint_patches(model) -> list[JointAttentionPatch]:
-    """The Joint Attention patches on ``model``'s blocks (empty when it has none)."""
-    unet_patches = [patch for patch in attn1_replacements(model).values() if isinstance(patch, JointAttentionPatch)]
-    return unet_patches + [block.patch for block in dit_joint_blocks(model)]
+def joint_settings(model) -> JointAttentionSettings | None:
+    """The settings of the Joint Attention on ``model``, or None when it went through none."""
+    if is_dit(model.get_model_object("diffusion_model")):
+        patches = dit_joint_blocks(model)
+    else:
+        patches = unet_joint_patches(model)
+    return patches[0].settings if patches else None
 
 
 def has_joint_attention(model) -> bool:
-    """Whether the MODEL went through the Joint Attention node (its attn1 patch is on)."""
-    return bool(joint_patches(model))
+    """Whether the MODEL went through the Joint Attention node (its patch is on)."""
+    return joint_settings(model) is not None
 
 
 def apply_joint_attention(model, settings: JointAttentionSettings):
-    """A clone of ``model`` with the joint attention patch on the selected blocks.
+    """A clone of ``model`` with joint attention on the blocks ``settings`` chooses: a UNet's
+    ``attn1`` replacements (``apply_unet_joint_attention``) or a DiT's block replacements
+    (``apply_dit_joint_attention``). Other nodes' replacements are kept; an earlier Joint
+    Attention is replaced."""
+    blocks = self_attention_blocks(model)
+    if is_dit(model.get_model_object("diffusion_model")):
+        return apply_dit_joint_attention(model, settings, blocks)
+    return apply_unet_joint_attention(model, settings, blocks)
 
-    An ``attn1`` replacement already on a block (from another node) becomes the patch's
-    ``previous`` and keeps computing the plain attention; an earlier Joint Attention is
-    replaced (its own ``previous`` is kept). DiTs: ``apply_dit_joint_attention``."""
-    found = self_attention_blocks(model)
-    if isinstance(found[0][0], tuple):
-        return apply_dit_joint_attention(model, settings, found)
-    blocks = [key for key in found if key[0] in settings.blocks]
-    patched = model.clone()
-    existing = attn1_replacements(model)
 
-    def wrap(previous):
-        if isinstance(previous, JointAttentionPatch):
-            previous = previous.previous
-        return JointAttentionPatch(settings, comfy_attention, previous, joint_attention_kernel)
+@dataclass(frozen=True, kw_only=True)
+class JointSamplerSettings:
+    """What the Joint Sampler samples: KSampler's settings and the joint ones.
 
-    for name, index in blocks:
-        patched.set_model_attn1_replace(wrap(existing.get((name, index))), name, index)
-        for key, previous in existing.items():  # per-transformer replacements take precedence in ComfyUI
-            if len(key) == 3 and (key[0], key[1]) == (name, index):
-                patched.set_model_attn1_replace(wrap(previous), name, index, key[2])
-    return patched
+    Attributes:
+        new_images: how many new images (at least 1).
+        size: ``(height, width)`` of the new images in pixels.
+        seed, steps, cfg, sampler_name, scheduler: as in KSampler.
+        image_guidance: image guidance s (1 = plain joint sampling; see ``ImageGuidance``).
+        strength: joint attention strength, multiplied by a Joint Attention node's on the model.
+    """
+
+    new_images: int
+    size: tuple[int, int]
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    image_guidance: float = 1.0
+    strength: float = 1.0
 
 
 def layout_without_references(model_options: dict) -> dict:
@@ -161,28 +125,38 @@ class ImageGuidance:
         return [cond, out[1] if guided_uncond is None else guided_uncond, *out[2:]]
 
 
+def joint_strength(existing: JointAttentionSettings | None, strength: float) -> float:
+    """The sampler's ``strength`` times that of a Joint Attention node before it (``existing``),
+    checked against the node's mode (``InputError`` when out of range)."""
+    mode = "joint" if existing is None else existing.mode
+    if existing is not None:  # a Joint Attention node before the sampler: both strengths count
+        strength = strength * existing.strength
+    try:
+        check_strength(mode, strength)
+    except InputError as error:
+        raise InputError(
+            f"{error} (the mode is set on the Joint Attention node; with one, the strength is the "
+            "product of both nodes' strengths)."
+        ) from error
+    return strength
+
+
 def sample_joint(
     model,
     positive,
     negative,
-    new_images: int,
-    size: tuple[int, int],
-    seed: int,
-    steps: int,
-    cfg: float,
-    sampler_name: str,
-    scheduler: str,
-    image_guidance: float,
-    strength: float,
+    *,
+    settings: JointSamplerSettings,
     encode=None,
     references: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``new_images`` of ``size`` (height, width) in one joint batch with ``references``.
+    """Sample ``settings.new_images`` of ``settings.size`` in one joint batch with ``references``.
 
     Args:
-        model: the MODEL; a Joint Attention patch on it sets the mode and multiplies ``strength``.
-        encode: the VAE's ``encode``, for ``references`` ``[R, H, W, 3]`` already fitted to ``size``.
+        model: the MODEL; a Joint Attention patch on it sets the mode and multiplies the strength.
+        settings: the sampler's settings.
+        encode: the VAE's ``encode``, for ``references`` ``[R, H, W, 3]`` already fitted to the size.
         masks: subject masks ``[R, H, W]`` at image size (one per reference), or None.
 
     Returns:
@@ -192,20 +166,12 @@ def sample_joint(
     Raises:
         InputError: a strength outside the mode's range, a VAE of another latent family.
     """
-    existing = joint_patches(model)
-    mode = existing[0].settings.mode if existing else "joint"
-    if existing:  # a Joint Attention node before the sampler: both strengths count
-        strength = strength * existing[0].settings.strength
-    try:
-        check_strength(mode, strength)
-    except InputError as error:
-        raise InputError(
-            f"{error} (the mode is set on the Joint Attention node; with one, the strength is the "
-            "product of both nodes' strengths)."
-        ) from error
-    height, width = size
-    targets = comfy.sample.fix_empty_latent_channels(model, torch.zeros([new_images, 4, height // 8, width // 8]))
-    target_noise = comfy.sample.prepare_noise(targets, seed)
+    existing = joint_settings(model)
+    strength = joint_strength(existing, settings.strength)
+    height, width = settings.size
+    empty = torch.zeros([settings.new_images, 4, height // 8, width // 8])
+    targets = comfy.sample.fix_empty_latent_channels(model, empty)
+    target_noise = comfy.sample.prepare_noise(targets, settings.seed)
     patched = model.clone()
     if references is None:
         patched.model_options["transformer_options"][LAYOUT_KEY] = joint_layout(0)
@@ -218,18 +184,19 @@ def sample_joint(
                 f"samples {tuple(targets.shape[1:])}; use the VAE that belongs to the checkpoint."
             )
         count = reference_latents.shape[0]
-        reference_noise = comfy.sample.prepare_noise(reference_latents, (seed + 1) % 2**64)
+        reference_noise = comfy.sample.prepare_noise(reference_latents, (settings.seed + 1) % 2**64)
         latent, noise, mask = joint_batch(reference_latents, target_noise, reference_noise)
         if masks is not None:
             masks = maps_to_grid(masks, tuple(latent.shape[-2:])).contiguous()
-        if strength != 0 and not existing:
+        if strength != 0 and existing is None:
             patched = apply_joint_attention(patched, JointAttentionSettings(strength=strength))
         patched.model_options["transformer_options"][LAYOUT_KEY] = joint_layout(count, strength, masks)
-        if image_guidance != 1.0 and strength != 0:
+        if settings.image_guidance != 1.0 and strength != 0:
             previous = patched.model_options.get("sampler_calc_cond_batch_function")
-            patched.model_options["sampler_calc_cond_batch_function"] = ImageGuidance(image_guidance, previous)
+            guidance = ImageGuidance(settings.image_guidance, previous)
+            patched.model_options["sampler_calc_cond_batch_function"] = guidance
 
-    preview = latent_preview.prepare_callback(patched, steps)
+    preview = latent_preview.prepare_callback(patched, settings.steps)
 
     def callback(step, x0, x, total_steps):  # previews show the first new image, not a reference
         preview(step, x0[count:], x[count:], total_steps)
@@ -237,10 +204,10 @@ def sample_joint(
     samples = comfy.sample.sample(
         patched,
         noise,
-        steps,
-        cfg,
-        sampler_name,
-        scheduler,
+        settings.steps,
+        settings.cfg,
+        settings.sampler_name,
+        settings.scheduler,
         positive,
         negative,
         latent,
@@ -248,6 +215,6 @@ def sample_joint(
         noise_mask=mask,
         callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-        seed=seed,
+        seed=settings.seed,
     )
     return samples[count:], samples

@@ -23,24 +23,23 @@ from dataclasses import dataclass
 import comfy.patcher_extension
 import torch
 from comfy.ldm.flux.math import apply_rope1
-from comfy.ldm.modules.attention import attention_basic, attention_split, attention_sub_quad
+from einops import rearrange
 
 from ..pure.joint_attention import (
-    LAYOUT_KEY,
-    JointAttentionPatch,
-    masks_to_tokens,
+    AttentionKernels,
+    JointAttentionSettings,
+    JointCall,
+    active_call,
     merge_heads,
     sdpa_kernel,
     split_heads,
     token_attention,
+    with_subject_masks,
 )
+from .joint_kernels import is_fallback_kernel
 
 # Key in ``transformer_options`` of the call's ``DitTokens``, and of the wrapper that writes it.
 TOKENS_KEY = "prefp_dit_tokens"
-
-UNFUSED_KERNELS = tuple(
-    getattr(kernel, "__wrapped__", kernel) for kernel in (attention_sub_quad, attention_split, attention_basic)
-)
 
 
 @dataclass(frozen=True)
@@ -84,11 +83,19 @@ def offset_rotation(diffusion_model, positions: str):
 class JointTokenAttention:
     """``optimized_attention_override`` of one active block call: ``token_attention`` over the
     sequence ``(text, image[, Kontext references])`` (the image alone in MMDiT-X self-attention);
-    masked attention calls stay plain."""
+    masked attention calls stay plain.
 
-    def __init__(self, block, references, chunks, strength, text, tokens, options, previous):
-        self.block, self.references, self.chunks, self.strength = block, references, chunks, strength
-        self.text, self.tokens, self.options, self.previous = text, tokens, options, previous
+    Args:
+        call: the block call's ``JointCall`` (subject masks on the image token grid included).
+        text: the text tokens before the image tokens.
+        tokens: the call's ``DitTokens``.
+        rotation: the references' RoPE offset (``offset_rotation``) or None.
+        previous: an ``optimized_attention_override`` already set (it keeps computing attention).
+    """
+
+    def __init__(self, call: JointCall, text: int, tokens: DitTokens, *, rotation=None, previous=None):
+        self.joint_call, self.text, self.tokens = call, text, tokens
+        self.rotation, self.previous = rotation, previous
 
     def call(self, func, *args, **kwargs):
         if self.previous is not None:
@@ -110,12 +117,13 @@ class JointTokenAttention:
         plain = self.call(func, q, k, v, *rest, **kwargs)
         if kwargs.get("skip_output_reshape"):
             plain = merge_heads(plain)
-        rotation = self.block.rotation
         reference_k = None
-        if rotation is not None and skip_reshape:
-            reference_k = merge_heads(apply_rope1(k, rotation.to(k.device)))
+        if self.rotation is not None and skip_reshape:
+            reference_k = merge_heads(apply_rope1(k, self.rotation.to(k.device)))
         if skip_reshape:
             q, k, v = merge_heads(q), merge_heads(k), merge_heads(v)
+        else:  # MMDiT hands over v as [B, T, H, D]
+            q, k, v = (rearrange(x, "b t ... -> b t (...)") for x in (q, k, v))
         flat_kwargs = {
             key: value
             for key, value in kwargs.items()
@@ -126,52 +134,31 @@ class JointTokenAttention:
             return self.call(func, q_, k_, v_, heads, **flat_kwargs)
 
         def joint(q_, k_, v_):
-            if self.previous is None and func in UNFUSED_KERNELS:
+            if self.previous is None and is_fallback_kernel(func):
                 return sdpa_kernel(q_, k_, v_, heads, flat_kwargs)
             return attention(q_, k_, v_)
 
-        settings = self.block.patch.settings
+        upcast = kwargs.get("attn_precision") == torch.float32
+        kernels = AttentionKernels(heads=heads, attention=attention, joint=joint, upcast=upcast)
         out = token_attention(
-            q,
-            k,
-            v,
-            heads,
-            self.references,
-            self.chunks,
-            image,
-            attention,
-            strength=self.strength,
-            mode=settings.mode,
-            plain=plain,
-            adain_queries=settings.adain_queries,
-            adain_keys=settings.adain_keys,
-            reference_keep=self.reference_keep(image),
-            upcast=kwargs.get("attn_precision") == torch.float32,
-            joint=joint,
-            reference_k=reference_k,
+            q, k, v, call=self.joint_call, kernels=kernels, image=image, plain=plain, reference_k=reference_k
         )
         return split_heads(out, heads) if kwargs.get("skip_output_reshape") else out
-
-    def reference_keep(self, image: slice) -> torch.Tensor | None:
-        masks = (self.options.get(LAYOUT_KEY) or {}).get("reference_masks")
-        if masks is None or masks.shape[0] != self.references or image.stop - image.start != self.tokens.image:
-            return None
-        return masks_to_tokens(masks, self.tokens.grid)
 
 
 class JointDitBlock:
     """A ``patches_replace["dit"]`` block replacement running the block with joint attention.
 
     Args:
-        patch: a ``JointAttentionPatch`` holding the settings (and deciding when it is active).
+        settings: the Joint Attention node's settings (``active_call`` decides when it is active).
         name: the block's name in ``settings.blocks`` (its third of the model's depth).
         index: the block's position in the model, for ``extra_options``-style ``block``.
         rotation: the references' RoPE offset (``offset_rotation``) or None.
         previous: a block replacement already on this block (it keeps running the block).
     """
 
-    def __init__(self, patch: JointAttentionPatch, name: str, index: int, rotation=None, previous=None):
-        self.patch, self.name, self.index = patch, name, index
+    def __init__(self, settings: JointAttentionSettings, name: str, index: int, *, rotation=None, previous=None):
+        self.settings, self.name, self.index = settings, name, index
         self.rotation, self.previous = rotation, previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
@@ -184,14 +171,13 @@ class JointDitBlock:
         tokens = options.get(TOKENS_KEY)
         if tokens is None:
             return run(args)
-        call_options = {**options, "block": (self.name, self.index)}
-        references, chunks, strength = self.patch.active_references(args["img"].shape[0], call_options)
-        if references == 0:
+        call = active_call(self.settings, args["img"].shape[0], {**options, "block": (self.name, self.index)})
+        if call is None:
             return run(args)
+        call = with_subject_masks(call, options, tokens.grid)
         text = args["txt"].shape[1] if args.get("txt") is not None else tokens.text
-        override = JointTokenAttention(
-            self, references, chunks, strength, text, tokens, options, options.get("optimized_attention_override")
-        )
+        previous = options.get("optimized_attention_override")
+        override = JointTokenAttention(call, text, tokens, rotation=self.rotation, previous=previous)
         return run({**args, "transformer_options": {**options, "optimized_attention_override": override}})
 
 
@@ -201,20 +187,20 @@ def dit_joint_blocks(model) -> list[JointDitBlock]:
     return [block for block in replacements.values() if isinstance(block, JointDitBlock)]
 
 
-def apply_dit_joint_attention(model, settings, blocks: list[tuple[tuple[str, int], str]]):
+def apply_dit_joint_attention(model, settings: JointAttentionSettings, blocks: list[tuple[tuple[str, int], str]]):
     """A clone of ``model`` with joint attention on the DiT ``blocks`` (from ``dit_blocks``) whose
     name is in ``settings.blocks``; block replacements of other nodes are kept as ``previous``."""
     diffusion_model = model.get_model_object("diffusion_model")
     patched = model.clone()
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    patch = JointAttentionPatch(settings)
     rotation = offset_rotation(diffusion_model, settings.positions)
     for index, ((kind, number), name) in enumerate(blocks):
         if name in settings.blocks:
             previous = existing.get((kind, number))
             if isinstance(previous, JointDitBlock):  # an earlier Joint Attention is replaced
                 previous = previous.previous
-            patched.set_model_patch_replace(JointDitBlock(patch, name, index, rotation, previous), "dit", kind, number)
+            block = JointDitBlock(settings, name, index, rotation=rotation, previous=previous)
+            patched.set_model_patch_replace(block, "dit", kind, number)
     options = patched.model_options["transformer_options"]  # set_model_patch_replace made a new dict
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     if not comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options):

@@ -13,7 +13,7 @@ import comfy.samplers
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..comfy_glue.joint import apply_joint_attention, sample_joint, self_attention_blocks
+from ..comfy_glue.joint import JointSamplerSettings, apply_joint_attention, sample_joint, self_attention_blocks
 from ..pure.errors import InputError
 from ..pure.images import fit_to_size
 from ..pure.joint_attention import BLOCK_NAMES, MODES, POSITIONS, JointAttentionSettings, check_strength
@@ -320,22 +320,19 @@ class JointSampler(io.ComfyNode):
                 images = prepare_references(references, size)
                 if subject_mask is not None:
                     masks = prepare_masks(subject_mask, images.shape[0], size)
+            settings = JointSamplerSettings(
+                new_images=new_images,
+                size=size,
+                seed=seed,
+                steps=steps,
+                cfg=cfg,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                image_guidance=image_guidance,
+                strength=strength,
+            )
             generated, samples = sample_joint(
-                model,
-                positive,
-                negative,
-                new_images,
-                size,
-                seed,
-                steps,
-                cfg,
-                sampler_name,
-                scheduler,
-                image_guidance,
-                strength,
-                vae.encode,
-                images,
-                masks,
+                model, positive, negative, settings=settings, encode=vae.encode, references=images, masks=masks
             )
         decoded = vae.decode(generated)
         if decoded.ndim == 5:

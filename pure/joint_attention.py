@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from .errors import InputError
 
@@ -36,14 +37,12 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict]
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, T, H * D]`` -> ``[B, H, T, D]``."""
-    batch, tokens, channels = x.shape
-    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+    return rearrange(x, "b t (h d) -> b h t d", h=heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, D]`` -> ``[B, T, H * D]``."""
-    batch, heads, tokens, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+    return rearrange(x, "b h t d -> b t (h d)")
 
 
 def sdpa_attention(
@@ -51,6 +50,7 @@ def sdpa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
+    *,
     key_bias: torch.Tensor | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
@@ -118,7 +118,7 @@ def masks_to_tokens(masks: torch.Tensor, grid: tuple[int, int], threshold: float
 
 
 def joint_layout(
-    references: int, strength: float | None = None, reference_masks: torch.Tensor | None = None, enabled: bool = True
+    references: int, strength: float | None = None, reference_masks: torch.Tensor | None = None, *, enabled: bool = True
 ) -> dict:
     """The ``transformer_options[LAYOUT_KEY]`` entry a joint sampler writes.
 
@@ -153,198 +153,10 @@ def check_strength(mode: str, strength: float) -> None:
         raise InputError(f"strength {strength} is outside [-1, 1], the range of mode 'blend'")
 
 
-def joint_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    references: int,
-    chunks: int,
-    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    strength: float = 1.0,
-    mode: str = "joint",
-    plain: torch.Tensor | None = None,
-    adain_queries: bool = False,
-    adain_keys: bool = False,
-    reference_keep: torch.Tensor | None = None,
-    upcast: bool = False,
-    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Self-attention of a joint batch in which targets also attend to the references.
-
-    Args:
-        q: ``[B, Tq, H * D]`` projected queries, B = ``chunks * (references + targets)``.
-        k, v: ``[B, Tk, H * D]`` projected keys and values (Tk may differ from Tq, e.g. with
-            token merging on the queries).
-        heads: H.
-        references: references at the start of every chunk (>= 1, < chunk size).
-        chunks: number of cond/uncond chunks in the batch.
-        attention: ``(q, k, v) -> out``, the plain attention kernel.
-        strength: see the module docstring.
-        mode: ``"joint"`` or ``"blend"``.
-        plain: optional ``[B, Tq, H * D]`` already computed plain attention of the whole batch
-            (when another attention patch computes it); else computed with ``attention``.
-        adain_queries, adain_keys: AdaIN the targets' queries / keys to the references'.
-        reference_keep: optional ``[references, Tk]`` bool, the reference tokens targets may
-            attend to (subject masks); default all.
-        upcast: float32 attention for the scaled joint mode.
-        joint: ``(q, k, v) -> out`` for the targets' attention to the references (default
-            ``attention``); lets a caller use a faster kernel for the longer key sets.
-
-    Returns:
-        ``[B, Tq, H * D]``; reference rows equal plain attention.
-    """
-    batch, tokens_q, channels = q.shape
-    joint = joint or attention
-    per_chunk = batch // chunks
-    targets = per_chunk - references
-    if batch % chunks or references < 1 or targets < 1:
-        raise InputError(
-            f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) and at least one target"
-        )
-
-    def chunked(x):  # [B, T, C] -> [chunks, per_chunk, T, C]
-        return x.view(chunks, per_chunk, x.shape[1], channels)
-
-    q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
-    q_t, k_t, v_t = q_c[:, references:], k_c[:, references:], v_c[:, references:]
-    k_r, v_r, q_r = k_c[:, :references], v_c[:, :references], q_c[:, :references]
-    if reference_keep is not None:
-        k_r, v_r = k_r[:, reference_keep], v_r[:, reference_keep]  # [chunks, kept tokens, C]
-    else:
-        k_r, v_r = k_r.reshape(chunks, -1, channels), v_r.reshape(chunks, -1, channels)
-
-    if adain_queries:
-        q_t = adain(q_t, q_r.reshape(chunks, 1, -1, channels))
-    if adain_keys:
-        k_t = adain(k_t, k_r.unsqueeze(1))
-
-    def flat(x):  # [chunks, targets, T, C] -> [chunks * targets, T, C]
-        return x.reshape(chunks * targets, x.shape[2], channels)
-
-    def per_target(x):  # [chunks, T, C] -> [chunks * targets, T, C], one copy per target
-        return x.unsqueeze(1).expand(-1, targets, -1, -1).reshape(chunks * targets, x.shape[1], channels)
-
-    if plain is None:
-        rows = torch.arange(batch, device=q.device).view(chunks, per_chunk)
-        ref_rows = rows[:, :references].reshape(-1)
-        out = torch.empty_like(q)
-        out[ref_rows] = attention(q[ref_rows], k[ref_rows], v[ref_rows])
-        if mode == "blend" and not (adain_queries or adain_keys):
-            target_rows = rows[:, references:].reshape(-1)
-            out[target_rows] = attention(q[target_rows], k[target_rows], v[target_rows])
-    else:
-        out = plain.clone()
-    out_t = out.view(chunks, per_chunk, tokens_q, channels)[:, references:]
-
-    if mode == "joint":
-        keys = torch.cat([flat(k_t), per_target(k_r)], dim=1)
-        values = torch.cat([flat(v_t), per_target(v_r)], dim=1)
-        if strength == 1.0:
-            attended = joint(flat(q_t), keys, values)
-        else:
-            bias = torch.zeros(keys.shape[1], device=q.device)
-            bias[k_t.shape[2] :] = math.log(strength)
-            attended = sdpa_attention(flat(q_t), keys, values, heads, key_bias=bias, upcast=upcast)
-        out_t.copy_(attended.view_as(out_t))
-    elif mode == "blend":
-        own = flat(out_t) if not (adain_queries or adain_keys) else attention(flat(q_t), flat(k_t), flat(v_t))
-        to_refs = joint(flat(q_t), per_target(k_r), per_target(v_r))
-        out_t.copy_(((1.0 - strength) * own + strength * to_refs).view_as(out_t))
-    else:
-        raise InputError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
-    return out
-
-
-def token_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    references: int,
-    chunks: int,
-    image: slice,
-    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    strength: float = 1.0,
-    mode: str = "joint",
-    plain: torch.Tensor | None = None,
-    adain_queries: bool = False,
-    adain_keys: bool = False,
-    reference_keep: torch.Tensor | None = None,
-    upcast: bool = False,
-    joint: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    reference_k: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Joint attention of a DiT's token sequence: only the targets' image tokens also see the
-    references' image tokens; text tokens and references attend as before.
-
-    Args:
-        q, k, v: ``[B, T, H * D]``, T text and image tokens in one sequence (a DiT's joint
-            attention), B = ``chunks * (references + targets)``.
-        image: where the image tokens are in T (the same for queries and keys).
-        reference_keep: optional ``[references, image tokens]`` bool, the reference image tokens
-            targets may attend to (subject masks); default all.
-        reference_k: optional ``[B, T, H * D]`` keys the targets see for the references' tokens
-            (the references' own rows keep ``k``), e.g. rotated to positions of their own.
-        plain: optional already computed plain attention ``[B, T, H * D]``.
-        The rest: as ``joint_attention``; AdaIN matches the targets' image queries and keys to the
-        references' image tokens.
-
-    Returns:
-        ``[B, T, H * D]``: equal to ``plain`` except in the targets' image-token rows.
-    """
-    batch, tokens, channels = k.shape
-    per_chunk = batch // chunks
-    if batch % chunks or references < 1 or per_chunk - references < 1:
-        raise InputError(
-            f"a batch of {batch} in {chunks} chunk(s) has no room for {references} reference(s) and at least one target"
-        )
-    plain = attention(q, k, v) if plain is None else plain
-    rows = torch.arange(batch, device=q.device).view(chunks, per_chunk)
-    ref_rows, target_rows = rows[:, :references].reshape(-1), rows[:, references:].reshape(-1)
-
-    q_mod, k_mod, plain_mod = q, k.clone(), plain
-    if adain_queries or adain_keys:
-
-        def matched(x):  # targets' image tokens to their chunk's references' image-token statistics
-            x = x.clone()
-            x_c = x.view(chunks, per_chunk, tokens, channels)
-            style = x_c[:, :references, image].reshape(chunks, 1, -1, channels)
-            x_c[:, references:, image] = adain(x_c[:, references:, image], style)
-            return x
-
-        q_mod = matched(q) if adain_queries else q
-        k_mod = matched(k) if adain_keys else k_mod
-        if mode == "blend":  # the targets' own attention is taken with the matched queries and keys
-            plain_mod = plain.clone()
-            plain_mod[target_rows] = attention(q_mod[target_rows], k_mod[target_rows], v[target_rows])
-    if reference_k is not None:
-        k_mod[ref_rows] = reference_k[ref_rows]
-    keep = torch.zeros(references, tokens, dtype=torch.bool, device=q.device)
-    keep[:, image] = True if reference_keep is None else reference_keep.to(q.device)
-    image_out = joint_attention(
-        q_mod[:, image].contiguous(),
-        k_mod,
-        v,
-        heads,
-        references,
-        chunks,
-        attention=attention,
-        strength=strength,
-        mode=mode,
-        plain=plain_mod[:, image].contiguous(),
-        reference_keep=keep,
-        upcast=upcast,
-        joint=joint,
-    )
-    out = plain.clone()
-    out[target_rows, image] = image_out[target_rows]
-    return out
-
-
 @dataclass(frozen=True)
 class JointAttentionSettings:
-    """What a Joint Attention patch does when the layout does not override it.
+    """What a Joint Attention node chose: the defaults a call's layout may override, and when and
+    where joint attention is active (the schedule, ``active_call``).
 
     Attributes:
         strength: see the module docstring; 0 = off.
@@ -367,94 +179,257 @@ class JointAttentionSettings:
     reference_count: int = 1
     positions: str = "offset"
 
+    def in_schedule(self, sigmas: torch.Tensor | float | None) -> bool:
+        """Whether the call's ``sigmas`` (None: unknown) lie in the sigma window. A sigma is read
+        only when a window is set: reading a GPU tensor waits for the GPU."""
+        if sigmas is None or (self.sigma_start == math.inf and self.sigma_end <= 0):
+            return True
+        sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
+        return self.sigma_end <= sigma <= self.sigma_start
 
-class JointAttentionPatch:
-    """A self-attention replacement (ComfyUI ``attn1_replace`` signature) doing joint attention.
 
-    ``patch(q, k, v, extra_options) -> out`` with projected ``[B, T, H * D]`` tensors. Reads
-    ``n_heads``, ``cond_or_uncond``, ``sigmas``, ``block``, ``activations_shape``,
-    ``attn_precision`` and ``LAYOUT_KEY`` from ``extra_options``.
+@dataclass(frozen=True, eq=False, kw_only=True)  # eq=False: == on a tensor field is no bool
+class JointCall:
+    """How the targets of one attention call attend to the references: the settings resolved
+    against the call's layout (``active_call``), and the one settings object of
+    ``joint_attention`` and ``token_attention``.
 
-    Args:
-        settings: the defaults (strength, mode, schedule, blocks, AdaIN, reference count).
-        kernel: the plain attention kernel, ``kernel(q, k, v, heads, extra_options)``.
-        previous: an attention replacement that was already on this block; it keeps computing
-            the plain attention (references, and everything while the patch is inactive), so
-            patches compose instead of replacing each other.
-        joint_kernel: kernel for the targets' attention over own + reference tokens (default
-            ``kernel``).
+    Attributes:
+        references: references at the start of every chunk (>= 1, < chunk size).
+        chunks: cond/uncond chunks in the batch.
+        strength: see the module docstring.
+        mode: ``"joint"`` or ``"blend"``.
+        adain_queries, adain_keys: AdaIN the targets' queries / keys to the references'.
+        reference_keep: optional ``[references, Tk]`` bool, the reference tokens targets may
+            attend to (subject masks; ``token_attention``: of the image tokens); default all.
     """
 
-    def __init__(
-        self,
-        settings: JointAttentionSettings,
-        kernel: AttentionKernel = sdpa_kernel,
-        previous: Callable | None = None,
-        joint_kernel: AttentionKernel | None = None,
-    ):
-        self.settings = settings
-        self.kernel = kernel
-        self.previous = previous
-        self.joint_kernel = joint_kernel or kernel
+    references: int
+    chunks: int = 1
+    strength: float = 1.0
+    mode: str = "joint"
+    adain_queries: bool = False
+    adain_keys: bool = False
+    reference_keep: torch.Tensor | None = None
 
-    def plain(self, q, k, v, extra_options):
-        if self.previous is not None:
-            return self.previous(q, k, v, extra_options)
-        return self.kernel(q, k, v, extra_options["n_heads"], extra_options)
+    @property
+    def adain(self) -> bool:
+        return self.adain_queries or self.adain_keys
 
-    def active_references(self, batch: int, extra_options: dict) -> tuple[int, int, float]:
-        """``(references, chunks, strength)`` for this call; references = 0 means inactive."""
-        settings = self.settings
-        layout = extra_options.get(LAYOUT_KEY) or {}
-        references = int(layout.get("references", settings.reference_count))
-        strength = float(layout.get("strength", settings.strength))
-        chunks = max(1, len(extra_options.get("cond_or_uncond") or [0]))
-        if not layout.get("enabled", True) or strength == 0 or references < 1:
-            return 0, chunks, strength
-        block = extra_options.get("block")
-        if block is not None and block[0] not in settings.blocks:
-            return 0, chunks, strength
-        sigmas = extra_options.get("sigmas")
-        scheduled = settings.sigma_start != math.inf or settings.sigma_end > 0
-        if sigmas is not None and scheduled:  # reading a GPU sigma waits for the GPU: only when it matters
-            sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
-            if not settings.sigma_end <= sigma <= settings.sigma_start:
-                return 0, chunks, strength
-        if batch % chunks or batch // chunks <= references:
-            return 0, chunks, strength
-        return references, chunks, strength
 
-    def reference_keep(self, extra_options: dict, tokens: int, references: int) -> torch.Tensor | None:
-        masks = (extra_options.get(LAYOUT_KEY) or {}).get("reference_masks")
-        shape = extra_options.get("activations_shape")
-        if masks is None or shape is None or shape[-2] * shape[-1] != tokens or masks.shape[0] != references:
-            return None
-        return masks_to_tokens(masks, (shape[-2], shape[-1]))
+# ``(q, k, v) -> out``, all ``[B, T, H * D]``, the heads and options already bound.
+BoundKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        references, chunks, strength = self.active_references(q.shape[0], extra_options)
-        if references == 0:
-            return self.plain(q, k, v, extra_options)
-        settings = self.settings
-        heads = extra_options["n_heads"]
-        plain = self.plain(q, k, v, extra_options) if self.previous is not None else None
-        keep = self.reference_keep(extra_options, k.shape[1], references)
-        if keep is not None:
-            keep = keep.to(q.device)
-        return joint_attention(
-            q,
-            k,
-            v,
-            heads,
-            references,
-            chunks,
-            attention=lambda q_, k_, v_: self.kernel(q_, k_, v_, heads, extra_options),
-            joint=lambda q_, k_, v_: self.joint_kernel(q_, k_, v_, heads, extra_options),
-            strength=strength,
-            mode=settings.mode,
-            plain=plain,
-            adain_queries=settings.adain_queries,
-            adain_keys=settings.adain_keys,
-            reference_keep=keep,
-            upcast=extra_options.get("attn_precision") == torch.float32,
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionKernels:
+    """The kernels one call of ``joint_attention`` or ``token_attention`` computes with.
+
+    Attributes:
+        heads: H.
+        attention: the plain attention.
+        joint: the targets' attention over own + reference tokens (default ``attention``); lets
+            a caller use a faster kernel for the longer key sets.
+        upcast: float32 for the scaled joint mode's SDPA (ComfyUI's ``attn_precision``).
+    """
+
+    heads: int
+    attention: BoundKernel
+    joint: BoundKernel | None = None
+    upcast: bool = False
+
+
+def active_call(settings: JointAttentionSettings, batch: int, options: dict) -> JointCall | None:
+    """The ``JointCall`` of an attention call over ``batch`` entries, or None where joint attention
+    is off for it (the layout is disabled, strength is 0, fewer than 1 reference, the block is not
+    chosen, sigma is outside the window, or a chunk has no room for a target).
+
+    Reads ``LAYOUT_KEY`` (overrides of the reference count and strength, the on/off switch),
+    ``cond_or_uncond`` (the chunks), ``block`` and ``sigmas`` from ``options``: a UNet patch's
+    ``extra_options``, or a DiT block's ``transformer_options`` with its ``block`` added.
+    """
+    layout = options.get(LAYOUT_KEY) or {}
+    references = int(layout.get("references", settings.reference_count))
+    strength = float(layout.get("strength", settings.strength))
+    chunks = max(1, len(options.get("cond_or_uncond") or [0]))
+    block = options.get("block")
+    if not layout.get("enabled", True) or strength == 0 or references < 1:
+        return None
+    if (block is not None and block[0] not in settings.blocks) or not settings.in_schedule(options.get("sigmas")):
+        return None
+    if batch % chunks or batch // chunks <= references:
+        return None
+    return JointCall(
+        references=references,
+        chunks=chunks,
+        strength=strength,
+        mode=settings.mode,
+        adain_queries=settings.adain_queries,
+        adain_keys=settings.adain_keys,
+    )
+
+
+def with_subject_masks(call: JointCall, options: dict, grid: tuple[int, int] | None) -> JointCall:
+    """``call`` with ``reference_keep`` ``[references, h * w]`` from the layout's subject masks on
+    the token ``grid`` ``(h, w)``; unchanged without masks, without a grid (the caller's tokens
+    are not one), or with masks for another reference count."""
+    masks = (options.get(LAYOUT_KEY) or {}).get("reference_masks")
+    if masks is None or grid is None or masks.shape[0] != call.references:
+        return call
+    return replace(call, reference_keep=masks_to_tokens(masks, grid))
+
+
+def chunk_rows(batch: int, call: JointCall, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch indices of the references and of the targets, ``[chunks * references]`` and
+    ``[chunks * targets]``; ``InputError`` when a chunk has no room for a target."""
+    per_chunk = batch // call.chunks
+    if batch % call.chunks or call.references < 1 or per_chunk - call.references < 1:
+        raise InputError(
+            f"a batch of {batch} in {call.chunks} chunk(s) has no room for {call.references} reference(s) and at "
+            "least one target"
         )
+    rows = rearrange(torch.arange(batch, device=device), "(c n) -> c n", c=call.chunks)
+    return rows[:, : call.references].reshape(-1), rows[:, call.references :].reshape(-1)
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    call: JointCall,
+    kernels: AttentionKernels,
+    plain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention of a joint batch in which targets also attend to the references.
+
+    Args:
+        q: ``[B, Tq, H * D]`` projected queries, B = ``chunks * (references + targets)``.
+        k, v: ``[B, Tk, H * D]`` projected keys and values (Tk may differ from Tq, e.g. with
+            token merging on the queries).
+        call: references, chunks, strength, mode, AdaIN and subject tokens.
+        kernels: the heads and the kernels to compute with.
+        plain: optional ``[B, Tq, H * D]`` already computed plain attention of the whole batch
+            (when another attention patch computes it); else computed with ``kernels.attention``.
+
+    Returns:
+        ``[B, Tq, H * D]``; reference rows equal plain attention.
+    """
+    batch, tokens_q, channels = q.shape
+    references, chunks = call.references, call.chunks
+    attention, joint = kernels.attention, kernels.joint or kernels.attention
+    ref_rows, target_rows = chunk_rows(batch, call, q.device)
+    per_chunk = batch // chunks
+    targets = per_chunk - references
+
+    q_c, k_c, v_c = (rearrange(x, "(c n) t d -> c n t d", c=chunks) for x in (q, k, v))
+    q_t, k_t, v_t = q_c[:, references:], k_c[:, references:], v_c[:, references:]
+    k_r, v_r, q_r = k_c[:, :references], v_c[:, :references], q_c[:, :references]
+    if call.reference_keep is not None:
+        keep = call.reference_keep.to(k.device)
+        k_r, v_r = k_r[:, keep], v_r[:, keep]  # [chunks, kept tokens, C]
+    else:
+        k_r, v_r = rearrange(k_r, "c r t d -> c (r t) d"), rearrange(v_r, "c r t d -> c (r t) d")
+
+    if call.adain_queries:
+        q_t = adain(q_t, rearrange(q_r, "c r t d -> c 1 (r t) d"))
+    if call.adain_keys:
+        k_t = adain(k_t, k_r.unsqueeze(1))
+
+    def flat(x):  # [chunks, targets, T, C] -> [chunks * targets, T, C]
+        return rearrange(x, "c n t d -> (c n) t d")
+
+    def per_target(x):  # [chunks, T, C] -> [chunks * targets, T, C], one copy per target
+        return repeat(x, "c t d -> (c n) t d", n=targets)
+
+    if plain is None:
+        out = torch.empty_like(q)
+        out[ref_rows] = attention(q[ref_rows], k[ref_rows], v[ref_rows])
+        if call.mode == "blend" and not call.adain:
+            out[target_rows] = attention(q[target_rows], k[target_rows], v[target_rows])
+    else:
+        out = plain.clone()
+    out_t = out.view(chunks, per_chunk, tokens_q, channels)[:, references:]  # a view: written below
+
+    if call.mode == "joint":
+        keys = torch.cat([flat(k_t), per_target(k_r)], dim=1)
+        values = torch.cat([flat(v_t), per_target(v_r)], dim=1)
+        if call.strength == 1.0:
+            attended = joint(flat(q_t), keys, values)
+        else:
+            bias = torch.zeros(keys.shape[1], device=q.device)
+            bias[k_t.shape[2] :] = math.log(call.strength)
+            attended = sdpa_attention(flat(q_t), keys, values, kernels.heads, key_bias=bias, upcast=kernels.upcast)
+        out_t.copy_(attended.view_as(out_t))
+    elif call.mode == "blend":
+        own = attention(flat(q_t), flat(k_t), flat(v_t)) if call.adain else flat(out_t)
+        to_refs = joint(flat(q_t), per_target(k_r), per_target(v_r))
+        out_t.copy_(((1.0 - call.strength) * own + call.strength * to_refs).view_as(out_t))
+    else:
+        raise InputError(f"unknown mode '{call.mode}'; use one of {', '.join(MODES)}")
+    return out
+
+
+def token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    call: JointCall,
+    kernels: AttentionKernels,
+    image: slice,
+    plain: torch.Tensor | None = None,
+    reference_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Joint attention of a DiT's token sequence: only the targets' image tokens also see the
+    references' image tokens; text tokens and references attend as before.
+
+    Args:
+        q, k, v: ``[B, T, H * D]``, T text and image tokens in one sequence (a DiT's joint
+            attention), B = ``chunks * (references + targets)``.
+        call: as in ``joint_attention``; its ``reference_keep`` is ``[references, image tokens]``,
+            and AdaIN matches the targets' image queries and keys to the references' image tokens.
+        kernels: as in ``joint_attention``.
+        image: where the image tokens are in T (the same for queries and keys).
+        plain: optional already computed plain attention ``[B, T, H * D]``.
+        reference_k: optional ``[B, T, H * D]`` keys the targets see for the references' tokens
+            (the references' own rows keep ``k``), e.g. rotated to positions of their own.
+
+    Returns:
+        ``[B, T, H * D]``: equal to ``plain`` except in the targets' image-token rows.
+    """
+    batch, tokens, channels = k.shape
+    references, chunks = call.references, call.chunks
+    ref_rows, target_rows = chunk_rows(batch, call, q.device)
+    plain = kernels.attention(q, k, v) if plain is None else plain
+
+    q_mod, k_mod, plain_mod = q, k.clone(), plain
+    if call.adain:
+
+        def matched(x):  # targets' image tokens to their chunk's references' image-token statistics
+            x = x.clone()
+            x_c = x.view(chunks, batch // chunks, tokens, channels)  # a view: written below
+            style = rearrange(x_c[:, :references, image], "c r t d -> c 1 (r t) d")
+            x_c[:, references:, image] = adain(x_c[:, references:, image], style)
+            return x
+
+        q_mod = matched(q) if call.adain_queries else q
+        k_mod = matched(k) if call.adain_keys else k_mod
+        if call.mode == "blend":  # the targets' own attention is taken with the matched queries and keys
+            plain_mod = plain.clone()
+            plain_mod[target_rows] = kernels.attention(q_mod[target_rows], k_mod[target_rows], v[target_rows])
+    if reference_k is not None:
+        k_mod[ref_rows] = reference_k[ref_rows]
+    keep = torch.zeros(references, tokens, dtype=torch.bool, device=q.device)
+    keep[:, image] = True if call.reference_keep is None else call.reference_keep.to(q.device)
+    image_out = joint_attention(
+        q_mod[:, image].contiguous(),
+        k_mod,
+        v,
+        call=replace(call, reference_keep=keep, adain_queries=False, adain_keys=False),  # matched above
+        kernels=kernels,
+        plain=plain_mod[:, image].contiguous(),
+    )
+    out = plain.clone()
+    out[target_rows, image] = image_out[target_rows]
+    return out

@@ -46,27 +46,24 @@ def latents(count, seed, scale=1.0):
 
 def joint(dit, model=None, references=None, strength=1.0, masks=None, image_guidance=1.0, new_images=2):
     """Joint Sampler's sampling (2 euler steps) with ``references`` given as latents."""
-    from prefpersonalize.comfy_glue.joint import sample_joint
+    from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
 
     kind, base, positive, negative = dit
     images = None if references is None else torch.zeros(references.shape[0], *SIZE, 3)
     encode = None if references is None else (lambda _: references)
+    settings = JointSamplerSettings(
+        new_images=new_images,
+        size=SIZE,
+        seed=SEED,
+        steps=2,
+        cfg=CFG[kind],
+        sampler_name="euler",
+        scheduler="simple",
+        image_guidance=image_guidance,
+        strength=strength,
+    )
     return sample_joint(
-        model or base,
-        positive,
-        negative,
-        new_images,
-        SIZE,
-        SEED,
-        2,
-        CFG[kind],
-        "euler",
-        "simple",
-        image_guidance,
-        strength,
-        encode,
-        images,
-        masks,
+        model or base, positive, negative, settings=settings, encode=encode, references=images, masks=masks
     )
 
 

@@ -94,23 +94,16 @@ def random_pairs(conditioning, px, count=1, seed=0):
 
 
 def test_joint_sampler_keeps_the_reference(full_size):
-    from prefpersonalize.comfy_glue.joint import sample_joint
+    from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
 
     model, conditioning, px = full_size
     reference = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(1))
+    settings = JointSamplerSettings(new_images=1, size=(px, px), seed=0, steps=2, cfg=1.0, scheduler="normal")
     new, samples = sample_joint(
         model,
         conditioning,
         conditioning,
-        1,
-        (px, px),
-        seed=0,
-        steps=2,
-        cfg=1.0,
-        sampler_name="euler",
-        scheduler="normal",
-        image_guidance=1.0,
-        strength=1.0,
+        settings=settings,
         encode=lambda images: reference,
         references=torch.zeros(1, px, px, 3),
     )

@@ -1,6 +1,7 @@
 """JeDi joint attention and the joint batch on tensors: the batch layout contract, exact
-formulas against hand-written softmax attention, strength modes, AdaIN, subject masks,
-composition with another attention replacement, image guidance."""
+formulas against hand-written softmax attention, strength modes, AdaIN, subject masks, the
+schedule, image guidance; and the UNet patch (``comfy_glue/joint_unet.py``, with ComfyUI's
+modules): composition with another attention replacement, inside ComfyUI's own UNet."""
 
 import math
 
@@ -10,8 +11,10 @@ import torch
 from prefpersonalize.pure.images import fit_to_size
 from prefpersonalize.pure.joint_attention import (
     LAYOUT_KEY,
-    JointAttentionPatch,
+    AttentionKernels,
     JointAttentionSettings,
+    JointCall,
+    active_call,
     adain,
     check_strength,
     joint_attention,
@@ -22,6 +25,7 @@ from prefpersonalize.pure.joint_attention import (
     sdpa_kernel,
     split_heads,
     token_attention,
+    with_subject_masks,
 )
 from prefpersonalize.pure.joint_sampling import image_guided_pair, joint_batch
 
@@ -44,8 +48,14 @@ def batch(chunks, references, targets, tokens=6, channels=16, seed=0, key_tokens
     return q, k, v
 
 
-def kernel(heads):
-    return lambda q, k, v: sdpa_attention(q, k, v, heads)
+def kernels(heads):
+    return AttentionKernels(heads=heads, attention=lambda q, k, v: sdpa_attention(q, k, v, heads))
+
+
+def joint(q, k, v, heads, references, chunks, **call):
+    """``joint_attention`` on PyTorch SDPA; ``call``: the other ``JointCall`` fields."""
+    call = JointCall(references=references, chunks=chunks, **call)
+    return joint_attention(q, k, v, call=call, kernels=kernels(heads))
 
 
 def expected_joint(q, k, v, heads, references, chunks, strength=1.0, keep=None):
@@ -90,37 +100,37 @@ def test_heads_roundtrip_and_sdpa_match_naive_attention():
 @pytest.mark.parametrize("chunks,references,targets", [(1, 1, 1), (2, 1, 3), (2, 2, 3), (3, 1, 2)])
 def test_joint_attention_matches_hand_written_concatenation(chunks, references, targets):
     q, k, v = batch(chunks, references, targets)
-    out = joint_attention(q, k, v, 2, references, chunks, attention=kernel(2))
+    out = joint(q, k, v, 2, references, chunks)
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, references, chunks), atol=1e-5, rtol=1e-5)
 
 
 def test_sdxl_shaped_heads_and_fewer_queries_than_keys():
     # SDXL: 10 heads of 64 channels; token merging (ToMe) can leave fewer queries than keys.
     q, k, v = batch(2, 1, 2, tokens=9, channels=640, key_tokens=16)
-    out = joint_attention(q, k, v, 10, 1, 2, attention=kernel(10))
+    out = joint(q, k, v, 10, 1, 2)
     assert out.shape == q.shape
     torch.testing.assert_close(out, expected_joint(q, k, v, 10, 1, 2), atol=1e-4, rtol=1e-4)
 
 
 def test_reference_rows_are_plain_attention_and_ignore_targets():
     q, k, v = batch(2, 2, 2)
-    out = joint_attention(q, k, v, 2, 2, 2, attention=kernel(2))
+    out = joint(q, k, v, 2, 2, 2)
     reference_rows = [0, 1, 4, 5]
     torch.testing.assert_close(out[reference_rows], sdpa_attention(q, k, v, 2)[reference_rows])
     changed_targets = [t.clone() for t in (q, k, v)]
     for t in changed_targets:
         t[[2, 3, 6, 7]] = torch.randn_like(t[[2, 3, 6, 7]])
-    again = joint_attention(*changed_targets, 2, 2, 2, attention=kernel(2))
+    again = joint(*changed_targets, 2, 2, 2)
     assert torch.equal(again[reference_rows], out[reference_rows])
 
 
 def test_targets_pair_with_references_of_their_own_chunk():
     # chunk 0 = cond, chunk 1 = uncond: changing the uncond reference changes only uncond targets.
     q, k, v = batch(2, 1, 2)
-    out = joint_attention(q, k, v, 2, 1, 2, attention=kernel(2))
+    out = joint(q, k, v, 2, 1, 2)
     k2, v2 = k.clone(), v.clone()
     k2[3], v2[3] = torch.randn_like(k[3]), torch.randn_like(v[3])
-    again = joint_attention(q, k2, v2, 2, 1, 2, attention=kernel(2))
+    again = joint(q, k2, v2, 2, 1, 2)
     assert torch.equal(again[:3], out[:3])
     assert (again[4:] - out[4:]).abs().max() > 1e-3
 
@@ -128,12 +138,12 @@ def test_targets_pair_with_references_of_their_own_chunk():
 def test_key_scaling_strength():
     q, k, v = batch(1, 1, 2)
     for strength in (0.25, 2.5):
-        out = joint_attention(q, k, v, 2, 1, 1, attention=kernel(2), strength=strength)
+        out = joint(q, k, v, 2, 1, 1, strength=strength)
         torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 1, strength), atol=1e-5, rtol=1e-5)
     # A tiny weight is (numerically) self-attention; a huge one is attention to the reference alone.
-    weak = joint_attention(q, k, v, 2, 1, 1, attention=kernel(2), strength=1e-9)
+    weak = joint(q, k, v, 2, 1, 1, strength=1e-9)
     torch.testing.assert_close(weak[1:], sdpa_attention(q, k, v, 2)[1:], atol=1e-5, rtol=1e-5)
-    strong = joint_attention(q, k, v, 2, 1, 1, attention=kernel(2), strength=1e9)
+    strong = joint(q, k, v, 2, 1, 1, strength=1e9)
     to_reference = sdpa_attention(q[1:], k[:1].expand(2, -1, -1), v[:1].expand(2, -1, -1), 2)
     torch.testing.assert_close(strong[1:], to_reference, atol=1e-4, rtol=1e-4)
 
@@ -141,7 +151,7 @@ def test_key_scaling_strength():
 @pytest.mark.parametrize("strength", [0.3, -0.5, 1.0])
 def test_blend_mode_is_refdrop(strength):
     q, k, v = batch(2, 2, 1)
-    out = joint_attention(q, k, v, 2, 2, 2, attention=kernel(2), strength=strength, mode="blend")
+    out = joint(q, k, v, 2, 2, 2, strength=strength, mode="blend")
     for row, refs in ((2, [0, 1]), (5, [3, 4])):
         own = naive_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], 2)
         ref_k = k[refs].reshape(1, -1, 16)
@@ -160,7 +170,7 @@ def test_adain_matches_statistics_and_feeds_joint_attention():
     )
 
     q, k, v = batch(1, 1, 2)
-    out = joint_attention(q, k, v, 2, 1, 1, attention=kernel(2), adain_queries=True, adain_keys=True)
+    out = joint(q, k, v, 2, 1, 1, adain_queries=True, adain_keys=True)
     q2, k2 = q.clone(), k.clone()
     q2[1:] = adain(q[1:], q[:1])
     k2[1:] = adain(k[1:], k[:1])
@@ -177,17 +187,17 @@ def test_subject_masks_select_reference_tokens():
     assert keep.tolist() == [[True, False, False, False], [False, False, False, True]]
 
     q, k, v = batch(1, 2, 2, tokens=4)
-    out = joint_attention(q, k, v, 2, 2, 1, attention=kernel(2), reference_keep=keep)
+    out = joint(q, k, v, 2, 2, 1, reference_keep=keep)
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 2, 1, keep=keep), atol=1e-5, rtol=1e-5)
 
 
 def test_no_room_for_targets_is_an_error():
     q, k, v = batch(2, 1, 0)
     with pytest.raises(ValueError, match="no room"):
-        joint_attention(q, k, v, 2, 1, 2, attention=kernel(2))
+        joint(q, k, v, 2, 1, 2)
 
 
-# --- the patch ----------------------------------------------------------------------------------
+# --- the schedule and the UNet patch --------------------------------------------------------------
 
 
 def extra(batch_size, chunks=2, **options):
@@ -202,11 +212,16 @@ def extra(batch_size, chunks=2, **options):
     }
 
 
-def test_patch_is_plain_attention_when_off():
-    q, k, v = batch(2, 1, 2)
-    plain = sdpa_attention(q, k, v, 2)
-    on = JointAttentionPatch(JointAttentionSettings(strength=1.0, reference_count=1))
-    assert not torch.allclose(on(q, k, v, extra(6)), plain)
+@pytest.fixture(scope="module")
+def joint_unet(comfy_modules):
+    from prefpersonalize.comfy_glue import joint_unet
+
+    return joint_unet
+
+
+def test_schedule_switches_joint_attention_off():
+    on = active_call(JointAttentionSettings(strength=1.0, reference_count=1), 6, extra(6))
+    assert (on.references, on.chunks, on.strength, on.mode) == (1, 2, 1.0, "joint")
     cases = [
         (JointAttentionSettings(strength=0.0), extra(6)),
         (JointAttentionSettings(), extra(6, **{LAYOUT_KEY: joint_layout(0)})),
@@ -218,34 +233,51 @@ def test_patch_is_plain_attention_when_off():
         (JointAttentionSettings(sigma_start=9.0, sigma_end=6.0), extra(6)),
     ]
     for settings, options in cases:
-        assert torch.equal(JointAttentionPatch(settings)(q, k, v, options), plain), settings
+        assert active_call(settings, 6, options) is None, settings
 
 
-def test_patch_reads_layout_and_chunks():
+def test_schedule_reads_layout_and_chunks():
     q, k, v = batch(2, 2, 1)
-    patch = JointAttentionPatch(JointAttentionSettings(strength=0.5, reference_count=1))
-    out = patch(q, k, v, extra(6, **{LAYOUT_KEY: joint_layout(2, strength=1.0)}))
+    settings = JointAttentionSettings(strength=0.5, reference_count=1, mode="blend", adain_keys=True)
+
+    def run(options):
+        call = active_call(settings, 6, options)
+        assert (call.mode, call.adain_queries, call.adain_keys) == ("blend", False, True)
+        return joint(q, k, v, 2, call.references, call.chunks, strength=call.strength)
+
+    out = run(extra(6, **{LAYOUT_KEY: joint_layout(2, strength=1.0)}))
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 2, 2), atol=1e-5, rtol=1e-5)
     # one chunk of six (cfg 1): references are rows 0 and 1 only
-    out = patch(q, k, v, extra(6, chunks=1, **{LAYOUT_KEY: joint_layout(2, strength=1.0)}))
+    out = run(extra(6, chunks=1, **{LAYOUT_KEY: joint_layout(2, strength=1.0)}))
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 2, 1), atol=1e-5, rtol=1e-5)
-    # stock sampler: the patch's own reference count and strength
-    out = patch(q, k, v, extra(6))
+    # stock sampler: the settings' own reference count and strength
+    out = run(extra(6))
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 2, strength=0.5), atol=1e-5, rtol=1e-5)
 
 
-def test_patch_applies_subject_masks_on_the_block_grid():
+def test_subject_masks_of_the_layout_on_a_token_grid():
+    masks = torch.zeros(1, 4, 6)
+    masks[0, :2, :2] = 1  # the top-left token of a 2 x 3 grid
+    options = {LAYOUT_KEY: joint_layout(1, reference_masks=masks)}
+    call = with_subject_masks(JointCall(references=1), options, (2, 3))
+    assert call.reference_keep.tolist() == [[True, False, False, False, False, False]]
+    assert with_subject_masks(JointCall(references=1), options, None).reference_keep is None  # no grid
+    assert with_subject_masks(JointCall(references=2), options, (2, 3)).reference_keep is None  # other count
+
+
+@pytest.mark.comfy
+def test_unet_patch_applies_subject_masks_on_the_block_grid(joint_unet):
     q, k, v = batch(1, 1, 1)
     masks = torch.zeros(1, 4, 6)
     masks[0, :2, :2] = 1  # the top-left token of a 2 x 3 grid
-    out = JointAttentionPatch(JointAttentionSettings())(
-        q, k, v, extra(2, chunks=1, **{LAYOUT_KEY: joint_layout(1, reference_masks=masks)})
-    )
+    patch = joint_unet.JointUnetAttention(JointAttentionSettings(), kernel=sdpa_kernel, joint_kernel=sdpa_kernel)
+    out = patch(q, k, v, extra(2, chunks=1, **{LAYOUT_KEY: joint_layout(1, reference_masks=masks)}))
     keep = torch.tensor([[True, False, False, False, False, False]])
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 1, keep=keep), atol=1e-5, rtol=1e-5)
 
 
-def test_patch_composes_with_a_previous_replacement():
+@pytest.mark.comfy
+def test_unet_patch_composes_with_a_previous_replacement(joint_unet):
     q, k, v = batch(2, 1, 1)
     calls = []
 
@@ -253,7 +285,7 @@ def test_patch_composes_with_a_previous_replacement():
         calls.append(q_.shape[0])
         return sdpa_attention(q_, k_, v_, extra_options["n_heads"]) * 2
 
-    patch = JointAttentionPatch(JointAttentionSettings(), sdpa_kernel, previous)
+    patch = joint_unet.JointUnetAttention(JointAttentionSettings(), previous=previous, joint_kernel=sdpa_kernel)
     out = patch(q, k, v, extra(4))
     assert calls == [4]
     doubled = sdpa_attention(q, k, v, 2) * 2
@@ -357,7 +389,7 @@ def sdxl_style_unet(comfy_modules):
 
 
 @pytest.mark.comfy
-def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
+def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet, joint_unet):
     from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
     unet = sdxl_style_unet
@@ -387,7 +419,8 @@ def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
     def run(layout=None, strength=1.0, latents=x):
         options = {"cond_or_uncond": [0, 1], "sigmas": torch.full((6,), 3.0)}
         if layout is not None:
-            patch = JointAttentionPatch(JointAttentionSettings(strength=strength), kernel)
+            settings = JointAttentionSettings(strength=strength)
+            patch = joint_unet.JointUnetAttention(settings, kernel=kernel, joint_kernel=kernel)
             options["patches_replace"] = {"attn1": {key: patch for key in blocks}}
             options[LAYOUT_KEY] = layout
         with torch.no_grad():
@@ -423,7 +456,8 @@ def test_patch_inside_comfyui_unet_with_sdxl_attention_shapes(sdxl_style_unet):
     assert (again[4:] - joint[4:]).abs().max() > 1e-4
 
 
-def test_patch_uses_its_joint_kernel_for_the_targets_only():
+@pytest.mark.comfy
+def test_unet_patch_uses_its_joint_kernel_for_the_targets_only(joint_unet):
     q, k, v = batch(2, 1, 2)
     seen = []
 
@@ -431,10 +465,12 @@ def test_patch_uses_its_joint_kernel_for_the_targets_only():
         seen.append((q_.shape[0], k_.shape[1]))
         return sdpa_kernel(q_, k_, v_, heads, extra_options)
 
-    patch = JointAttentionPatch(JointAttentionSettings(), sdpa_kernel, joint_kernel=joint_kernel)
+    patch = joint_unet.JointUnetAttention(JointAttentionSettings(), kernel=sdpa_kernel, joint_kernel=joint_kernel)
     out = patch(q, k, v, extra(6))
     assert seen == [(4, 12)]  # 2 chunks x 2 targets, own 6 + reference 6 keys
     torch.testing.assert_close(out, expected_joint(q, k, v, 2, 1, 2), atol=1e-5, rtol=1e-5)
+    off = joint_unet.JointUnetAttention(JointAttentionSettings(strength=0.0), kernel=sdpa_kernel)
+    assert torch.equal(off(q, k, v, extra(6)), sdpa_attention(q, k, v, 2))
 
 
 # DiT token sequences: text tokens then image tokens in one attention (Flux, SD3's MMDiT).
@@ -446,7 +482,7 @@ def test_token_attention_extends_only_the_targets_image_queries():
     heads = 2
     q, k, v = batch(chunks=2, references=1, targets=2, tokens=TEXT + IMAGE)
     plain = naive_attention(q, k, v, heads)
-    out = token_attention(q, k, v, heads, 1, 2, IMAGE_SLICE, kernel(heads))
+    out = token_attention(q, k, v, call=JointCall(references=1, chunks=2), kernels=kernels(heads), image=IMAGE_SLICE)
     for row in range(6):
         reference = row % 3 == 0
         ref_row = row - row % 3
@@ -467,9 +503,8 @@ def test_token_attention_masks_strength_and_reference_keys():
     q, k, v = batch(chunks=1, references=1, targets=1, tokens=TEXT + IMAGE, seed=3)
     keep = torch.tensor([[True, False, True, False]])
     rotated = torch.randn_like(k)
-    out = token_attention(
-        q, k, v, heads, 1, 1, IMAGE_SLICE, kernel(heads), strength=2.0, reference_keep=keep, reference_k=rotated
-    )
+    call = JointCall(references=1, strength=2.0, reference_keep=keep)
+    out = token_attention(q, k, v, call=call, kernels=kernels(heads), image=IMAGE_SLICE, reference_k=rotated)
     kept = torch.tensor([TEXT, TEXT + 2])
     keys = torch.cat([k[1], rotated[0, kept]])[None]  # the targets see the given reference keys
     values = torch.cat([v[1], v[0, kept]])[None]
@@ -482,20 +517,8 @@ def test_token_attention_masks_strength_and_reference_keys():
 def test_token_attention_blend_and_adain_use_image_tokens_only():
     heads = 2
     q, k, v = batch(chunks=1, references=1, targets=1, tokens=TEXT + IMAGE, seed=5)
-    out = token_attention(
-        q,
-        k,
-        v,
-        heads,
-        1,
-        1,
-        IMAGE_SLICE,
-        kernel(heads),
-        strength=0.5,
-        mode="blend",
-        adain_queries=True,
-        adain_keys=True,
-    )
+    call = JointCall(references=1, strength=0.5, mode="blend", adain_queries=True, adain_keys=True)
+    out = token_attention(q, k, v, call=call, kernels=kernels(heads), image=IMAGE_SLICE)
     q_t, k_t = q[1:].clone(), k[1:].clone()
     q_t[:, IMAGE_SLICE] = adain(q[1:, IMAGE_SLICE], q[:1, IMAGE_SLICE])
     k_t[:, IMAGE_SLICE] = adain(k[1:, IMAGE_SLICE], k[:1, IMAGE_SLICE])
