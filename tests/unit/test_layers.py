@@ -100,6 +100,23 @@ def test_the_pack_never_imports_the_dev_tooling():
     assert "harness" not in imports(os.path.join(REPO_ROOT, "__init__.py"))[0]
 
 
+MAX_PARAMETERS = 8  # more travel as one settings object (a frozen dataclass)
+
+
+def test_no_function_of_the_pack_takes_more_than_eight_parameters():
+    """Settings travel as one object; a node's ``execute`` takes its inputs, so it is exempt."""
+    too_long = []
+    for layer in PACK_LAYERS:
+        for path in layer_files(layer):
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "execute":
+                    arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                    count = len([a for a in arguments if a.arg not in ("self", "cls")])
+                    if count > MAX_PARAMETERS:
+                        too_long.append(f"{os.path.relpath(path, REPO_ROOT)}: {node.name} ({count})")
+    assert not too_long, too_long
+
+
 def test_node_files_hold_node_classes_and_small_helpers_only():
     """A node file's top-level functions stay small: the work is a layer below."""
     for path in layer_files("nodes"):
