@@ -51,7 +51,7 @@ def worker(args) -> dict:
     import comfy.sd
 
     from harness.pairs import uniform_pairs
-    from prefpersonalize.trainers.headless import export_job
+    from prefpersonalize.trainers.jobs import export_job
 
     checkpoint = args.checkpoint or tiny_checkpoint(comfyui, args.cache)
     model = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False)[0]
@@ -65,7 +65,15 @@ def worker(args) -> dict:
     options = {"batch_size": args.batch_size, "rank": 8, "alpha": 8.0, "loss_mode": "dpo"}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        job = export_job(pairs, model, "checkpoint", checkpoint, options, os.path.join(folder, "job"), "comfyui")
+        job = export_job(
+            pairs,
+            model,
+            os.path.join(folder, "job"),
+            model_kind="checkpoint",
+            model_path=checkpoint,
+            options=options,
+            layout="comfyui",
+        )
         os.environ["COMFYUI_PATH"] = comfyui
         for processes in [int(n) for n in args.processes.split(",")]:
             output = os.path.join(folder, f"out{processes}")

@@ -138,6 +138,7 @@ def worker(args) -> dict:
 
     from harness.pairs import uniform_pairs
     from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.progress import TrainingProgress
 
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -169,12 +170,12 @@ def worker(args) -> dict:
             checkpoint_depth=max(depth, 1),
         )
 
-        def on_step(step, metrics, lora):
+        def mark(step, history):
             synchronize()
             marks.append(time.perf_counter())
 
         marks.append(time.perf_counter())
-        train_dpo_lora(trained_model, pair_set, config, on_step=on_step)
+        train_dpo_lora(trained_model, pair_set, config, progress=TrainingProgress(steps, show=mark, log_every=0))
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
     def time_core(mode, steps):

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import comfy.model_management
+import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io, ui
+from PIL import Image
 
 from ..pure.drawing import training_plot
 from ..pure.errors import InputError
 from ..pure.files import sanitize_file_stem, unused_stem
-from ..trainers.headless import OPTIONS, export_job
-from ..trainers.loop import (
-    TRAINING_DTYPES,
-    DPOTrainingConfig,
-    TrainingProgress,
-    resolve_dtype,
-    train_dpo_lora,
-    training_metadata,
-)
+from ..trainers.jobs import export_job
+from ..trainers.loop import TRAINING_DTYPES, train_dpo_lora, training_metadata
 from ..trainers.lora_adapters import LORA_MODES
 from ..trainers.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
 from ..trainers.losses import LOSS_MODES
+from ..trainers.options import training_settings
+from ..trainers.progress import TrainingProgress
 from ..trainers.timesteps import TIMESTEP_SAMPLING
 from .errors import check_number_inputs, node_errors
 from .types import CATEGORY, PreferencePairsType
@@ -31,9 +27,9 @@ from .types import CATEGORY, PreferencePairsType
 TRAIN_COMMAND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_dpo.py")
 
 
-# The trainer's options, shared by the DPO LoRA Trainer and Export Training Job (whose job file
-# the headless trainer reads): the required ones, then the optional ones (kept after the others,
-# so saved workflows' widget values keep their places).
+# The trainer's options (trainers.options.OPTIONS), shared by the DPO LoRA Trainer and Export
+# Training Job (whose job file the headless trainer reads): the required ones, then the optional
+# ones (kept after the others, so saved workflows' widget values keep their places).
 TRAINING_OPTIONS = (
     io.Combo.Input(
         "loss_mode",
@@ -154,6 +150,24 @@ OPTIONAL_TRAINING_OPTIONS = (
 )
 
 
+class ProgressBarView:
+    """The trainer node's ``show`` for ``TrainingProgress``: ComfyUI's progress bar with a plot
+    preview every tenth of the run; stops the run (raises) when the user presses Cancel."""
+
+    PREVIEWS = 10
+
+    def __init__(self, steps: int):
+        self.steps, self.bar = steps, comfy.utils.ProgressBar(steps)
+
+    def __call__(self, step: int, history: dict[str, list[float]]) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        preview = None
+        if step % max(1, self.steps // self.PREVIEWS) == 0 or step == self.steps:
+            plot = training_plot(history)
+            preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
+        self.bar.update_absolute(step, self.steps, preview)
+
+
 class DPOLoraTrainer(io.ComfyNode):
     TITLE = "DPO LoRA Trainer"
     ORDERED_INPUTS = (("timestep_start", "timestep_end"),)
@@ -200,62 +214,29 @@ class DPOLoraTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        model,
-        pairs,
-        loss_mode,
-        beta,
-        steps,
-        learning_rate,
-        rank,
-        alpha,
-        batch_size,
-        grad_accumulation,
-        seed,
-        timestep_start,
-        timestep_end,
-        timestep_sampling,
-        training_dtype,
-        gradient_checkpointing,
-        stats_weight,
-        preserve_outside,
-        save_every,
-        save_prefix,
-        lora_mode="bypass",
-        checkpoint_depth=2,
-        resume_lora=None,
-    ) -> io.NodeOutput:
+    def execute(cls, model, pairs, save_prefix, resume_lora=None, **options) -> io.NodeOutput:
         with node_errors(cls.TITLE):
-            check_number_inputs(cls, locals())
+            check_number_inputs(cls, options)
             if len(pairs) == 0:
                 raise InputError("the pair set is empty; build pairs first.")
-        prefix = sanitize_file_stem(save_prefix) or "dpo_lora"
-        config = DPOTrainingConfig(
-            loss_mode=loss_mode,
-            beta=beta,
-            steps=steps,
-            learning_rate=learning_rate,
-            rank=rank,
-            alpha=alpha,
-            batch_size=batch_size,
-            grad_accumulation=grad_accumulation,
-            seed=seed,
-            timestep_start=timestep_start,
-            timestep_end=timestep_end,
-            timestep_sampling=timestep_sampling,
-            dtype=resolve_dtype(training_dtype, model.load_device),
-            lora_mode=lora_mode,
-            gradient_checkpointing=gradient_checkpointing,
-            checkpoint_depth=checkpoint_depth,
-            stats_weight=stats_weight,
-            preserve_outside=preserve_outside,
+            settings = training_settings(options, model.load_device)
+        config = settings.config
+
+        def save(lora, step, stem):
+            tensors = LoraWithMetadata(lora.state_dict(), training_metadata(config, pairs, model, step))
+            return save_lora_to_output(tensors, stem, model, layout="comfyui")
+
+        progress = TrainingProgress(
+            config.steps,
+            name=sanitize_file_stem(save_prefix) or "dpo_lora",
+            save=save,
+            save_every=settings.save_every,
+            show=ProgressBarView(config.steps),
+            label=cls.TITLE,
         )
-        run_metadata = functools.partial(training_metadata, config, pairs, model)
-        progress = TrainingProgress(cls.TITLE, steps, save_every, prefix, model, run_metadata)
         try:
             with node_errors(cls.TITLE):
-                result = train_dpo_lora(model, pairs, config, resume=resume_lora, on_step=progress)
+                result = train_dpo_lora(model, pairs, config, resume=resume_lora, progress=progress)
         except comfy.model_management.InterruptProcessingException:
             progress.save_last_good_lora()
             raise
@@ -264,7 +245,7 @@ class DPOLoraTrainer(io.ComfyNode):
         loss_map = {name: values for name, values in result.history.items()}
         return io.NodeOutput(
             result.model,
-            LoraWithMetadata(result.lora.state_dict(), run_metadata(result.steps_done)),
+            LoraWithMetadata(result.lora.state_dict(), training_metadata(config, pairs, model, result.steps_done)),
             loss_map,
             plot,
             result.steps_done,
@@ -377,14 +358,13 @@ class ExportTrainingJob(io.ComfyNode):
             folder, _, file = model_file.partition("/")
             jobs = os.path.join(folder_paths.get_output_directory(), "training_jobs")
             stem = unused_stem(jobs, sanitize_file_stem(name) or "dpo_job", extension="")
-            options = {key: value for key, value in options.items() if key in OPTIONS}
             job = export_job(
                 pairs,
                 model,
-                MODEL_FOLDERS[folder],
-                folder_paths.get_full_path(folder, file),
-                options,
                 os.path.join(jobs, stem),
-                layout,
+                model_kind=MODEL_FOLDERS[folder],
+                model_path=folder_paths.get_full_path(folder, file),
+                options=options,
+                layout=layout,
             )
         return io.NodeOutput(ui=ui.PreviewText(f"Wrote {job}\nTrain it: python {TRAIN_COMMAND} {job} --processes N"))

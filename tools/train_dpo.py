@@ -7,8 +7,9 @@ on N processes (GPUs, or CPU processes) through accelerate.
 
 A job file comes from the Export Training Job node; flags (``--help``) give or override its parts.
 With ``--processes`` this command starts ``accelerate launch`` itself and, if a process fails or
-is killed, says so and names the last LoRA checkpoint written. The training code is the DPO LoRA
-Trainer node's (``trainers/headless.py``).
+is killed, says so and names the last LoRA checkpoint written. This file is the command line
+alone: the job file is ``trainers/jobs.py``'s, the run ``trainers/headless.py``'s, with the DPO
+LoRA Trainer node's options (``trainers/options.py``) and training loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,56 @@ def own_flags(argv):
     return parser.parse_known_args(argv)
 
 
+def pack_module(name: str):
+    """A module of the pack (``trainers.jobs``), once ``register_pack`` ran and ComfyUI is on the path."""
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+def job_parser() -> argparse.ArgumentParser:
+    """The job's flags: a job file, or its parts as flags (which override the file's)."""
+    layouts = pack_module("trainers.lora_files").LORA_LAYOUTS
+    parser = argparse.ArgumentParser(description="Train a DPO LoRA from a saved pair set, outside the graph.")
+    parser.add_argument("job", nargs="?", help="a job file (Export Training Job writes one)")
+    parser.add_argument("--pairs", nargs="+", help="pair set files (.safetensors, with their .json beside)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="a checkpoint file (as CheckpointLoaderSimple loads)")
+    model.add_argument("--diffusion-model", help="a diffusion model file (as UNETLoader loads)")
+    parser.add_argument("--output", help="folder for the LoRA, its checkpoints and the plot")
+    parser.add_argument("--name", help="file name of the LoRA")
+    parser.add_argument("--layout", choices=layouts)
+    parser.add_argument("--resume-lora", help="a LoRA file to continue (kohya, diffusers or ComfyUI layout)")
+    options = parser.add_argument_group("training options (the DPO LoRA Trainer's inputs)")
+    for name, default in pack_module("trainers.options").OPTIONS.items():
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        options.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    return parser
+
+
+def job_from_args(argv: list[str]):
+    """The ``TrainingJob`` the command line names: a job file, its parts as flags, or both."""
+    jobs, options = pack_module("trainers.jobs"), pack_module("trainers.options")
+    args = job_parser().parse_args(argv)
+    if args.job:
+        job = jobs.read_job(args.job)
+    elif not args.pairs or not (args.checkpoint or args.diffusion_model):
+        raise pack_module("pure.errors").InputError("give a job file, or --pairs and --checkpoint or --diffusion-model")
+    else:
+        job = jobs.TrainingJob(pairs=[], model={})
+    if args.pairs:
+        job.pairs = [os.path.abspath(p) for p in args.pairs]
+    if args.checkpoint or args.diffusion_model:
+        kind = "checkpoint" if args.checkpoint else "diffusion_model"
+        job.model = {kind: os.path.abspath(args.checkpoint or args.diffusion_model)}
+    if args.output:
+        job.output_dir = os.path.abspath(args.output)
+    if args.resume_lora:
+        job.resume_lora = os.path.abspath(args.resume_lora)
+    job.name, job.layout = args.name or job.name, args.layout or job.layout
+    given = {name: value for name, value in vars(args).items() if name in options.OPTIONS and value is not None}
+    job.options = options.check_options({**job.options, **given})
+    return job
+
+
 def launch(processes: int, cpu: bool, argv: list[str]) -> int:
     """Run this command on ``processes`` processes with ``accelerate launch``; report a failure."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
@@ -61,7 +112,7 @@ def launch(processes: int, cpu: bool, argv: list[str]) -> int:
     with subprocess.Popen(command, env={**os.environ, WORKER_ENV: "1"}, stdout=subprocess.PIPE, text=True) as run:
         for line in run.stdout:
             print(line, end="", flush=True)
-            if line.startswith("saved LoRA checkpoint: "):
+            if line.startswith("saved LoRA checkpoint: "):  # headless.CHECKPOINT_LINE
                 last_checkpoint = line.split(": ", 1)[1].strip()
     if run.returncode != 0:
         saved = (
@@ -96,13 +147,12 @@ def train(comfyui: str, cpu: bool, argv: list[str]) -> int:
 
     args.cpu = accelerator.device.type == "cpu"
     register_pack()
-    headless = importlib.import_module(f"{PACKAGE}.trainers.headless")
-    errors = importlib.import_module(f"{PACKAGE}.pure.errors")
+    errors = pack_module("pure.errors")
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"[{accelerator.process_index}] %(message)s", force=True)
     try:
-        headless.run_job(headless.job_from_args(argv), accelerator)
+        pack_module("trainers.headless").run_job(job_from_args(argv), accelerator)
     except errors.InputError as error:
         print(f"train_dpo: {error}", file=sys.stderr)
         return 2

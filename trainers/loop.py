@@ -15,19 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_management
-import comfy.utils
 import torch
-from PIL import Image
 
 from ..comfy_glue.joint import has_joint_attention
-from ..pure.drawing import training_plot
 from ..pure.errors import InputError
 from ..pure.focus import blend_focus
 from ..pure.pairs import PreferencePairs
 from .lora_adapters import LoraOnModel, attach_lora
-from .lora_files import LoraWithMetadata, read_lora_layers, save_lora_to_output
+from .lora_files import read_lora_layers
 from .losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
 from .pair_batches import MicroBatch, PairBatcher
+from .progress import TrainingProgress
 from .timesteps import curriculum_pool, sample_percents
 
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,7 +43,7 @@ PRESERVE_SCALE_PER_BETA = 0.5
 class DPOTrainingConfig:
     loss_mode: str = "patch_dpo"
     beta: float = 5000.0
-    steps: int = 100
+    steps: int = 200
     learning_rate: float = 1e-4
     rank: int = 8
     alpha: float = 8.0
@@ -115,9 +113,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-StepCallback = Callable[[int, dict[str, float], LoraOnModel], None]
-
-
 class DPOTrainer:
     """One training run: a LoRA on a clone of ``model_patcher`` (never modified), trained on
     ``pairs`` with ``config``. ``train_dpo_lora`` builds and runs one with autograd on."""
@@ -127,6 +122,7 @@ class DPOTrainer:
         model_patcher,
         pairs: PreferencePairs,
         config: DPOTrainingConfig,
+        *,
         resume: dict[str, torch.Tensor] | None = None,
         parallel: DataParallel | None = None,
     ):
@@ -172,9 +168,9 @@ class DPOTrainer:
                 "training (give the pair builder the reference photos for joint-set training)."
             )
 
-    def run(self, on_step: StepCallback | None = None) -> DPOTrainingResult:
-        """Train ``config.steps`` optimiser steps. ``on_step(step, metrics, lora)`` runs after
-        each (progress, previews, checkpoints, interrupts: it may raise)."""
+    def run(self, progress: TrainingProgress | None = None) -> DPOTrainingResult:
+        """Train ``config.steps`` optimiser steps, reporting each to ``progress`` (log lines,
+        checkpoints, the node's progress bar, which raises on Cancel)."""
         config = self.config
         stages = self.pairs.difficulty_indices()
         try:
@@ -192,8 +188,8 @@ class DPOTrainer:
                 self.steps_done = step + 1
                 for name in METRICS:
                     self.history[name].append(totals[name])
-                if on_step is not None:
-                    on_step(self.steps_done, totals, self.lora)
+                if progress is not None:
+                    progress.after_step(self.steps_done, totals, self.lora)
         finally:
             self.release()
         return DPOTrainingResult(
@@ -325,12 +321,14 @@ def train_dpo_lora(
     model_patcher,
     pairs: PreferencePairs,
     config: DPOTrainingConfig,
+    *,
     resume: dict[str, torch.Tensor] | None = None,
-    on_step: StepCallback | None = None,
+    progress: TrainingProgress | None = None,
     parallel: DataParallel | None = None,
 ) -> DPOTrainingResult:
-    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``);
-    ``parallel``: this process's part of a data-parallel run (headless trainer).
+    """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``),
+    continuing ``resume`` (a LoRA file's tensors) if given, reporting to ``progress``; ``parallel``:
+    this process's part of a data-parallel run (headless trainer).
 
     Raises:
         InputError: pairs of another latent family, an unusable resume LoRA or rank.
@@ -348,7 +346,7 @@ def train_dpo_lora(
         )
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
     with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
-        return DPOTrainer(model_patcher, pairs, config, resume, parallel).run(on_step)
+        return DPOTrainer(model_patcher, pairs, config, resume=resume, parallel=parallel).run(progress)
 
 
 @contextlib.contextmanager
@@ -377,12 +375,14 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def training_metadata(config: DPOTrainingConfig, pairs: PreferencePairs, model_patcher, steps: int) -> dict:
+def training_metadata(
+    config: DPOTrainingConfig, pairs: PreferencePairs, model_patcher, steps: int, *, processes: int | None = None
+) -> dict:
     """A run's entries for the LoRA file header (``lora_files.file_metadata`` adds the model's);
-    sd-scripts' ``ss_`` names where it has one."""
+    sd-scripts' ``ss_`` names where it has one; ``processes``: a headless run's process count."""
     ratio = getattr(model_patcher.model.latent_format, "spacial_downscale_ratio", 8)  # not on 0.3.75: SD's 8
     height, width = (ratio * side for side in pairs.latent_size)
-    return {
+    metadata = {
         "ss_steps": str(steps),
         "ss_max_train_steps": str(config.steps),
         "ss_resolution": f"({width}, {height})",
@@ -394,59 +394,6 @@ def training_metadata(config: DPOTrainingConfig, pairs: PreferencePairs, model_p
         "prefp_batch_size": str(config.batch_size * config.grad_accumulation),
         "prefp_timestep_range": f"{config.timestep_start:g}-{config.timestep_end:g}",
     }
-
-
-class TrainingProgress:
-    """The trainer node's ``on_step``: ComfyUI's progress bar (which also raises when the user
-    presses Cancel) with a plot preview every tenth of the run, a log line every 25 steps, a
-    checkpoint LoRA every ``save_every`` steps (0 = none), and the last good LoRA for Cancel.
-    Saved files are in the comfyui layout with ``run_metadata(step)`` in their header."""
-
-    LOG_EVERY = 25
-    PREVIEWS = 10
-
-    def __init__(
-        self, title: str, steps: int, save_every: int, prefix: str, model_patcher, run_metadata: Callable[[int], dict]
-    ):
-        self.title, self.steps, self.save_every, self.prefix = title, steps, save_every, prefix
-        self.model_patcher, self.run_metadata = model_patcher, run_metadata
-        self.bar = comfy.utils.ProgressBar(steps)
-        self.history: dict[str, list[float]] = {}
-        self.last_step, self.last_lora = 0, None
-
-    def __call__(self, step: int, metrics: dict[str, float], lora: LoraOnModel) -> None:
-        self.last_step, self.last_lora = step, lora
-        for name, value in metrics.items():
-            self.history.setdefault(name, []).append(value)
-        if self.save_every and step % self.save_every == 0:
-            self.save(lora, step, f"{self.prefix}_step{step:05d}")
-        last = step == self.steps
-        if step == 1 or step % self.LOG_EVERY == 0 or last:
-            logging.info(
-                "%s: step %d/%d loss %.4f accuracy %.2f margin %.3f",
-                self.title,
-                step,
-                self.steps,
-                metrics["loss"],
-                metrics["accuracy"],
-                metrics["margin"],
-            )
-        preview = None
-        if step % max(1, self.steps // self.PREVIEWS) == 0 or last:
-            plot = training_plot(self.history)
-            preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
-        self.bar.update_absolute(step, self.steps, preview)  # raises when the user presses Cancel
-
-    def save(self, lora: LoraOnModel, step: int, stem: str) -> str:
-        tensors = LoraWithMetadata(lora.state_dict(), self.run_metadata(step))
-        return save_lora_to_output(tensors, stem, self.model_patcher, layout="comfyui")
-
-    def save_last_good_lora(self) -> str | None:
-        """After Cancel: write the last completed step's LoRA as ``<prefix>_interrupted_stepN``."""
-        if self.last_lora is None:
-            return None
-        path = self.save(self.last_lora, self.last_step, f"{self.prefix}_interrupted_step{self.last_step:05d}")
-        logging.warning(
-            "%s: cancelled after %d steps; saved the last good LoRA to %s", self.title, self.last_step, path
-        )
-        return path
+    if processes is not None:
+        metadata["prefp_processes"] = str(processes)
+    return metadata

@@ -39,11 +39,19 @@ def pair_set(conditioning, count, size=LATENT_SHAPE, seed=0):
 
 
 def export(tiny, folder, pairs=None, **options):
-    from prefpersonalize.trainers.headless import export_job
+    from prefpersonalize.trainers.jobs import export_job
 
     path, model, conditioning = tiny
     pairs = pairs if pairs is not None else pair_set(conditioning, 4)
-    return export_job(pairs, model, "checkpoint", path, {**OPTIONS, **options}, str(folder), "kohya")
+    return export_job(
+        pairs,
+        model,
+        str(folder),
+        model_kind="checkpoint",
+        model_path=path,
+        options={**OPTIONS, **options},
+        layout="kohya",
+    )
 
 
 def train(job, *flags, processes=None):
@@ -111,29 +119,47 @@ def test_a_killed_worker_stops_the_run_and_the_last_lora_stays_whole(tiny, tmp_p
     assert not [name for name in os.listdir(tmp_path / "job") if ".partial" in name or ".tmp" in name]
 
 
-def test_a_job_takes_the_trainer_nodes_options(comfy_modules):
+def test_the_node_and_a_job_share_one_path_to_the_settings(comfy_modules):
+    """The trainer node's inputs are the options, with the same defaults; both doors turn them into
+    settings through training_settings, which completes, checks and resolves them."""
     from prefpersonalize.nodes.trainer import OPTIONAL_TRAINING_OPTIONS, TRAINING_OPTIONS
-    from prefpersonalize.trainers.headless import OPTIONS
+    from prefpersonalize.trainers.options import OPTIONS, training_settings
 
-    assert {option.id for option in TRAINING_OPTIONS + OPTIONAL_TRAINING_OPTIONS} == set(OPTIONS)
+    assert {option.id: option.default for option in TRAINING_OPTIONS + OPTIONAL_TRAINING_OPTIONS} == OPTIONS
+    settings = training_settings({"steps": 7, "save_every": 3, "training_dtype": "auto"}, torch.device("cpu"))
+    assert settings.config.steps == 7 and settings.save_every == 3 and settings.config.dtype == torch.float32
+    assert settings.config.beta == OPTIONS["beta"] and settings.config.lora_mode == OPTIONS["lora_mode"]
+    for bad, message in [
+        ({"timestep_start": 0.5, "timestep_end": 0.5}, "timestep_end .* must be above timestep_start"),
+        ({"loss_mode": "ipo"}, "loss_mode 'ipo' is not one of dpo, patch_dpo"),
+        ({"batch_size": 0}, "batch_size is 0; set it to at least 1"),
+        ({"learning_speed": 1}, r"unknown training options \['learning_speed'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            training_settings(bad, torch.device("cpu"))
 
 
 def test_bad_jobs_are_refused(tiny, tmp_path):
     import json
 
-    from prefpersonalize.trainers.headless import (
-        check_process_count,
-        export_job,
-        job_from_json,
-        load_job_model,
-        load_job_pairs,
-        read_job,
-    )
+    from prefpersonalize.trainers.headless import check_process_count, load_job_model, load_job_pairs
+    from prefpersonalize.trainers.jobs import job_from_json, read_job, write_job
 
     path, model, conditioning = tiny
     job_path = export(tiny, tmp_path / "job")
     with open(job_path, encoding="utf-8") as file:
         content = json.load(file)
+    # Paths in the job folder are relative, so the folder can be moved; read and written back, it is the same.
+    assert content["pairs"] == ["pairs.safetensors"] and content["output"]["directory"] == "."
+    write_job(read_job(job_path), str(tmp_path / "copy.json"))
+    with open(tmp_path / "copy.json", encoding="utf-8") as file:
+        copied = json.load(file)
+    assert copied == {
+        **content,
+        "pairs": ["job/pairs.safetensors"],
+        "output": {**content["output"], "directory": "job"},
+    }
+    os.remove(tmp_path / "copy.json")
     with pytest.raises(ValueError, match="not a training job file"):
         job_from_json({**content, "format": "something else"}, str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown training options \['learning_speed'\]"):
@@ -159,7 +185,7 @@ def test_bad_jobs_are_refused(tiny, tmp_path):
     nan_pairs = pair_set(conditioning, 2)
     nan_pairs.winners[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        export_job(nan_pairs, model, "checkpoint", path, OPTIONS, str(tmp_path / "nan"), "kohya")
+        export(tiny, tmp_path / "nan", pairs=nan_pairs)
     assert sorted(os.listdir(tmp_path)) == ["big", "job"]  # nothing half-written
 
     # The command: a clear message and a failing exit code, on every process.
