@@ -38,8 +38,14 @@ smallest normal (2^-6) and flush many to zero, so they are drawn at std 1 or 1/8
 norms before them (2^-6, exact in fp8) take the fan-in scale; see ``T5XXL_INIT``. The file is
 written tensor by tensor in chunks, so building it takes little memory (0.75 GB peak).
 
-TAESD: ``VAELoader`` lists ``taesd3`` / ``taef1`` once ``models/vae_approx/`` holds
-``<name>_encoder.*`` and ``<name>_decoder.*``; ``ensure_taesd`` makes a folder with both.
+The 2026 families (Flux.2 dev and Klein, Z-Image, Qwen-Image, Chroma, Lumina 2, AuraFlow;
+``FAMILY_KINDS``) come the same way from ``harness.dit_families``, which holds their recipes,
+sizes and ``family_conditioning``; ``dit_conditioning`` hands those kinds (and ``hidream``,
+which is not built: its detection fixes the full 17 B model) to it.
+
+TAESD: ``VAELoader`` lists ``taesd3`` / ``taef1`` (and ``taesdxl``; 0.33: ``taef2``) once
+``models/vae_approx/`` holds ``<name>_encoder.*`` and ``<name>_decoder.*``; ``ensure_taesd``
+makes a folder with both.
 
 Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,taesd,t5xxl}``,
 ``dev/`` on ``PYTHONPATH``) so ComfyUI's modules load in a process of their own; ``ensure_dit``,
@@ -48,14 +54,25 @@ Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,ta
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import torch
 
+from .dit_families import (
+    CONDITIONING_KINDS,
+    FAMILIES,
+    FAMILY_KINDS,
+    SMALL_INIT,
+    SMALL_INIT_STD,
+    DitFamily,
+    family_conditioning,
+)
 from .tiny_checkpoint import _init_like, _state_dict_shapes, ensure_checkpoint
 
 # Bump when the recipe changes so cached files are rebuilt.
@@ -66,6 +83,9 @@ LATENT_CHANNELS = 16
 DIT_LATENT_SHAPE = (LATENT_CHANNELS, 8, 8)  # 64 px
 # VAELoader's names for the TAESD of each family (its files: ``<name>_encoder.*``, ``<name>_decoder.*``).
 TAESD_NAMES = {"sd3": "taesd3", "flux": "taef1"}
+# Latent channels of each TAESD VAELoader builds (taef2's modules fold 2 x 2 of 32 into 128).
+TAESD_CHANNELS = {"taesd3": 16, "taef1": 16, "taesdxl": 4, "taef2": 128}
+ALL_DIT_KINDS = (*DIT_KINDS, *FAMILY_KINDS)
 
 SD3_DEPTH = 2
 SD3_PATCH = 2
@@ -83,13 +103,21 @@ FLUX_GUIDANCE = 3.5
 # Flux's T5 pads to at least 256.
 DEFAULT_TOKENS = {"sd3": 77, "flux": 256}
 CONDITIONING_DIMS = {"sd3": (SD3_CONTEXT_DIM, SD3_POOLED_DIM), "flux": (FLUX_CONTEXT_DIM, FLUX_VEC_IN_DIM)}
-DISK_DTYPES = {"sd3": torch.float16, "flux": torch.bfloat16}
+DISK_DTYPES = {"sd3": torch.float16, "flux": torch.bfloat16, **dict.fromkeys(FAMILY_KINDS, torch.bfloat16)}
 
 
 def _check_kind(kind: str) -> str:
-    if kind not in DIT_KINDS:
-        raise ValueError(f"unknown DiT kind {kind!r}; one of {DIT_KINDS}")
+    if kind not in ALL_DIT_KINDS:
+        raise ValueError(f"unknown DiT kind {kind!r}; one of {ALL_DIT_KINDS}")
     return kind
+
+
+def taesd_name(kind: str) -> str:
+    """The name ``VAELoader`` gives ``kind``'s TAESD; ``ValueError`` where ComfyUI has none."""
+    name = TAESD_NAMES.get(kind) or FAMILIES[_check_kind(kind)].taesd
+    if name is None:
+        raise ValueError(f"ComfyUI has no image TAESD for {kind}; it needs {FAMILIES[kind].vae}")
+    return name
 
 
 def _comfy_cpu() -> None:
@@ -134,9 +162,55 @@ def _flux_skeleton() -> dict[str, tuple[int, ...]]:
     }
 
 
+_BFL_NORM = re.compile(r"(_norm|\.norms\.\d+)\.weight$")
+
+
 def _bfl_key(name: str) -> str:
-    """Flux's on-disk name: newer ComfyUI calls the qk RMSNorm scales ``*_norm.weight``."""
-    return f"{name[: -len('weight')]}scale" if name.endswith("_norm.weight") else name
+    """Flux's (and Chroma's) on-disk name: newer ComfyUI calls the RMSNorm scales
+    ``*_norm.weight`` (Chroma's approximator: ``norms.<n>.weight``)."""
+    return f"{name[: -len('weight')]}scale" if _BFL_NORM.search(name) else name
+
+
+def _import_class(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def family_config(kind: str) -> dict:
+    """The config this ComfyUI's ``model_detection`` reads off ``kind``'s skeleton."""
+    _comfy_cpu()
+    return _detected_config(FAMILIES[_check_kind(kind)].skeleton)
+
+
+def unsupported_reason(kind: str) -> str | None:
+    """Why this ComfyUI cannot load ``kind`` (``None`` where it can). Only Klein so far: 0.3.75
+    fixes Flux.2 at 48 heads, so a 3072-wide model gets heads of 64, not the RoPE's 128."""
+    if kind not in FAMILIES:
+        return None
+    config = family_config(kind)
+    if "axes_dim" in config and config["hidden_size"] // config["num_heads"] != sum(config["axes_dim"]):
+        return (
+            f"this ComfyUI builds {kind} with {config['num_heads']} heads, not width / "
+            f"{sum(config['axes_dim'])} (ComfyUI 0.33 reads the head count off the width)"
+        )
+    return None
+
+
+def _family_shapes(family: DitFamily) -> dict[str, torch.Size]:
+    """The family's file keys and shapes: its module built from the detected config, renamed to
+    the real files' layout, plus the keys other ComfyUI versions need. Checks that detection
+    reads the same config back off the whole file."""
+    import comfy.ops
+
+    config = _detected_config(family.skeleton)
+    with torch.device("meta"):
+        model = _import_class(family.module)(**config, operations=comfy.ops.disable_weight_init)
+    rename = _bfl_key if family.bfl_norms else str
+    shapes = {rename(name): shape for name, shape in _state_dict_shapes(model).items()}
+    shapes.update({name: torch.Size(shape) for name, shape in family.extra_keys.items() if name not in shapes})
+    if _detected_config(shapes) != config:
+        raise RuntimeError(f"ComfyUI reads another config off the whole {family.model_base} file than off its skeleton")
+    return shapes
 
 
 def _dit_shapes(kind: str) -> dict[str, torch.Size]:
@@ -144,7 +218,9 @@ def _dit_shapes(kind: str) -> dict[str, torch.Size]:
     _comfy_cpu()
     import comfy.ops
 
-    if _check_kind(kind) == "sd3":
+    if _check_kind(kind) in FAMILIES:
+        return _family_shapes(FAMILIES[kind])
+    if kind == "sd3":
         from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper as model_class
 
         config, rename = _detected_config(_sd3_skeleton()), str
@@ -171,7 +247,12 @@ def _random_dit(kind: str, seed: int) -> dict[str, torch.Tensor]:
     dtype = DISK_DTYPES[kind]
     state = {}
     for name, shape in sorted(_dit_shapes(kind).items()):
-        value = _sd3_pos_embed(shape) if name == "pos_embed" else _init_like(name, shape, generator)
+        if name == "pos_embed":
+            value = _sd3_pos_embed(shape)
+        elif SMALL_INIT.search(name):
+            value = torch.randn(shape, generator=generator) * SMALL_INIT_STD
+        else:
+            value = _init_like(name, shape, generator)
         state[name] = value.to(dtype)
     return state
 
@@ -188,22 +269,28 @@ def build_flux_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def taesd_file_names(kind: str) -> tuple[str, str]:
     """The encoder and decoder file names ``VAELoader`` needs for ``kind``'s TAESD."""
-    name = TAESD_NAMES[_check_kind(kind)]
+    name = taesd_name(kind)
     return f"{name}_encoder.safetensors", f"{name}_decoder.safetensors"
 
 
 def build_taesd_state_dicts(kind: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Random 16-channel TAESD encoder and decoder state dicts, keyed by the file names
-    ``VAELoader`` looks for (``taesd3_encoder.safetensors``, ...); fp16 as the real ones."""
+    """Random TAESD encoder and decoder state dicts (``TAESD_CHANNELS`` latent channels), keyed
+    by the file names ``VAELoader`` looks for (``taesd3_encoder.safetensors``, ...); fp16 as the
+    real ones. ``taef2`` needs ComfyUI 0.33's ``EncoderFlux2`` / ``DecoderFlux2``."""
     _comfy_cpu()
     import comfy.taesd.taesd
 
     generator = torch.Generator().manual_seed(seed)
     files = {}
+    channels = TAESD_CHANNELS[taesd_name(kind)]
     parts = (comfy.taesd.taesd.Encoder, comfy.taesd.taesd.Decoder)
+    if channels == 128:
+        if not hasattr(comfy.taesd.taesd, "EncoderFlux2"):
+            raise RuntimeError("this ComfyUI has no taef2 (Flux.2's TAESD came with ComfyUI 0.33)")
+        parts = (comfy.taesd.taesd.EncoderFlux2, comfy.taesd.taesd.DecoderFlux2)
     for file_name, module_class in zip(taesd_file_names(kind), parts, strict=True):
         with torch.device("meta"):
-            module = module_class(latent_channels=LATENT_CHANNELS)
+            module = module_class(latent_channels=channels)
         shapes = sorted(_state_dict_shapes(module).items())
         files[file_name] = {key: _init_like(key, shape, generator).to(torch.float16) for key, shape in shapes}
     return files
@@ -225,8 +312,7 @@ def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[st
 
 def write_dit(path: str, kind: str, seed: int = 0) -> str:
     """Write the diffusion-model file of ``kind`` atomically to ``path`` and return it."""
-    builders = {"sd3": build_sd3_state_dict, "flux": build_flux_state_dict}
-    save_atomically(builders[_check_kind(kind)](seed), path)
+    save_atomically(_random_dit(_check_kind(kind), seed), path)
     return path
 
 
@@ -244,7 +330,7 @@ def dit_path(cache_dir: str, kind: str, seed: int = 0) -> str:
 
 def taesd_dir(cache_dir: str, kind: str, seed: int = 0) -> str:
     """The folder where ``ensure_taesd`` keeps this recipe's TAESD files of ``kind`` and ``seed``."""
-    return os.path.join(cache_dir, f"tiny_{TAESD_NAMES[_check_kind(kind)]}_r{DIT_RECIPE_VERSION}_s{seed}")
+    return os.path.join(cache_dir, f"tiny_{taesd_name(kind)}_r{DIT_RECIPE_VERSION}_s{seed}")
 
 
 def _build_in_subprocess(comfyui_path: str, out: str, kind: str, seed: int, what: str) -> None:
@@ -256,7 +342,7 @@ def _build_in_subprocess(comfyui_path: str, out: str, kind: str, seed: int, what
 
 
 def ensure_dit(comfyui_path: str, cache_dir: str, kind: str, seed: int = 0) -> str:
-    """Return a cached diffusion-model file (``sd3`` or ``flux``) for this recipe and seed,
+    """Return a cached diffusion-model file (``ALL_DIT_KINDS``) for this recipe and seed,
     building it on first use in a subprocess that imports ComfyUI from ``comfyui_path``."""
     path = dit_path(cache_dir, kind, seed)
     if not os.path.exists(path):
@@ -266,7 +352,7 @@ def ensure_dit(comfyui_path: str, cache_dir: str, kind: str, seed: int = 0) -> s
 
 def ensure_taesd(comfyui_path: str, cache_dir: str, kind: str, seed: int = 0) -> str:
     """Return a cached folder holding ``<name>_encoder.safetensors`` and
-    ``<name>_decoder.safetensors`` (name: ``TAESD_NAMES[kind]``). Link them into
+    ``<name>_decoder.safetensors`` (name: ``taesd_name(kind)``). Link them into
     ``models/vae_approx/`` (or add the folder to ``folder_paths``' ``vae_approx``) and
     ``VAELoader`` offers the name as ``vae_name``."""
     folder = taesd_dir(cache_dir, kind, seed)
@@ -279,7 +365,10 @@ def dit_conditioning(kind: str, batch: int = 1, tokens: int | None = None, seed:
     """CONDITIONING for a ``kind`` model, as the stock encoders shape it: ``[batch, tokens, 4096]``
     states and a pooled vector (SD3: 2048, CLIP-L + CLIP-G; Flux: 768, CLIP-L), plus Flux's
     ``guidance``. ``tokens`` defaults to the stock encoders' count (``DEFAULT_TOKENS``); any
-    count works. Values are unit normal (a random encoder's output has no better statistics)."""
+    count works. Values are unit normal (a random encoder's output has no better statistics).
+    The 2026 families and ``hidream``: ``dit_families.family_conditioning``."""
+    if kind in CONDITIONING_KINDS:
+        return family_conditioning(kind, batch, tokens, seed)
     context_dim, pooled_dim = CONDITIONING_DIMS[_check_kind(kind)]
     generator = torch.Generator().manual_seed(seed)
     cond = torch.randn(batch, tokens or DEFAULT_TOKENS[kind], context_dim, generator=generator)
