@@ -7,25 +7,38 @@ with CLIP-L alone conditions both families (no T5-XXL).
 Flux stays at ComfyUI's fixed 3072 width (~0.55 B parameters), so it samples with 16 text tokens
 to keep the steps short.
 
+The 2026 families (``harness.dit_families``: Flux.2 dev and Klein, Z-Image, Qwen-Image, Chroma,
+Lumina 2, AuraFlow) load through the same loader as their ``model_base`` and
+``supported_models`` classes, with every weight from the file, and one sampling step (cfg 1: one
+forward pass) turns ``dit_conditioning`` of the family's shapes into finite latents. One family
+is one parameter, so a failure names it; Klein is skipped, saying why, on ComfyUI 0.3.75. The
+tiny autoencoders ComfyUI has for their latents (taef1, taesdxl, 0.33's taef2) decode a latent
+through ``VAELoader``.
+
 The stock Flux text encoders (``DualCLIPLoader`` type ``flux`` with the random fp8 T5-XXL,
 ``harness.tiny_dit.ensure_t5xxl``) run in the browser test of ``workflows/joint_sampling_flux.json``
 (an encode takes a minute or more on 2 cores, so it is not repeated here).
 """
 
+import gc
+import logging
 import os
 
 import pytest
 import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.dit_families import FAMILIES, FAMILY_KINDS
 from harness.tiny_checkpoint import ensure_checkpoint
 from harness.tiny_dit import (
     DIT_KINDS,
     DIT_LATENT_SHAPE,
+    TAESD_CHANNELS,
     TAESD_NAMES,
     dit_conditioning,
     ensure_dit,
     ensure_taesd,
+    unsupported_reason,
 )
 
 pytestmark = pytest.mark.comfy
@@ -111,3 +124,94 @@ def test_stock_clip_l_conditions_both_families(dit, clip_l_conditioning):
     assert cond.shape == (1, 77, 4096) and extras["pooled_output"].shape == (1, 2048)
     samples = sample(model, kind, clip_l_conditioning)
     assert samples.isfinite().all()
+
+
+# --- the 2026 families ---
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", params=FAMILY_KINDS)
+def family(request, comfy_modules):
+    """A 2026 family's tiny file through ``load_diffusion_model``, with the warnings it logged;
+    one at a time (Flux.2 alone is 2.3 B parameters), unloaded after its tests."""
+    import comfy.model_management
+    import comfy.sd
+
+    kind = request.param
+    reason = unsupported_reason(kind)
+    if reason is not None:
+        pytest.skip(reason)
+    path = ensure_dit(comfyui_path(), CACHE, kind)
+    warnings = _Warnings()
+    logging.getLogger().addHandler(warnings)
+    try:
+        model = comfy.sd.load_diffusion_model(path)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    yield kind, model, warnings.messages
+    del model
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+def test_family_detected_as_its_model(family):
+    kind, model, warnings = family
+    expected = FAMILIES[kind]
+    assert type(model.model).__name__ == expected.model_base
+    assert type(model.model.model_config).__name__ == expected.config
+    assert model.model.latent_format.latent_channels == expected.latent_shape[0]
+    assert not [message for message in warnings if message.startswith("unet missing")]
+
+
+def test_family_forward_pass_is_finite(family):
+    import comfy.sample
+
+    kind, model, _ = family
+    # as KSampler does: Qwen-Image's Wan 2.1 latents gain a frame axis, [1, 16, 1, 8, 8]
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, *FAMILIES[kind].latent_shape))
+    noise = comfy.sample.prepare_noise(latent, 0)
+    conditioning = dit_conditioning(kind, tokens=TOKENS)
+    with torch.inference_mode():
+        samples = comfy.sample.sample(
+            model, noise, 1, 1.0, "euler", "simple", conditioning, conditioning, latent, seed=0, disable_pbar=True
+        )
+    assert samples.shape == latent.shape
+    assert samples.isfinite().all() and samples.std() > 0
+
+
+TAESD_FAMILIES = sorted({family.taesd for family in FAMILIES.values() if family.taesd} - set(TAESD_NAMES.values()))
+
+
+@pytest.mark.parametrize("name", TAESD_FAMILIES)
+def test_family_taesd_decodes_through_the_stock_vae_loader(name, comfy_modules):
+    import folder_paths
+    import nodes
+
+    kind = next(kind for kind, family in FAMILIES.items() if family.taesd == name)
+    if name not in nodes.VAELoader.image_taes:
+        pytest.skip(f"this ComfyUI's VAELoader has no {name}")
+    folder_paths.add_model_folder_path("vae_approx", ensure_taesd(comfyui_path(), CACHE, kind))
+    assert name in nodes.VAELoader.vae_list(nodes.VAELoader)
+    latent = torch.randn(1, *FAMILIES[kind].latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        (vae,) = nodes.VAELoader().load_vae(name)
+        image = vae.decode(latent)
+    assert vae.latent_channels == TAESD_CHANNELS[name]
+    assert image.shape == (1, 64, 64, 3) and image.isfinite().all()
+
+
+def test_hidream_conditioning_has_its_encoders_shapes():
+    """HiDream is not built (detection fixes the full 17 B model); its CONDITIONING is what its
+    ``model_base.extra_conds`` reads: T5 states, CLIP-L + CLIP-G pooled, Llama's 32 layers."""
+    ((cond, extras),) = dit_conditioning("hidream", batch=2, tokens=TOKENS)
+    assert cond.shape == (2, 128, 4096)
+    assert extras["pooled_output"].shape == (2, 2048)
+    assert extras["conditioning_llama3"].shape == (2, 32, TOKENS, 4096)
