@@ -18,9 +18,10 @@ test: env
 unit: env
 	$(PY) -m pytest tests/unit
 
-# Before a commit: the lint gate and the fast tiers (no server, no browser, nothing slow).
+# Before a commit: the lint gate and the fast tier, tests/unit (tensors, and ComfyUI's modules
+# where a unit needs them; no server, no browser), in about a minute.
 check: lint
-	$(PY) -m pytest tests -m "not server and not browser and not slow" -q
+	$(PY) -m pytest tests/unit -q
 
 # The whole suite again on the current ComfyUI, in its own .venv-current and .comfyui-current.
 test-current:
