@@ -34,7 +34,7 @@ def self_attention_blocks(model) -> list:
     """The blocks joint attention can patch: a UNet's ``unet_attention_blocks`` or a DiT's
     ``dit_blocks``. Raises ``InputError`` for other models."""
     diffusion_model = model.get_model_object("diffusion_model")
-    found = dit_blocks(diffusion_model) if is_dit(diffusion_model) else unet_attention_blocks(diffusion_model)
+    found = dit_blocks(model) if is_dit(model) else unet_attention_blocks(diffusion_model)
     if not found:
         raise InputError(
             f"this MODEL ({type(model.model).__name__}) has no self-attention blocks that joint attention "
@@ -46,7 +46,7 @@ def self_attention_blocks(model) -> list:
 
 def joint_settings(model) -> JointAttentionSettings | None:
     """The settings of the Joint Attention on ``model``, or None when it went through none."""
-    if is_dit(model.get_model_object("diffusion_model")):
+    if is_dit(model):
         patches = dit_joint_blocks(model)
     else:
         patches = unet_joint_patches(model)
@@ -64,7 +64,7 @@ def apply_joint_attention(model, settings: JointAttentionSettings):
     (``apply_dit_joint_attention``). Other nodes' replacements are kept; an earlier Joint
     Attention is replaced."""
     blocks = self_attention_blocks(model)
-    if is_dit(model.get_model_object("diffusion_model")):
+    if is_dit(model):
         return apply_dit_joint_attention(model, settings, blocks)
     return apply_unet_joint_attention(model, settings, blocks)
 

@@ -28,7 +28,7 @@ import torch
 from comfy.patcher_extension import PatcherInjection
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..comfy_glue.dit import adapted_dit_layer, in_place_blocks, is_dit
+from ..comfy_glue.families import model_family
 from ..pure.errors import InputError
 from .checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
 from .lora_branch import ConvGeometry, lora_delta
@@ -189,7 +189,7 @@ def bypass_injections(model, layers: dict[str, tuple[torch.nn.Module, torch.nn.M
 class TrainingBlocks:
     """Training forwards of the diffusion model's blocks while the patcher is loaded
     (inject/eject): gradient checkpointing of ``checkpointed``, and for ``in_place`` blocks (those
-    that update their inputs in place, see ``in_place_blocks``) the guards that let autograd
+    that update their inputs in place, see ``ModelFamily.in_place``) the guards that let autograd
     train them."""
 
     def __init__(self, checkpointed: list[torch.nn.Module], in_place: list[torch.nn.Module]):
@@ -254,7 +254,7 @@ class LoraOnModel:
                     patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
             for name, parameter in unwrapped_inference_parameters(patcher.model):
                 patcher.add_object_patch(name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
-            in_place = in_place_blocks(patcher.model.diffusion_model)
+            in_place = model_family(patcher.model).in_place_blocks(patcher.model.diffusion_model)
             if in_place:
                 patcher.set_injections(BLOCKS_KEY, training_blocks([], in_place))
         if self.mode == "bypass":
@@ -269,7 +269,8 @@ class LoraOnModel:
         number of blocks."""
         diffusion_model = self.patcher.model.diffusion_model
         blocks = modules_at_depth(diffusion_model, depth)
-        self.patcher.set_injections(BLOCKS_KEY, training_blocks(blocks, in_place_blocks(diffusion_model)))
+        in_place = model_family(self.patcher.model).in_place_blocks(diffusion_model)
+        self.patcher.set_injections(BLOCKS_KEY, training_blocks(blocks, in_place))
         return len(blocks)
 
     def inference_patcher(self):
@@ -290,7 +291,7 @@ def attach_lora(
     mode: str = "bypass",
 ) -> LoraOnModel:
     """Trainable LoRA adapters on every adaptable layer of a clone of ``model_patcher`` (on a
-    DiT: its blocks' attention and MLP linears, ``adapted_dit_layer``).
+    DiT: its blocks' attention and MLP linears, ``ModelFamily.adapted``).
 
     New adapters start as ComfyUI's (up: Kaiming-uniform, down: zeros, so the LoRA starts as a
     no-op) with the up matrices drawn from ``seed``, so training is reproducible. Layers in
@@ -311,12 +312,12 @@ def attach_lora(
     generator = torch.Generator().manual_seed(seed)
     clamped: list[str] = []
     candidates = 0
-    dit = is_dit(model_patcher.model.diffusion_model)
+    family = model_family(model_patcher.model)
     for name, module in model_patcher.model.named_modules():
         weight = getattr(module, "weight", None)
         if not hasattr(module, "weight_function") or weight is None or weight.ndim < 2:
             continue
-        if dit and not adapted_dit_layer(name):
+        if not family.adapted(name):
             continue
         if mode == "bypass" and not bypass_adaptable(module):
             continue

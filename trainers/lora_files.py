@@ -25,31 +25,19 @@ from collections import Counter
 
 import comfy.lora
 import comfy.lora_convert
-import comfy.model_base
 import comfy.utils
 import folder_paths
 import safetensors.torch
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..comfy_glue.dit import is_dit
+from ..comfy_glue.families import model_family
 from ..comfy_glue.versions import pack_version, running_comfyui_version
 from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
 
 LORA_LAYOUTS = ("kohya", "comfyui")
 LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
-# sd-scripts names SDXL LoRAs after its sgm UNet; ``ss_base_model_version`` as sd-scripts writes it.
-SGM_FAMILIES = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
-KOHYA_BASE_VERSIONS = {
-    "SD15": "sd_v1",
-    "SD20": "sd_v2",
-    "SD21UnclipL": "sd_v2",
-    "SDXL": "sdxl_base_v1-0",
-    "SD3": "sd3",
-    "Flux": "flux1",
-    "FluxSchnell": "flux1",
-}
 
 
 class LoraWithMetadata(dict):
@@ -85,19 +73,21 @@ def diffusers_unet_keys(model_patcher) -> dict[str, str] | None:
 
 
 def kohya_module_names(model_patcher, modules: list[str]) -> dict[str, str]:
-    """The kohya name (``lora_unet_...``) of each ``diffusion_model.*`` module of the model:
-    diffusers UNet names for SD1.x/SD2.x, the model's own names for SDXL and the DiTs (sd-scripts'
-    Flux and SD3 LoRAs name BFL's and SAI's modules).
+    """The kohya name (``lora_unet_...``) of each ``diffusion_model.*`` module of the model, as
+    its family names them (``ModelFamily.kohya_names``): diffusers UNet names for SD1.x/SD2.x, the
+    model's own names for SDXL and the DiTs (sd-scripts' Flux and SD3 LoRAs name BFL's and SAI's
+    modules).
 
     Raises:
-        InputError: a model without a kohya naming (neither an SD1.x/SD2.x/SDXL UNet nor a DiT).
+        InputError: a family without a kohya naming.
     """
-    sgm = isinstance(model_patcher.model, SGM_FAMILIES) or is_dit(model_patcher.model.diffusion_model)
+    family = model_family(model_patcher.model)
+    sgm = family.kohya_names == "model"
     diffusers_of = None if sgm else diffusers_unet_keys(model_patcher)
-    if not sgm and diffusers_of is None:
+    if family.kohya_version is None or (not sgm and diffusers_of is None):
         raise InputError(
-            f"the kohya layout names SD1.x, SD2.x, SDXL, SD3 and Flux layers; this is a "
-            f"{base_family(model_patcher)} model: save in the comfyui layout"
+            f"the kohya layout has no naming for {family.name} models: save in the comfyui layout, "
+            "which ComfyUI's LoRA loaders read for every model"
         )
     names = {}
     for module in modules:
@@ -154,8 +144,9 @@ def file_metadata(tensors: dict[str, torch.Tensor], model_patcher, layout: str, 
         "prefp_pack_version": pack_version(),
         "prefp_comfyui_version": running_comfyui_version() or "unknown",
     }
-    if family in KOHYA_BASE_VERSIONS:
-        metadata["ss_base_model_version"] = KOHYA_BASE_VERSIONS[family]
+    kohya_version = model_family(model_patcher.model).kohya_version
+    if kohya_version is not None:
+        metadata["ss_base_model_version"] = kohya_version
     metadata.update(training)
     return metadata
 

@@ -182,7 +182,7 @@ def test_settings_schedule_blocks_blend_adain_and_image_guidance(dit):
     none_chosen = with_joint_attention(model, blocks=frozenset({"middle"}))
     from prefpersonalize.comfy_glue.dit import dit_blocks
 
-    names = {name for _, name in dit_blocks(model.get_model_object("diffusion_model"))}
+    names = {name for _, name in dit_blocks(model)}
     moved = joint(dit, model=none_chosen, references=reference)[0]
     assert torch.equal(moved, plain) if "middle" not in names else (moved - plain).abs().max() > 1e-4
     for settings in (dict(mode="blend", strength=0.5), dict(adain_queries=True, adain_keys=True)):

@@ -1,0 +1,158 @@
+"""The model families the pack knows, as data: one ``ModelFamily`` per family says which of its
+layers get a LoRA, which blocks update their inputs in place, how kohya-style tools name its
+LoRAs, and where joint attention hooks into it. The trainer, the LoRA files and joint attention
+all read it, so a new family is one entry in ``FAMILIES``.
+
+A model is matched by ComfyUI's own name for its family, the ``supported_models`` class of its
+config (``Flux2``, ``ZImage``, ...), most specific first along that class's bases, so a
+``FluxSchnell`` model is Flux.1 and a ``ZImagePixelSpace`` one Z-Image. Any other image model
+ComfyUI loads gets ``generic_family``: its blocks are found from the model's structure. Models
+whose latents are not images (audio, 3D) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..pure.errors import InputError
+
+# Layers inside a block that are not trained: the timestep modulation (adaLN, img_mod, ...).
+MODULATION_PARTS = ("mod", "adaLN")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the pack needs to know about one family of diffusion models.
+
+    Attributes:
+        name: the family as artists call it.
+        configs: ComfyUI's ``supported_models`` class names that mean this family.
+        blocks: the diffusion model's block lists (``double_blocks``, ...) in depth order, whose
+            attention and MLP linears get a LoRA; ``None`` for a UNet, where every layer does.
+        in_place: whether its blocks update their inputs in place (Flux's ``img += ...``),
+            which training must guard (``trainers.checkpointing.saving_copies``).
+        kohya_version: ``ss_base_model_version`` as kohya's sd-scripts writes it; ``None`` where
+            the kohya layout has no naming for the family (save in the comfyui layout).
+        kohya_names: how kohya-style files name the layers: ``"diffusers"`` (the diffusers UNet's
+            module names, SD1.x/SD2.x) or ``"model"`` (the model's own module names).
+        joint_blocks: block list -> ``patches_replace["dit"]`` key of its blocks, where joint
+            attention hooks into this DiT (empty where joint attention does not support it).
+    """
+
+    name: str
+    configs: tuple[str, ...]
+    blocks: tuple[str, ...] | None
+    in_place: bool = False
+    kohya_version: str | None = None
+    kohya_names: str = "model"
+    joint_blocks: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_dit(self) -> bool:
+        return self.blocks is not None
+
+    def block_modules(self, diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every block of ``blocks``, in depth order (empty for a UNet)."""
+        return [block for name in self.blocks or () for block in getattr(diffusion_model, name, ())]
+
+    def adapted(self, name: str) -> bool:
+        """Whether the layer ``name`` (``diffusion_model.…``) gets a LoRA: on a UNet every layer;
+        on a DiT the linears inside its blocks, not the modulation, the embedders or the final
+        layer (as the family's usual LoRAs)."""
+        if self.blocks is None:
+            return True
+        parts = name.split(".")
+        if len(parts) < 3 or parts[1] not in self.blocks:
+            return False
+        return not any(marker in part for part in parts[3:] for marker in MODULATION_PARTS)
+
+    def in_place_blocks(self, diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+        return self.block_modules(diffusion_model) if self.in_place else []
+
+
+FLUX_BLOCKS = ("double_blocks", "single_blocks")
+FLUX_JOINT = (("double_blocks", "double_block"), ("single_blocks", "single_block"))
+
+FAMILIES = (
+    ModelFamily("SD1.x", ("SD15",), None, kohya_version="sd_v1", kohya_names="diffusers"),
+    ModelFamily("SD2.x", ("SD20",), None, kohya_version="sd_v2", kohya_names="diffusers"),
+    ModelFamily("SDXL", ("SDXL", "SDXLRefiner"), None, kohya_version="sdxl_base_v1-0"),
+    ModelFamily(
+        "SD3/SD3.5",
+        ("SD3",),
+        ("joint_blocks",),
+        kohya_version="sd3",
+        joint_blocks=(("joint_blocks", "double_block"),),
+    ),
+    ModelFamily("Flux.1", ("Flux",), FLUX_BLOCKS, in_place=True, kohya_version="flux1", joint_blocks=FLUX_JOINT),
+    ModelFamily("Flux.2", ("Flux2",), FLUX_BLOCKS, in_place=True),
+    ModelFamily("Chroma", ("Chroma",), FLUX_BLOCKS, in_place=True),
+    ModelFamily("Qwen-Image", ("QwenImage",), ("transformer_blocks",)),
+    ModelFamily("Z-Image", ("ZImage",), ("layers",)),
+    ModelFamily("HiDream", ("HiDream",), ("double_stream_blocks", "single_stream_blocks")),
+)
+NAMED_FAMILIES = ", ".join(family.name for family in FAMILIES)
+
+
+def config_names(model) -> list[str]:
+    """ComfyUI's family names of ``model`` (a ``model_base.BaseModel``), most specific first."""
+    return [cls.__name__ for cls in type(model.model_config).__mro__]
+
+
+def attention_blocks(diffusion_model: torch.nn.Module) -> tuple[str, ...]:
+    """The diffusion model's own block lists: its ``ModuleList`` children whose every entry holds
+    an attention module (a submodule named ``attn…`` or ``attention…``) and a linear layer."""
+
+    def is_block(module: torch.nn.Module) -> bool:
+        names = [name.rsplit(".", 1)[-1].lower() for name, _ in module.named_modules()]
+        has_linear = any(isinstance(m, torch.nn.Linear) for m in module.modules())
+        return has_linear and any(name.startswith(("attn", "attention")) for name in names)
+
+    return tuple(
+        name
+        for name, child in diffusion_model.named_children()
+        if isinstance(child, torch.nn.ModuleList) and len(child) and all(map(is_block, child))
+    )
+
+
+def generic_family(model) -> ModelFamily:
+    """Any other image model ComfyUI loads: a UNet trains every layer, as SD1.x does; a
+    transformer its blocks found from its structure (in-place updates assumed: guarding costs
+    little, and a wrong guess would break training). Their LoRAs are saved in the comfyui layout.
+    """
+    name = config_names(model)[0]
+    if isinstance(model.diffusion_model, UNetModel):
+        return ModelFamily(name, (name,), None)
+    blocks = attention_blocks(model.diffusion_model)
+    if not blocks:
+        raise InputError(
+            f"the pack finds no transformer blocks in this {name} model; "
+            f"it trains {NAMED_FAMILIES} and other transformer image models"
+        )
+    return ModelFamily(name, (name,), blocks, in_place=True)
+
+
+def named_family(model) -> ModelFamily | None:
+    """The entry of ``FAMILIES`` for ``model`` (a ``model_base.BaseModel``), or None."""
+    for name in config_names(model):
+        for family in FAMILIES:
+            if name in family.configs:
+                return family
+    return None
+
+
+def model_family(model) -> ModelFamily:
+    """The family of ``model`` (a ``model_base.BaseModel``): a named one, or ``generic_family``.
+
+    Raises:
+        InputError: a model whose latents are not images (audio, 3D), or without blocks to train.
+    """
+    if model.latent_format.latent_dimensions < 2:
+        raise InputError(
+            f"this is a {config_names(model)[0]} model, which does not make images; the pack trains "
+            f"{NAMED_FAMILIES} and other image models"
+        )
+    return named_family(model) or generic_family(model)
