@@ -7,7 +7,8 @@ A model is matched by ComfyUI's own name for its family, the ``supported_models`
 config (``Flux2``, ``ZImage``, ...), most specific first along that class's bases, so a
 ``FluxSchnell`` model is Flux.1 and a ``ZImagePixelSpace`` one Z-Image. Any other image model
 ComfyUI loads gets ``generic_family``: its blocks are found from the model's structure. Models
-whose latents are not images (audio, 3D) are refused.
+whose latents are not images (audio, 3D) are refused. ``latent_layout`` says whether a model takes
+its latents with a frame axis (Qwen-Image, the video models).
 """
 
 from __future__ import annotations
@@ -156,3 +157,27 @@ def model_family(model) -> ModelFamily:
             f"{NAMED_FAMILIES} and other image models"
         )
     return named_family(model) or generic_family(model)
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How a model takes the pack's image latents ``[B, C, h, w]``: as they are, or with a frame
+    axis ``[B, C, 1, h, w]`` where its latent format has one (``latent_dimensions == 3``: Wan 2.1's
+    latents of Qwen-Image, and the video models), as ComfyUI's sampler gives them
+    (``comfy.sample.fix_empty_latent_channels``). Pair sets, noise, errors and weight maps stay on
+    the image grid; only what goes into and comes out of the model changes layout."""
+
+    frame_axis: bool = False
+
+    def to_model(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> the model's layout."""
+        return latents.unsqueeze(2) if self.frame_axis else latents
+
+    def to_image(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's layout (one frame) -> ``[B, C, h, w]``."""
+        return latents.squeeze(2) if self.frame_axis else latents
+
+
+def latent_layout(model) -> LatentLayout:
+    """The layout ``model`` (a ``model_base.BaseModel``) takes its latents in."""
+    return LatentLayout(frame_axis=model.latent_format.latent_dimensions == 3)

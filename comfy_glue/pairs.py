@@ -11,7 +11,7 @@ import torch
 
 from ..pure.focus import local_entropy
 from ..pure.images import maps_to_grid
-from ..pure.pairs import PairMaps, PreferencePairs, thumbnails
+from ..pure.pairs import PairMaps, PreferencePairs, single_frame, thumbnails
 
 PAIRS_SUBFOLDER = "preference_pairs"
 
@@ -28,8 +28,14 @@ def saved_pair_files() -> list[str]:
 
 
 def encode(vae, images_rgb: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` -> unscaled latents ``[B, C, h, w]`` (VAE.encode batches by memory)."""
-    return vae.encode(images_rgb.movedim(1, -1)).float().cpu()
+    """``[B, 3, H, W]`` -> unscaled latents ``[B, C, h, w]``, one frame per image (VAE.encode
+    batches by memory). A VAE with a frame axis (``latent_dim`` 3: Qwen-Image's Wan 2.1, video
+    VAEs) reads a batch of images as the frames of one clip, so each image is encoded on its own;
+    its ``[1, C, 1, h, w]`` latents lose the frame axis (``single_frame``)."""
+    pixels = images_rgb.movedim(1, -1)
+    if getattr(vae, "latent_dim", 2) == 3:
+        return torch.cat([single_frame(vae.encode(image[None]).float().cpu()) for image in pixels])
+    return single_frame(vae.encode(pixels).float().cpu())
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ class PreferencePairs:
     """N preference pairs.
 
     Attributes:
-        winners, losers: ``[N, C, h, w]`` latents as the VAE returns them (unscaled).
+        winners, losers: ``[N, C, h, w]`` latents as the VAE returns them (unscaled; one
+            frame, a video-style VAE's frame axis dropped: ``single_frame``).
         conditionings: the distinct ComfyUI CONDITIONING lists used by the pairs.
         condition_index: ``[N]`` index into ``conditionings`` for each pair.
         maps: the per-pair weight, quality and complexity maps ``[N, h, w]``.
@@ -103,6 +104,11 @@ class PreferencePairs:
         n = len(self)
         if n == 0:
             raise InputError("the pair set is empty")
+        if self.winners.ndim != 4:
+            raise InputError(
+                f"winner latents {tuple(self.winners.shape)} are not image latents [N, C, h, w]; "
+                "build the pairs with the pair nodes (they store one frame per image)"
+            )
         if self.losers.shape != self.winners.shape:
             raise InputError(
                 f"winner latents {tuple(self.winners.shape)} and loser latents "
@@ -129,6 +135,25 @@ class PreferencePairs:
         for index, meta in enumerate(self.metadata):
             groups.setdefault(meta.get("difficulty", "normal"), []).append(index)
         return groups
+
+
+def single_frame(latents: torch.Tensor) -> torch.Tensor:
+    """A VAE's latents of images as ``[B, C, h, w]``: a frame axis of length 1 (``[B, C, 1, h, w]``,
+    what a video-style VAE such as Qwen-Image's Wan 2.1 returns for one image) is dropped.
+
+    Raises:
+        InputError: latents of several frames (a video VAE that made a clip of an image).
+    """
+    if latents.ndim == 4:
+        return latents
+    if latents.ndim == 5 and latents.shape[2] == 1:
+        return latents.squeeze(2)
+    if latents.ndim == 5:
+        raise InputError(
+            f"the VAE made latents of {latents.shape[2]} frames {tuple(latents.shape)} from one image; "
+            "preference pairs are single images: connect the VAE of the image model you train"
+        )
+    raise InputError(f"the VAE made latents of shape {tuple(latents.shape)}; the pack needs image latents")
 
 
 def merge_pairs(first: PreferencePairs, second: PreferencePairs) -> PreferencePairs:

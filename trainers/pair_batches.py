@@ -3,7 +3,9 @@ processed conditioning, and the factor that puts x0 errors in the model's own ta
 
 Winner and loser share timestep and noise (Diffusion-DPO); conditioning goes through ComfyUI's
 own ``convert_cond`` / ``encode_model_conds`` / ``cond_cat``, so SDXL's pooled and size
-conditioning is handled by the model itself. Formulas and choices: docs/algorithms.md, sections
+conditioning is handled by the model itself. Latents, noise and errors stay ``[B, C, h, w]``;
+a model whose latents have a frame axis (Qwen-Image) gets and returns them in its own layout
+(``comfy_glue.families.LatentLayout``). Formulas and choices: docs/algorithms.md, sections
 'Prediction spaces' and 'Pair batches and joint-set training'.
 """
 
@@ -16,6 +18,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
+from ..comfy_glue.families import latent_layout
 from ..comfy_glue.joint import has_joint_attention
 from ..pure.joint_attention import LAYOUT_KEY, joint_layout
 from ..pure.pairs import PreferencePairs
@@ -37,9 +40,10 @@ def target_space_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def conditioning_batches(model, conditionings: list, latent_shape, device) -> list[dict]:
-    """Per conditioning, ComfyUI's processed model conds for a batch of one."""
+    """Per conditioning, ComfyUI's processed model conds for a batch of one (``latent_shape``:
+    ``[C, h, w]``, given to the model in its own layout)."""
     processed = []
-    noise = torch.zeros((1, *latent_shape), device=device)
+    noise = latent_layout(model).to_model(torch.zeros((1, *latent_shape), device=device))
     for conditioning in conditionings:
         conds = comfy.sampler_helpers.convert_cond(conditioning)[:1]  # area/multi-entry conds: first entry
         conds = comfy.samplers.encode_model_conds(
@@ -94,14 +98,15 @@ class PairBatcher:
         self.sampling = self.model.model_sampling
         self.transformer_options = patcher.model_options.get("transformer_options", {})
         self.pairs = pairs
-        self.winners = self.model.process_latent_in(pairs.winners.float()).to(self.device)
-        self.losers = self.model.process_latent_in(pairs.losers.float()).to(self.device)
+        self.layout = latent_layout(self.model)
+        self.winners = self.scaled(pairs.winners)
+        self.losers = self.scaled(pairs.losers)
         # The per-pair maps the losses read, on the device once rather than every micro-batch.
         self.maps = pairs.maps.apply(lambda value: value.float().to(self.device))
         self.references = None
         if has_joint_attention(patcher):
             if pairs.references is not None:
-                self.references = self.model.process_latent_in(pairs.references.float()).to(self.device)
+                self.references = self.scaled(pairs.references)
             else:
                 self.transformer_options = {**self.transformer_options, LAYOUT_KEY: joint_layout(0)}
         self.conds = conditioning_batches(self.model, pairs.conditionings, tuple(self.winners.shape[1:]), self.device)
@@ -109,6 +114,17 @@ class PairBatcher:
     @property
     def joint(self) -> bool:
         return self.references is not None
+
+    def scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled ``[N, C, h, w]`` latents -> the model's scaled ones, ``[N, C, h, w]`` on the device."""
+        layout = self.layout
+        return layout.to_image(self.model.process_latent_in(layout.to_model(latents.float()))).to(self.device)
+
+    def apply_model(self, x_t, sigma, options: dict, kwargs: dict) -> torch.Tensor:
+        """The model's x0 prediction ``[B, C, h, w]`` of ``x_t`` ``[B, C, h, w]``, in float32."""
+        layout = self.layout
+        prediction = self.model.apply_model(layout.to_model(x_t), sigma, transformer_options=options, **kwargs)
+        return layout.to_image(prediction).float()
 
     def batch(
         self, indices: list[int], percents: torch.Tensor, generator: torch.Generator, rows: list[int] | None = None
@@ -139,7 +155,7 @@ class PairBatcher:
     def predict(self, x_t, sigma, kwargs, batch: MicroBatch | None = None) -> torch.Tensor:
         """The model's x0 prediction of ``x_t`` (in a joint batch with ``batch``'s references)."""
         if batch is None or batch.references is None:
-            return self.model.apply_model(x_t, sigma, transformer_options=self.transformer_options, **kwargs).float()
+            return self.apply_model(x_t, sigma, self.transformer_options, kwargs)
         count = batch.references.shape[0]
         joint_x = torch.cat([batch.references, x_t])
         joint_sigma = torch.cat([batch.reference_sigma, sigma])
@@ -156,4 +172,4 @@ class PairBatcher:
             "cond_or_uncond": [0],
             "sigmas": joint_sigma,
         }
-        return self.model.apply_model(joint_x, joint_sigma, transformer_options=options, **joint_kwargs).float()[count:]
+        return self.apply_model(joint_x, joint_sigma, options, joint_kwargs)[count:]
