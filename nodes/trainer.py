@@ -264,9 +264,12 @@ class SaveDPOLora(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Writes a LoRA to output/loras/ with its training run in the file header (base family, rank, alpha, "
-                "loss mode, beta, steps, pair count, resolution, pack version). kohya layout (lora_unet_... keys) "
-                "is read by A1111, Forge, SD.Next, diffusers and ComfyUI, for SD1.x, SD2.x and SDXL; the comfyui "
-                "layout (Save LoRA Weights' keys) works for every model family ComfyUI trains."
+                "loss mode, beta, steps, pair count, resolution, pack version). kohya layout (lora_unet_... keys, as "
+                "sd-scripts and musubi-tuner write them) for SD1.x/SD2.x/SDXL, SD3, Flux.1, Flux.2, Chroma and "
+                "Qwen-Image; diffusers layout (transformer.... lora_A/lora_B, as diffusers, SimpleTuner and "
+                "ai-toolkit write them) for SD3, Flux.1, Chroma, Qwen-Image, Z-Image and HiDream; the comfyui "
+                "layout (Save LoRA Weights' keys) works for every model family ComfyUI trains. A layout a family "
+                "has no naming for is refused, naming those that work."
             ),
             is_output_node=True,
             inputs=[
@@ -277,8 +280,8 @@ class SaveDPOLora(io.ComfyNode):
                     "layout",
                     options=list(LORA_LAYOUTS),
                     default="kohya",
-                    tooltip="kohya: for A1111/Forge/SD.Next/diffusers and ComfyUI (SD1.x, SD2.x, SDXL). comfyui: "
-                    "ComfyUI's own keys, any model family.",
+                    tooltip="kohya: sd-scripts/musubi-tuner keys; diffusers: diffusers/ai-toolkit keys; comfyui: "
+                    "ComfyUI's own keys, any model family (the README lists each family's layouts).",
                 ),
                 io.Int.Input(
                     "steps",

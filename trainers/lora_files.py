@@ -1,19 +1,30 @@
 """LoRA files other tools read, with the training run in their header, and LoRA files of other
 tools read back (``resume_lora``).
 
-Layouts written (``LORA_LAYOUTS``):
+Layouts written (``LORA_LAYOUTS``; which one names which family's layers, and how, is data in
+``comfy_glue.families``: ``ModelFamily.lora_layouts``):
 
 - ``kohya``: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, named as
-  kohya's sd-scripts names them, which A1111, Forge, SD.Next, diffusers and ComfyUI read: the
-  diffusers UNet's module names for SD1.x/SD2.x, the sgm UNet's for SDXL (sd-scripts trains
-  SDXL on that one). Convolution LoRAs are 4-D (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``).
+  kohya's sd-scripts and musubi-tuner name them, which A1111, Forge, SD.Next, diffusers and
+  ComfyUI read: the diffusers UNet's module names for SD1.x/SD2.x, the model's own for SDXL and
+  the DiTs. Convolution LoRAs are 4-D (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``).
+- ``diffusers``: ``<prefix><diffusers module>.lora_A.weight`` / ``.lora_B.weight`` as diffusers'
+  trainers, SimpleTuner and ai-toolkit write them (``transformer.``; ``diffusion_model.`` for
+  Z-Image), a fused ``qkv`` split into ``to_q`` / ``to_k`` / ``to_v``. Such files carry no alpha,
+  so each layer's scale alpha/rank is folded into ``lora_B`` (the header's alpha is the rank).
 - ``comfyui``: the trainer's own keys (``diffusion_model.<module>.lora_up.weight``, ...), as core
   Save LoRA Weights writes them; ComfyUI reads it for any model family.
 
+The kohya and diffusers names are read off ComfyUI's own LoRA key map
+(``comfy.lora.model_lora_keys_unet``), which holds ComfyUI's diffusers <-> model tables
+(``flux_to_diffusers``, ``mmdit_to_diffusers``, ``z_image_to_diffusers``), so every name written
+is one ComfyUI's LoraLoader reads; diffusers is not needed at run time.
+
 Reading goes through ComfyUI's own LoRA loader (``comfy.lora.load_lora`` with the model's key
 map), so every layout ComfyUI's LoraLoader reads (kohya, diffusers, ComfyUI) resumes as what
-LoraLoader applies; the map also takes the attention names of PEFT-era diffusers files, which
-LoraLoader leaves out (see ``lora_key_map``).
+LoraLoader applies; LoRAs on slices of one weight (``to_q`` / ``to_k`` / ``to_v`` of a fused
+``qkv``) resume as one LoRA on it; the map also takes the attention names of PEFT-era diffusers
+files, which LoraLoader leaves out (see ``lora_key_map``).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import logging
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import comfy.lora
 import comfy.lora_convert
@@ -31,13 +43,31 @@ import safetensors.torch
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..comfy_glue.families import model_family
+from ..comfy_glue.families import LoraNaming, model_family
 from ..comfy_glue.versions import pack_version, running_comfyui_version
 from ..pure.errors import InputError
 from ..pure.files import unused_stem, write_atomically
 
-LORA_LAYOUTS = ("kohya", "comfyui")
 LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
+
+
+@dataclass(frozen=True)
+class LayoutStyle:
+    """How a layout spells a layer's tensors; ``alpha=False``: it writes no ``.alpha`` and folds
+    the scale alpha/rank into ``up`` (diffusers and PEFT files carry none)."""
+
+    separator: str  # joins a module name's parts after the prefix
+    up: str
+    down: str
+    alpha: bool = True
+
+
+LAYOUT_STYLES = {
+    "kohya": LayoutStyle("_", ".lora_up.weight", ".lora_down.weight"),
+    "diffusers": LayoutStyle(".", ".lora_B.weight", ".lora_A.weight", alpha=False),
+    "comfyui": LayoutStyle(".", ".lora_up.weight", ".lora_down.weight"),
+}
+LORA_LAYOUTS = tuple(LAYOUT_STYLES)
 
 
 class LoraWithMetadata(dict):
@@ -72,50 +102,80 @@ def diffusers_unet_keys(model_patcher) -> dict[str, str] | None:
     return {ldm: diffusers for diffusers, ldm in comfy.utils.unet_to_diffusers(unet_config).items()}
 
 
-def kohya_module_names(model_patcher, modules: list[str]) -> dict[str, str]:
-    """The kohya name (``lora_unet_...``) of each ``diffusion_model.*`` module of the model, as
-    its family names them (``ModelFamily.kohya_names``): diffusers UNet names for SD1.x/SD2.x, the
-    model's own names for SDXL and the DiTs (sd-scripts' Flux and SD3 LoRAs name BFL's and SAI's
-    modules).
+def layout_names(model_patcher, naming: LoraNaming, separator: str, modules: list[str]) -> dict[str, list]:
+    """The file name(s) of each ``diffusion_model.*`` module in ``naming``, read off ComfyUI's LoRA
+    key map: module -> ``[(name, None)]``, or ``[(name, (0, start, rows)), ...]`` where the layout
+    names row slices of the module's weight (``to_q`` / ``to_k`` / ``to_v`` of a fused ``qkv``).
 
     Raises:
-        InputError: a family without a kohya naming.
+        InputError: a module the layout has no name for that ComfyUI reads.
     """
-    family = model_family(model_patcher.model)
-    sgm = family.kohya_names == "model"
-    diffusers_of = None if sgm else diffusers_unet_keys(model_patcher)
-    if family.kohya_version is None or (not sgm and diffusers_of is None):
-        raise InputError(
-            f"the kohya layout has no naming for {family.name} models: save in the comfyui layout, "
-            "which ComfyUI's LoRA loaders read for every model"
-        )
-    names = {}
-    for module in modules:
-        inner = module.removeprefix("diffusion_model.")
-        name = inner if sgm else diffusers_of.get(f"{inner}.weight", "").removesuffix(".weight")
-        if not name:
-            raise InputError(f"layer {module} has no kohya name; save in the comfyui layout")
-        names[module] = "lora_unet_" + name.replace(".", "_")
-    return names
-
-
-def to_kohya(tensors: dict[str, torch.Tensor], model_patcher) -> dict[str, torch.Tensor]:
-    """The trainer's LoRA (``<module>.lora_up.weight``, ...) in kohya layout for ``model_patcher``."""
-    modules = sorted({split[0] for split in map(split_lora_key, tensors) if split is not None})
-    names = kohya_module_names(model_patcher, modules)
+    named: dict[str, list] = {}
+    for key, target in comfy.lora.model_lora_keys_unet(model_patcher.model, {}).items():
+        if not key.startswith(naming.prefix):
+            continue
+        weight, offset = (target, None) if isinstance(target, str) else target[:2]
+        if isinstance(target, str) or len(target) == 2:  # a third entry transforms the weight
+            named.setdefault(weight, []).append((key, offset))
     weights = model_patcher.model.state_dict()
     out = {}
+    for module in modules:
+        own = naming.prefix + module.removeprefix("diffusion_model.").replace(".", separator)
+        candidates = named.get(f"{module}.weight", [])
+        if naming.diffusers:
+            candidates = [entry for entry in candidates if entry[0] != own] or candidates
+        else:
+            candidates = [entry for entry in candidates if entry[0] == own]
+        slices = dict((offset, key) for key, offset in reversed(candidates) if offset is not None)
+        rows, covered = weights[f"{module}.weight"].shape[0], 0
+        for dim, begin, length in sorted(slices):
+            covered = covered + length if dim == 0 and begin == covered else -1
+        whole = [key for key, offset in candidates if offset is None]
+        if covered == rows:
+            out[module] = [(key, offset) for offset, key in sorted(slices.items())]
+        elif whole:
+            out[module] = [(whole[0], None)]
+        else:
+            raise InputError(
+                f"layer {module} has no name in this layout that ComfyUI reads; save in the comfyui layout"
+            )
+    return out
+
+
+def trainer_layers(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The trainer's LoRA (``<module>.lora_up.weight``, ...) by module: suffix -> tensor."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         split = split_lora_key(key)
         if split is None:
             raise InputError(f"the LoRA holds {key}, which is no LoRA tensor; save in the comfyui layout")
-        module, suffix = split
-        shape = weights[f"{module}.weight"].shape
-        if suffix == ".lora_down.weight":
-            value = value.reshape(value.shape[0], *shape[1:])
-        elif suffix == ".lora_up.weight":
-            value = value.reshape(shape[0], -1, *([1] * (len(shape) - 2)))
-        out[names[module] + suffix] = value
+        layers.setdefault(split[0], {})[split[1]] = value
+    return layers
+
+
+def to_layout(tensors: dict[str, torch.Tensor], model_patcher, layout: str) -> dict[str, torch.Tensor]:
+    """The trainer's LoRA (``<module>.lora_up.weight``, ...) in ``layout`` for ``model_patcher``.
+
+    Raises:
+        InputError: a layout the model's family has no naming for, or a key that is no LoRA tensor.
+    """
+    naming = model_family(model_patcher.model).lora_naming(layout)
+    style = LAYOUT_STYLES[layout]
+    layers = trainer_layers(tensors)
+    names = layout_names(model_patcher, naming, style.separator, sorted(layers))
+    weights = model_patcher.model.state_dict()
+    out = {}
+    for module, parts in layers.items():
+        up, down = parts[".lora_up.weight"], parts[".lora_down.weight"]
+        rank, shape = down.shape[0], weights[f"{module}.weight"].shape
+        alpha = parts.get(".alpha", torch.tensor(float(rank)))
+        scale = 1.0 if style.alpha else float(alpha) / rank
+        for name, offset in names[module]:
+            rows = up if offset is None else up.reshape(up.shape[0], -1).narrow(0, offset[1], offset[2])
+            out[name + style.down] = down.reshape(rank, *shape[1:]).clone()  # one file tensor per slice
+            out[name + style.up] = rows.reshape(rows.shape[0], rank, *([1] * (len(shape) - 2))) * scale
+            if style.alpha:
+                out[name + ".alpha"] = alpha
     return out
 
 
@@ -134,6 +194,8 @@ def file_metadata(tensors: dict[str, torch.Tensor], model_patcher, layout: str, 
     """The header of a saved LoRA: what the tensors and the model say, then ``training``'s entries.
     Keys that sd-scripts also writes use its ``ss_`` names, so A1111/Forge show them."""
     rank, alpha = lora_rank_and_alpha(tensors)
+    if not LAYOUT_STYLES[layout].alpha:
+        alpha = rank  # folded into lora_B
     family = base_family(model_patcher)
     metadata = {
         "ss_network_module": "networks.lora",
@@ -144,7 +206,7 @@ def file_metadata(tensors: dict[str, torch.Tensor], model_patcher, layout: str, 
         "prefp_pack_version": pack_version(),
         "prefp_comfyui_version": running_comfyui_version() or "unknown",
     }
-    kohya_version = model_family(model_patcher.model).kohya_version
+    kohya_version = model_family(model_patcher.model).base_model_version(model_patcher.model.model_config.unet_config)
     if kohya_version is not None:
         metadata["ss_base_model_version"] = kohya_version
     metadata.update(training)
@@ -153,8 +215,11 @@ def file_metadata(tensors: dict[str, torch.Tensor], model_patcher, layout: str, 
 
 def in_trainer_layout(tensors: dict[str, torch.Tensor], model_patcher) -> dict[str, torch.Tensor]:
     """``tensors`` with the trainer's keys: as they are if they have them, else read as
-    resume_lora reads a file (so a kohya or diffusers LoRA from Load LoRA Model saves too)."""
-    if all(key.startswith("diffusion_model.") for key in tensors):
+    resume_lora reads a file (so a kohya or diffusers LoRA from Load LoRA Model saves too).
+    Z-Image's diffusers files also start with ``diffusion_model.``; their ``lora_A`` tells them apart."""
+    if all(key.startswith("diffusion_model.") for key in tensors) and any(
+        key.endswith(".lora_up.weight") for key in tensors
+    ):
         return tensors
     out = {}
     for module, (up, down, alpha) in read_lora_layers(tensors, model_patcher).items():
@@ -171,7 +236,7 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str, model_patcher, layout
     training = getattr(tensors, "metadata", {})
     tensors = in_trainer_layout(tensors, model_patcher)
     metadata = file_metadata(tensors, model_patcher, layout, training)
-    out = to_kohya(tensors, model_patcher) if layout == "kohya" else tensors
+    out = tensors if layout == "comfyui" else to_layout(tensors, model_patcher, layout)
     out = {key: value.detach().to("cpu").contiguous() for key, value in out.items()}
     return write_atomically(path, lambda temporary: safetensors.torch.save_file(out, temporary, metadata=metadata))
 
@@ -187,6 +252,29 @@ def lora_key_map(model_patcher) -> dict[str, str]:
     return key_map
 
 
+def joined_slices(entries: list, rows: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA ``(up [rows, r], down [r, in], alpha)`` on a weight of ``rows`` rows from LoRAs on
+    row slices of it (``[(offset (0, start, length) or None for all rows, (up, down, alpha))]``,
+    e.g. ``to_q`` / ``to_k`` / ``to_v`` of a fused ``qkv``), with the same product: the slices'
+    up rows stacked where they share one down and alpha (a split LoRA, as the diffusers layout
+    writes it), else a block LoRA of their summed rank with each scale folded into its up."""
+    spans = [(0, rows) if offset is None else (offset[1], offset[2]) for offset, _ in entries]
+    first = entries[0][1]
+    if all(torch.equal(down, first[1]) and alpha == first[2] for _, (_, down, alpha) in entries):
+        up = torch.zeros(rows, first[1].shape[0], dtype=first[0].dtype)
+        for (start, length), (_, (part, _, _)) in zip(spans, entries, strict=True):
+            up[start : start + length] += part
+        return up, first[1], first[2]
+    ranks = [down.shape[0] for _, (_, down, _) in entries]
+    up = torch.zeros(rows, sum(ranks), dtype=first[0].dtype)
+    column = 0
+    for (start, length), rank, (_, (part, _, alpha)) in zip(spans, ranks, entries, strict=True):
+        up[start : start + length, column : column + rank] = part * (alpha / rank)
+        column += rank
+    down = torch.cat([down for _, (_, down, _) in entries])
+    return up, down, float(sum(ranks))
+
+
 def read_lora_layers(tensors: dict[str, torch.Tensor], model_patcher) -> dict[str, tuple[torch.Tensor, ...]]:
     """A LoRA file's layers for this model, in any layout ComfyUI's LoraLoader reads: module name
     -> ``(up [out, r], down [r, in], alpha)`` (alpha = r where the file has none, as ComfyUI
@@ -197,8 +285,9 @@ def read_lora_layers(tensors: dict[str, torch.Tensor], model_patcher) -> dict[st
             a layer holds another adapter than a plain LoRA (LoHa, LoKr, DoRA, a Tucker mid).
     """
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(tensors), lora_key_map(model_patcher), False)
-    layers, used = {}, set()
-    for weight_key, patch in patches.items():
+    parts, used = {}, set()
+    for target, patch in patches.items():
+        weight_key, offset = (target, None) if isinstance(target, str) else target[:2]
         if not isinstance(patch, LoRAAdapter):
             kind = getattr(patch, "name", None) or patch[0]
             raise InputError(
@@ -211,12 +300,20 @@ def read_lora_layers(tensors: dict[str, torch.Tensor], model_patcher) -> dict[st
                 "resume_lora continues plain LoRAs (lora_up/lora_down)"
             )
         rank = down.shape[0]
-        layers[weight_key.removesuffix(".weight")] = (
+        layer = (
             up.reshape(up.shape[0], rank),
             down.reshape(rank, -1),
             float(alpha) if alpha is not None else float(rank),
         )
+        parts.setdefault(weight_key, []).append((offset, layer))
         used.update(patch.loaded_keys)
+    weights = model_patcher.model.state_dict()
+    layers = {
+        key.removesuffix(".weight"): entries[0][1]
+        if entries[0][0] is None and len(entries) == 1
+        else joined_slices(entries, weights[key].shape[0])
+        for key, entries in parts.items()
+    }
     if not layers:
         sample = ", ".join(sorted(tensors)[:3])
         raise InputError(
