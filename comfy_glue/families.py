@@ -239,15 +239,20 @@ def named_family(model) -> ModelFamily | None:
     return None
 
 
+# Audio models whose latents ComfyUI keeps 2-D, as an image's (ACE-Step's [B, 8, 16, T]).
+AUDIO_CONFIGS = ("ACEStep",)
+
+
 def model_family(model) -> ModelFamily:
     """The family of ``model`` (a ``model_base.BaseModel``): a named one, or ``generic_family``.
 
     Raises:
         InputError: a model whose latents are not images (audio, 3D), or without blocks to train.
     """
-    if model.latent_format.latent_dimensions < 2:
+    names = config_names(model)
+    if model.latent_format.latent_dimensions < 2 or set(names) & set(AUDIO_CONFIGS):
         raise InputError(
-            f"this is a {config_names(model)[0]} model, which does not make images; the pack trains "
+            f"this is a {names[0]} model, which does not make images; the pack trains "
             f"{NAMED_FAMILIES} and other image models"
         )
     return named_family(model) or generic_family(model)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 
+from ..comfy_glue.families import model_family, text_width
 from ..comfy_glue.joint import has_joint_attention
 from ..pure.errors import InputError
 from ..pure.focus import blend_focus
@@ -344,9 +345,26 @@ def train_dpo_lora(
             f"the pairs were encoded by a VAE with {pairs.latent_channels}-channel latents but this "
             f"model expects {latent_format.latent_channels}; build the pairs with this model's VAE"
         )
+    check_text_width(pairs, model_patcher.model)
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
     with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         return DPOTrainer(model_patcher, pairs, config, resume=resume, parallel=parallel).run(progress)
+
+
+def check_text_width(pairs: PreferencePairs, model) -> None:
+    """Refuse pairs whose conditioning another model's text encoder made (Z-Image's 2560-wide
+    states for Qwen-Image's 3584), which would otherwise fail inside the first forward."""
+    width = text_width(model)
+    if width is None:
+        return
+    for conditioning in pairs.conditionings:
+        for cond, _ in conditioning:
+            if cond.shape[-1] != width:
+                raise InputError(
+                    f"the pairs' conditioning holds {cond.shape[-1]}-wide text states but this "
+                    f"{model_family(model).name} model reads {width}-wide ones: another model's text encoder "
+                    "made them. Encode the prompts with this model's text encoder and build the pairs again"
+                )
 
 
 @contextlib.contextmanager

@@ -329,7 +329,10 @@ def attach_lora(
         if resume is not None and name in resume:
             up, down, resumed_alpha = resume[name]
             if up.shape[0] != weight.shape[0] or down.shape[1] != math.prod(weight.shape[1:]):
-                raise InputError(f"the resume LoRA's layer {name} has another shape than this model's")
+                raise InputError(
+                    f"the resume LoRA's layer {name} has another shape than this model's: it was made for another "
+                    "model; resume from a LoRA trained on this model, or leave resume_lora empty"
+                )
             adapter = LoRAAdapter(set(), (up, down, resumed_alpha, None, None, None)).to_train()
             matched += 1
         else:
@@ -346,7 +349,10 @@ def attach_lora(
             parameters[f"{name}.{parameter_name}"] = parameter
         layers[name] = (module, adapter)
     if resume is not None and matched == 0:
-        raise InputError("the resume LoRA matches no layer of this model (made for another model family?)")
+        raise InputError(
+            "the resume LoRA matches no layer of this model: it was made for another model family; resume from "
+            "a LoRA trained on this model, or leave resume_lora empty"
+        )
     if resume is not None and len(resume) > matched:
         skipped = sorted(set(resume) - set(layers))
         logging.warning(

@@ -238,7 +238,9 @@ def save_lora(tensors: dict[str, torch.Tensor], path: str, model_patcher, layout
     metadata = file_metadata(tensors, model_patcher, layout, training)
     out = tensors if layout == "comfyui" else to_layout(tensors, model_patcher, layout)
     out = {key: value.detach().to("cpu").contiguous() for key, value in out.items()}
-    return write_atomically(path, lambda temporary: safetensors.torch.save_file(out, temporary, metadata=metadata))
+    write_atomically(path, lambda temporary: safetensors.torch.save_file(out, temporary, metadata=metadata))
+    logging.info("Saved the LoRA in the %s layout (%s model): %s", layout, base_family(model_patcher), path)
+    return path
 
 
 def lora_key_map(model_patcher) -> dict[str, str]:
