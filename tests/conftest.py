@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -24,6 +25,7 @@ harness.register_pack()
 
 from harness.comfy_server import ComfyServer, comfyui_path  # noqa: E402
 from harness.workflows import provide_workflow_models, workflow_paths  # noqa: E402
+from prefpersonalize.comfy_glue.versions import parse_version  # noqa: E402
 
 REPO_ROOT = harness.REPO_ROOT
 
@@ -31,6 +33,19 @@ ARTIFACTS = os.path.join(REPO_ROOT, "test_artifacts")
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
 # What a marked test needs, checked once per session: marker -> fixture that provides it.
 TIER_FIXTURES = {"comfy": "comfy_modules", "server": "comfy_server"}
+# The heavy checks (learning, reload equality, per-mode sweeps) run on this ComfyUI or newer only:
+# the suite runs on both supported versions and must fit CI's hour; the light checks run on both.
+CURRENT_COMFYUI = (0, 33)
+
+
+def comfyui_version(path: str) -> str | None:
+    """``__version__`` of the ComfyUI tree at ``path`` (None: too old to have the file)."""
+    try:
+        with open(os.path.join(path, "comfyui_version.py"), encoding="utf-8") as file:
+            match = re.search(r'__version__\s*=\s*"([^"]+)"', file.read())
+    except OSError:
+        return None
+    return match.group(1) if match else None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,7 +53,13 @@ def pytest_collection_modifyitems(config, items):
     ``-m`` selects correctly), and tiers whose requirement is missing here are skipped."""
     missing = {}
     try:
-        comfyui_path()
+        found = comfyui_version(comfyui_path())
+        version = parse_version(found) if found else None
+        if version is None or version < CURRENT_COMFYUI:
+            missing["current_comfyui"] = (
+                f"ComfyUI {found or 'of unknown version'} here: this heavy check runs on ComfyUI "
+                f"{'.'.join(map(str, CURRENT_COMFYUI))} or newer only, to keep CI's two runs within the hour"
+            )
     except RuntimeError as error:
         missing["comfy"] = missing["server"] = str(error)
     if shutil.which("chromium") is None:
