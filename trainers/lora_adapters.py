@@ -115,17 +115,23 @@ class AutogradSafeWeight:
         return 0
 
 
-def unwrapped_inference_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Inference-mode parameters that no weight wrapper reaches: those of modules without
-    ComfyUI's ``weight_function`` (e.g. Flux's RMSNorm ``scale``). Autograd refuses to save them
-    for backward, so training runs on normal copies of them (as object patches; they are small)."""
-    return [
-        (f"{module_name}.{name}" if module_name else name, parameter)
-        for module_name, module in model.named_modules()
+def unwrapped_parameters(patcher) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters that no weight wrapper reaches (those of modules without ComfyUI's
+    ``weight_function``, e.g. Flux's and Chroma's RMSNorm ``scale``) and that training cannot use
+    as they are: inference tensors, which autograd refuses to save for backward, and parameters
+    that require grad (a model loaded outside a node), whose graph would reach into checkpointed
+    blocks. Training runs on frozen copies of them (as object patches; they are small).
+
+    The model's own parameters are read through ``get_model_object``: while another patcher of
+    the same model is loaded, the model holds that patcher's object patches."""
+    names = [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in patcher.model.named_modules()
         if not hasattr(module, "weight_function")
-        for name, parameter in module.named_parameters(recurse=False)
-        if torch.is_inference(parameter)
+        for name, _ in module.named_parameters(recurse=False)
     ]
+    originals = [(name, patcher.get_model_object(name)) for name in names]
+    return [(name, p) for name, p in originals if torch.is_inference(p) or p.requires_grad]
 
 
 def conv_geometry(module: torch.nn.Module) -> ConvGeometry | None:
@@ -252,7 +258,7 @@ class LoraOnModel:
                     patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
                 if self.mode == "bypass" or name not in self.layers:
                     patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
-            for name, parameter in unwrapped_inference_parameters(patcher.model):
+            for name, parameter in unwrapped_parameters(patcher):
                 patcher.add_object_patch(name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
             in_place = model_family(patcher.model).in_place_blocks(patcher.model.diffusion_model)
             if in_place:
