@@ -8,7 +8,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..pure.joint_attention import BLOCK_NAMES
 from .families import FAMILIES, named_family
 
-DIT_FAMILIES = " and ".join(family.name for family in FAMILIES if family.joint_blocks)
+DIT_FAMILIES = " and ".join(sorted(family.name for family in FAMILIES if family.joint_blocks))
 
 
 def is_dit(model) -> bool:
