@@ -1,5 +1,6 @@
 """Gradient checkpointing per block: which modules are the blocks, and the checkpointed call;
-training blocks that update their inputs in place (Flux's ``img += ...``).
+training blocks that update their inputs in place (Flux's ``img += ...``); frozen aliases of a
+loaded model's weights that autograd can save.
 
 Depth counts as core ``TrainLoraNode``'s ``checkpoint_depth`` does: the diffusion model itself
 is depth 1, and containers (ModuleList, Sequential, ModuleDict) do not count, so depth 2 is a
@@ -95,3 +96,19 @@ def checkpointed_in_place_call(forward, *args, **kwargs):
     # parameters (LoRA adapters) need them even when its inputs do not (the first block).
     anchor = torch.zeros((), requires_grad=True)
     return torch.utils.checkpoint.checkpoint(run, anchor, *args, *tensors, use_reentrant=True)
+
+
+def frozen_alias(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """A frozen parameter on ``tensor``'s memory (no copy) that autograd can save for backward.
+
+    A model loaded by a node holds inference tensors, which autograd refuses to save (a linear
+    layer saves its weight to pass gradients to its input); one loaded outside a node holds
+    parameters that require grad, whose full-size gradients would cost as much memory as the
+    model. The alias is a normal tensor viewing the same storage, with ``requires_grad`` off.
+
+    Shapes: the alias has ``tensor``'s shape, stride, dtype and device.
+    """
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return torch.nn.Parameter(alias, requires_grad=False)

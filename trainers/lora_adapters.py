@@ -6,7 +6,8 @@ applied in one of two ways (``LORA_MODES``):
 - ``bypass``: on the forward path, y = layer(x) + s·up(down(x)), installed as a
   ``PatcherInjection`` (ComfyUI's ``BypassInjectionManager`` where the running ComfyUI has it,
   the pack's ``BypassedLayers`` otherwise). No W + BA is built and no full-size weight
-  gradient is computed; base weights may be fp8.
+  gradient is computed; base weights may be fp8. While training, no weight is copied either:
+  the frozen weights are aliases autograd can save (``FrozenAliases``).
 - ``weight``: as core ``TrainLoraNode``'s default, a weight wrapper builds W + s·BA on every
   forward.
 
@@ -30,7 +31,13 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..comfy_glue.families import model_family
 from ..pure.errors import InputError
-from .checkpointing import checkpointed_call, checkpointed_in_place_call, modules_at_depth, saving_copies
+from .checkpointing import (
+    checkpointed_call,
+    checkpointed_in_place_call,
+    frozen_alias,
+    modules_at_depth,
+    saving_copies,
+)
 from .lora_branch import ConvGeometry, lora_delta
 
 try:  # ComfyUI 0.3.76 and later
@@ -41,6 +48,7 @@ except ImportError:
 LORA_MODES = ("bypass", "weight")
 BYPASS_KEY = "prefpairs_lora_bypass"
 BLOCKS_KEY = "prefpairs_training_blocks"
+ALIASES_KEY = "prefpairs_frozen_aliases"
 LOW_PRECISION_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
 
 
@@ -93,16 +101,9 @@ class SwitchedAdapter(torch.nn.Module):
 
 
 class AutogradSafeWeight:
-    """Training-only wrapper for weights without a weight-mode adapter, and biases: a frozen
-    weight autograd can save.
-
-    - Detached: ComfyUI's loaded parameters have ``requires_grad`` set, so without it every
-      backward would compute and store a full-size gradient for every base weight (as much
-      memory again as the model, and most of the backward's work).
-    - A normal copy of an inference-mode tensor while autograd records: models loaded by a node
-      hold inference tensors, which autograd refuses to save for backward (a linear layer saves
-      its weight to pass gradients to its input). With per-block checkpointing the copies of
-      one block are alive at a time."""
+    """Training-only weight wrapper for the weights ``FrozenAliases`` cannot alias (ComfyUI's
+    quantized tensors): a detached copy autograd can save, made on every forward as ComfyUI's
+    cast of a weight with a wrapper is."""
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.detach()
@@ -115,23 +116,41 @@ class AutogradSafeWeight:
         return 0
 
 
-def unwrapped_parameters(patcher) -> list[tuple[str, torch.nn.Parameter]]:
-    """Parameters that no weight wrapper reaches (those of modules without ComfyUI's
-    ``weight_function``, e.g. Flux's and Chroma's RMSNorm ``scale``) and that training cannot use
-    as they are: inference tensors, which autograd refuses to save for backward, and parameters
-    that require grad (a model loaded outside a node), whose graph would reach into checkpointed
-    blocks. Training runs on frozen copies of them (as object patches; they are small).
+class FrozenAliases:
+    """While the training patcher is loaded (inject/eject), the named parameters autograd cannot
+    use as they are (inference tensors, parameters that require grad) are swapped for frozen
+    aliases of the same memory (``frozen_alias``).
 
-    The model's own parameters are read through ``get_model_object``: while another patcher of
-    the same model is loaded, the model holds that patcher's object patches."""
-    names = [
-        f"{module_name}.{name}" if module_name else name
-        for module_name, module in patcher.model.named_modules()
-        if not hasattr(module, "weight_function")
-        for name, _ in module.named_parameters(recurse=False)
-    ]
-    originals = [(name, patcher.get_model_object(name)) for name in names]
-    return [(name, p) for name, p in originals if torch.is_inference(p) or p.requires_grad]
+    No weight wrapper is involved, so ComfyUI's layers cast their weights without copying them;
+    ComfyUI injects after it loads the weights and ejects before it moves them, so the aliases
+    always view the weights where they are."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.originals: dict[str, torch.nn.Parameter] = {}
+
+    def inject(self, patcher) -> None:
+        if self.originals:
+            return
+        for name in self.names:
+            module_name, _, attribute = name.rpartition(".")
+            module = patcher.model.get_submodule(module_name)
+            original = getattr(module, attribute)
+            if torch.is_inference(original) or original.requires_grad:
+                self.originals[name] = original
+                setattr(module, attribute, frozen_alias(original))
+
+    def eject(self, patcher) -> None:
+        for name, original in self.originals.items():
+            module_name, _, attribute = name.rpartition(".")
+            setattr(patcher.model.get_submodule(module_name), attribute, original)
+        self.originals = {}
+
+
+def aliasable(parameter: torch.Tensor) -> bool:
+    """Whether ``frozen_alias`` can view ``parameter``: a plain tensor, not a tensor subclass
+    such as ComfyUI's ``QuantizedTensor``."""
+    return type(parameter.data) is torch.Tensor
 
 
 def conv_geometry(module: torch.nn.Module) -> ConvGeometry | None:
@@ -246,20 +265,22 @@ class LoraOnModel:
         self.patcher = self.install(training=True)
 
     def install(self, training: bool):
-        """A clone of ``base`` with the adapters on; ``training`` adds the autograd-safe weight
-        wrappers (see ``AutogradSafeWeight``)."""
+        """A clone of ``base`` with the adapters on; ``training`` makes its weights ones autograd
+        can save without copying them (``FrozenAliases``) and guards in-place blocks."""
         patcher = self.base.clone()
-        safe_weight = AutogradSafeWeight()
         if training:
-            for name, module in patcher.model.named_modules():
-                if not hasattr(module, "weight_function") or getattr(module, "weight", None) is None:
-                    continue
-                if getattr(module, "bias", None) is not None:
-                    patcher.add_weight_wrapper(f"{name}.bias", safe_weight)  # layer_norm saves its bias too
-                if self.mode == "bypass" or name not in self.layers:
-                    patcher.add_weight_wrapper(f"{name}.weight", safe_weight)
-            for name, parameter in unwrapped_parameters(patcher):
-                patcher.add_object_patch(name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
+            aliased = []
+            for module_name, module in patcher.model.named_modules():
+                for attribute, parameter in module.named_parameters(recurse=False):
+                    name = f"{module_name}.{attribute}" if module_name else attribute
+                    if self.mode == "weight" and attribute == "weight" and module_name in self.layers:
+                        continue  # its SwitchedAdapter detaches it
+                    if aliasable(parameter):
+                        aliased.append(name)
+                    elif hasattr(module, "weight_function"):
+                        patcher.add_weight_wrapper(name, AutogradSafeWeight())
+            aliases = FrozenAliases(aliased)
+            patcher.set_injections(ALIASES_KEY, [PatcherInjection(aliases.inject, aliases.eject)])
             in_place = model_family(patcher.model).in_place_blocks(patcher.model.diffusion_model)
             if in_place:
                 patcher.set_injections(BLOCKS_KEY, training_blocks([], in_place))

@@ -459,3 +459,51 @@ def test_fp8_weights_train_in_bypass_mode_only(comfy_modules):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result.history.values())
     assert any(value.abs().sum() > 0 for key, value in result.lora.state_dict().items() if "lora_down" in key)
     assert model.model.diffusion_model.input_blocks[1][0].in_layers[2].weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("loaded_by_a_node", [False, True])
+def test_bypass_training_saves_the_loaded_weights_themselves(tiny, loaded_by_a_node):
+    """In bypass mode autograd saves the base weights without copying them: ComfyUI copies every
+    weight that has a weight function on each forward, so the training patcher freezes them as
+    aliases instead (``FrozenAliases``). A node's model holds inference tensors, which autograd
+    cannot save as they are. After the run the model holds its own parameters again."""
+    import comfy.model_management
+    import comfy.sd
+
+    from prefpersonalize.trainers.lora_adapters import attach_lora
+    from prefpersonalize.trainers.pair_batches import batch_kwargs, conditioning_batches
+
+    model, conditioning = tiny
+    if loaded_by_a_node:
+        path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind="sd15")
+        with torch.inference_mode():
+            model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    own = dict(model.model.named_parameters())
+    lora = attach_lora(model, rank=4, alpha=4.0, mode="bypass")
+    # Layers whose input needs no gradient have their weights not saved at all: the first layers
+    # on the timestep and on the latents, and cross-attention's keys and values on the text.
+    first_layers = ("time_embed.0", "input_blocks.0.0", "attn2.to_k", "attn2.to_v")
+    adapted_weights = {
+        module.weight.untyped_storage().data_ptr()
+        for name, (module, _) in lora.layers.items()
+        if not name.endswith(first_layers)
+    }
+    comfy.model_management.load_models_gpu([lora.patcher], force_full_load=True)
+    conds = conditioning_batches(lora.patcher.model, [conditioning], LATENT, lora.patcher.load_device)
+    kwargs = batch_kwargs(conds, [0, 0], lora.patcher.load_device)
+    saved = set()
+
+    def pack(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(5))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        prediction = lora.patcher.model.apply_model(x, torch.full((2,), 3.0), **kwargs)
+    prediction.square().mean().backward()
+    assert adapted_weights <= saved  # every adapted layer's own weight, not a copy of it
+    assert all(parameter.grad is None for parameter in own.values())  # frozen
+    comfy.model_management.unload_all_models()
+    after = dict(model.model.named_parameters())
+    assert after.keys() == own.keys() and all(after[name] is own[name] for name in own)  # not the aliases
+    assert all(torch.is_inference(parameter) == loaded_by_a_node for parameter in own.values())

@@ -1,6 +1,7 @@
 """The forward-path LoRA branch and per-block checkpointing, on tiny tensors: the branch against
 hand-computed values and against the layer with the merged weight W + s·BA; block discovery
-against a hand-drawn module tree; checkpointed gradients against plain ones."""
+against a hand-drawn module tree; checkpointed gradients against plain ones; frozen aliases of
+inference tensors."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.utils.checkpoint
 from prefpersonalize.trainers.checkpointing import (
     checkpointed_call,
     checkpointed_in_place_call,
+    frozen_alias,
     modules_at_depth,
     saving_copies,
 )
@@ -146,3 +148,16 @@ def test_in_place_blocks_train_plain_and_checkpointed():
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         assert torch.equal(checkpointed_in_place_call(block.forward, x.detach().clone()), block.out_of_place(x))
+
+
+def test_frozen_alias_of_an_inference_weight_is_saved_by_autograd_without_a_copy():
+    with torch.inference_mode():
+        weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))[1:]  # a view: offset 3
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        F.linear(x, weight).sum().backward()
+    alias = frozen_alias(weight)
+    assert alias.data_ptr() == weight.data_ptr() and alias.shape == weight.shape and alias.stride() == weight.stride()
+    assert not torch.is_inference(alias) and not alias.requires_grad
+    F.linear(x, alias).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(2, 3))
