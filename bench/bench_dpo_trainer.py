@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_dpo_trainer.py [--size 256] [--pairs 1] [--steps 5]
         [--rank 8] [--checkpoint PATH | --unet PATH --clip CLIP_L,CLIP_G] [--modes bypass,weight]
         [--checkpoint-depth D] [--methods core,ours] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
-        [--model sd15|sd3|flux] [--tokens 16]
+        [--model sd15|sd3|flux|flux2_klein|z_image|qwen_image|chroma|lumina2|auraflow|flux2] [--tokens 16]
 
 One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
 batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
@@ -32,6 +32,10 @@ without gradient checkpointing: its blocks add to inputs that autograd saved, in
 says why instead of a ratio. With checkpointing core runs on Flux, on wrong gradients (its
 non-reentrant checkpoint recomputes the blocks from inputs they have since updated; see
 BENCHMARKS.md): its time and memory are still a core step's.
+
+``--model flux2_klein`` (and the other 2026 families of ``harness.dit_families``): that family's
+tiny random-weight DiT, its latents (Flux.2: 128 channels on a /16 grid) and CONDITIONING of its
+text encoder's width. Where core cannot train a family at all, its row gives core's error.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from common import (  # noqa: E402
     base_parser,
     bench_main,
     dit_conditioning,
+    family_models,
     load_comfyui,
     software,
     tiny_checkpoint,
@@ -70,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default="core,ours", help="core, ours or both (a model too big for one)")
     parser.add_argument("--profile", type=int, default=0, help="also print each run's N costliest torch ops")
     parser.add_argument("--checkpoint-depth", type=int, default=0, help="gradient checkpointing depth (0: off)")
-    add_model_options(parser)
+    add_model_options(parser, families=True)
     return parser.parse_args(argv)
 
 
@@ -113,7 +118,7 @@ def load_model(args, comfyui: str):
     """(MODEL, positive CONDITIONING, a name for the report) from --model, --unet/--clip or a checkpoint."""
     import comfy.sd
 
-    if args.model in DIT_MODELS:
+    if args.model in DIT_MODELS + family_models():
         model, name = tiny_dit(comfyui, args.model, args.cache, args.unet or args.checkpoint)
         return model, dit_conditioning(args.model, args.tokens), f"{name} + {args.tokens} text tokens"
     if args.unet:
@@ -128,6 +133,17 @@ def load_model(args, comfyui: str):
     return model, [[cond, {"pooled_output": pooled}]], names
 
 
+def latent_grid(model: str, size: int) -> tuple[int | None, int]:
+    """(channels or None for the model's own, grid side) of ``model``'s latents for ``size`` px
+    images: a 2026 family's from its recipe (Flux.2: 128 channels on a /16 grid), else /8."""
+    if model in family_models():
+        from harness.dit_families import FAMILIES
+
+        channels, side, _ = FAMILIES[model].latent_shape  # for a 64 px image
+        return channels, size * side // 64
+    return None, size // 8
+
+
 def worker(args) -> dict:
     device = args.worker
     comfyui = load_comfyui(device)
@@ -137,6 +153,7 @@ def worker(args) -> dict:
     from comfy_extras.nodes_train import TrainLoraNode
 
     from harness.pairs import uniform_pairs
+    from prefpersonalize.comfy_glue.families import latent_layout
     from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
     from prefpersonalize.trainers.progress import TrainingProgress
 
@@ -145,11 +162,12 @@ def worker(args) -> dict:
     model, positive, model_name = load_model(args, comfyui)
     modes = args.modes.split(",")
     depth = args.checkpoint_depth
-    grid = args.size // 8
-    channels = model.model.latent_format.latent_channels
+    channels, grid = latent_grid(args.model, args.size)
+    channels = channels or model.model.latent_format.latent_channels
     generator = torch.Generator().manual_seed(0)
     count = args.pairs
     latents = torch.randn(2 * count, channels, grid, grid, generator=generator)
+    layout = latent_layout(model.model)  # core takes them as ComfyUI's VAE gives them (Qwen: a frame axis)
     pairs = uniform_pairs(positive, latents[:count], latents[count:])
 
     def synchronize():
@@ -190,7 +208,7 @@ def worker(args) -> dict:
             TrainLoraNode.execute(
                 **core_inputs(
                     model=model,
-                    latents=[{"samples": latents[i : i + 1]} for i in range(2 * count)],
+                    latents=[{"samples": layout.to_model(latents[i : i + 1])} for i in range(2 * count)],
                     positive=positive,
                     batch_size=2 * count,
                     grad_accumulation_steps=1,

@@ -105,13 +105,23 @@ MODELS = ("sd15", "sd3", "flux")
 DIT_MODELS = ("sd3", "flux")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--model`` (sd15, sd3 or flux) and ``--tokens`` (the DiTs' text tokens)."""
+def family_models() -> tuple[str, ...]:
+    """The 2026 families' tiny DiTs (``harness.dit_families``), which the trainer's benchmark
+    also takes as ``--model``."""
+    from harness.dit_families import FAMILY_KINDS
+
+    return FAMILY_KINDS
+
+
+def add_model_options(parser: argparse.ArgumentParser, families: bool = False) -> None:
+    """``--model`` (sd15, sd3 or flux, plus the 2026 families with ``families``) and ``--tokens``
+    (the DiTs' text tokens)."""
+    choices = MODELS + (family_models() if families else ())
     parser.add_argument(
         "--model",
-        choices=MODELS,
+        choices=choices,
         default="sd15",
-        help="sd15: an SD1.x checkpoint (the tiny one unless named); sd3, flux: the tiny random-weight DiT "
+        help="sd15: an SD1.x checkpoint (the tiny one unless named); the others: the tiny random-weight DiT "
         "(Load Diffusion Model) with CONDITIONING made as tensors",
     )
     parser.add_argument(
@@ -119,7 +129,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     for action in parser._actions:
         if action.dest == "checkpoint":
-            action.help = "an SD1.x checkpoint, or with --model sd3/flux a diffusion-model file (default: the tiny one)"
+            action.help = "an SD1.x checkpoint, or with a DiT --model a diffusion-model file (default: the tiny one)"
 
 
 def tiny_dit(comfyui: str, kind: str, cache: str = DEFAULT_CHECKPOINT_CACHE, path: str | None = None):
