@@ -39,12 +39,13 @@ TRAINING_OPTIONS = (
     ),
     io.Float.Input(
         "beta",
-        default=5000.0,
-        min=1.0,
+        default=0.0,
+        min=0.0,
         max=100000.0,
         step=50.0,
-        tooltip="DPO temperature: 5000 for SD1.5/SDXL (noise errors); flow models (SD3.5, Flux: velocity "
-        "errors) start near 100.",
+        tooltip="DPO temperature. 0: the model's default, 5000 for noise-prediction models (SD1.5, SDXL) and "
+        "100 for flow models (SD3.5, Flux.1 and .2, Z-Image, Qwen-Image, Chroma, HiDream), whose errors are "
+        "velocity errors.",
     ),
     io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
     io.Float.Input(

@@ -25,7 +25,7 @@ from ..pure.pairs import PreferencePairs
 from .lora_adapters import LoraOnModel, attach_lora
 from .lora_files import read_lora_layers
 from .losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
-from .pair_batches import MicroBatch, PairBatcher
+from .pair_batches import MicroBatch, PairBatcher, default_beta
 from .progress import TrainingProgress
 from .timesteps import curriculum_pool, sample_percents
 
@@ -43,7 +43,7 @@ PRESERVE_SCALE_PER_BETA = 0.5
 @dataclass
 class DPOTrainingConfig:
     loss_mode: str = "patch_dpo"
-    beta: float = 5000.0
+    beta: float = 0.0  # 0: the model's default (pair_batches.default_beta)
     steps: int = 200
     learning_rate: float = 1e-4
     rank: int = 8
@@ -129,6 +129,9 @@ class DPOTrainer:
     ):
         self.pairs = pairs
         self.config = config
+        self.beta = run_beta(config, model_patcher)
+        if not config.beta:
+            logging.info("DPO beta: %g, the default for this model's prediction space.", self.beta)
         self.parallel = parallel or DataParallel()
         resumed = read_lora_layers(resume, model_patcher) if resume is not None else None
         self.lora = attach_lora(
@@ -297,12 +300,12 @@ class DPOTrainer:
             )
             weights_w = weights_l = focus + FOCUS_FLOOR
         terms = dpo_loss(
-            model_w, model_l, reference_errors[:batch], reference_errors[batch:], config.beta, weights_w, weights_l
+            model_w, model_l, reference_errors[:batch], reference_errors[batch:], self.beta, weights_w, weights_l
         )
         loss = terms.loss
         if weights_w is not None and config.preserve_outside > 0:
             preserve = outside_preservation_loss(prediction, reference, torch.cat([weights_w, weights_l]), micro.scale)
-            loss = loss + PRESERVE_SCALE_PER_BETA * config.beta * config.preserve_outside * preserve
+            loss = loss + PRESERVE_SCALE_PER_BETA * self.beta * config.preserve_outside * preserve
         if mode == "hg_dpo" and config.stats_weight > 0:
             # What the policy makes of the generated (loser) image should carry the real photo's
             # colour statistics.
@@ -393,6 +396,11 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def run_beta(config: DPOTrainingConfig, model_patcher) -> float:
+    """The beta a run uses: the config's, or the model's default where it names none (0)."""
+    return config.beta or default_beta(model_patcher.get_model_object("model_sampling"))
+
+
 def training_metadata(
     config: DPOTrainingConfig, pairs: PreferencePairs, model_patcher, steps: int, *, processes: int | None = None
 ) -> dict:
@@ -407,7 +415,7 @@ def training_metadata(
         "ss_learning_rate": f"{config.learning_rate:g}",
         "ss_seed": str(config.seed),
         "prefp_loss_mode": config.loss_mode,
-        "prefp_beta": f"{config.beta:g}",
+        "prefp_beta": f"{run_beta(config, model_patcher):g}",
         "prefp_pair_count": str(len(pairs)),
         "prefp_batch_size": str(config.batch_size * config.grad_accumulation),
         "prefp_timestep_range": f"{config.timestep_start:g}-{config.timestep_end:g}",

@@ -28,6 +28,19 @@ from ..pure.pairs import PreferencePairs
 MIN_SIGMA = 1e-4
 
 
+# DPO beta's starting points by the space the errors are in (docs/algorithms.md, 'beta per
+# prediction space'): Diffusion-DPO's 5000 for noise (and v) prediction, Flow-DPO's SD3.5
+# setting for velocity, which every flow family (SD3, Flux.1 and .2, Z-Image, Qwen-Image, Chroma,
+# HiDream) predicts.
+NOISE_BETA = 5000.0
+VELOCITY_BETA = 100.0
+
+
+def default_beta(model_sampling) -> float:
+    """The beta a run on a model with ``model_sampling`` uses when it names none."""
+    return VELOCITY_BETA if isinstance(model_sampling, comfy.model_sampling.CONST) else NOISE_BETA
+
+
 def target_space_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     """Per-sample factor turning x0 errors into errors of what the model predicts."""
     sigma = sigma.clamp(min=MIN_SIGMA)

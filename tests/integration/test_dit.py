@@ -322,3 +322,14 @@ def test_pairs_of_another_latent_family_are_refused(dit):
     four_channel = uniform_pairs(positive, torch.ones(2, 4, 8, 8), torch.zeros(2, 4, 8, 8))
     with pytest.raises(InputError, match="16"):
         train_dpo_lora(model, four_channel, config(steps=1))
+
+
+def test_beta_left_at_zero_is_the_velocity_default(dit):
+    """Flow models' errors are velocity errors: a run that names no beta uses 100, not the noise
+    models' 5000 (the file header records it); a named beta stays."""
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, training_metadata
+
+    _, model, positive, _ = dit
+    pairs = synthetic_pairs(positive, 2, seed=3)
+    assert training_metadata(DPOTrainingConfig(), pairs, model, 0)["prefp_beta"] == "100"
+    assert training_metadata(DPOTrainingConfig(beta=700.0), pairs, model, 0)["prefp_beta"] == "700"

@@ -507,3 +507,12 @@ def test_bypass_training_saves_the_loaded_weights_themselves(tiny, loaded_by_a_n
     after = dict(model.model.named_parameters())
     assert after.keys() == own.keys() and all(after[name] is own[name] for name in own)  # not the aliases
     assert all(torch.is_inference(parameter) == loaded_by_a_node for parameter in own.values())
+
+
+def test_beta_left_at_zero_is_the_noise_default(tiny):
+    """Noise-prediction models' default beta is Diffusion-DPO's 5000 (the file header records it)."""
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, training_metadata
+
+    model, conditioning = tiny
+    pairs = synthetic_pairs(conditioning, 2, seed=3)
+    assert training_metadata(DPOTrainingConfig(), pairs, model, 0)["prefp_beta"] == "5000"
