@@ -3,7 +3,9 @@ in-process): it learns a synthetic preference (held-out accuracy, full generatio
 weights choose which differences it learns, every loss mode runs, it is deterministic, never
 touches the input MODEL, and its LoRA loads like any LoRA.
 
-Learning is checked on the pre-trained tiny denoiser (``tiny_checkpoint.pretrain_denoiser``):
+The learning tests run on ComfyUI 0.3.75 only (``oldest_comfyui``; the trainer's arithmetic
+does not change with the version, and 0.33 runs the 2026 families' learning tests). Learning is
+checked on the pre-trained tiny denoiser (``tiny_checkpoint.pretrain_denoiser``):
 DPO moves a model relative to its reference, which only means something for generations when
 the reference denoises. Mechanics use the random-weight checkpoint.
 """
@@ -107,6 +109,7 @@ def generate(patcher, conditioning, count=16, seed=0, steps=12):
     ).float()
 
 
+@pytest.mark.oldest_comfyui
 def test_learns_a_synthetic_preference(denoiser):
     from harness.evaluation import implicit_accuracy
     from prefpersonalize.trainers.loop import train_dpo_lora
@@ -147,6 +150,7 @@ def held_out_x0(patcher, conditioning, losers, sigma):
 
 
 @pytest.mark.slow
+@pytest.mark.oldest_comfyui
 @pytest.mark.parametrize("prediction", ["v_prediction", "flow"])
 def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
     """The same MODEL switched to v-prediction (core ModelSamplingDiscrete) or rectified flow
@@ -176,6 +180,7 @@ def test_learns_in_v_and_flow_prediction_space(tiny, prediction):
 
 
 @pytest.mark.slow
+@pytest.mark.oldest_comfyui
 def test_patch_weights_choose_what_is_learned_and_preservation_keeps_it_there(denoiser):
     """The subject sits in the left half (a signature on latent channel 2, in winners and losers
     alike); winners differ from losers on the left (channel 0 up) and on the right (channel 1 up).

@@ -1,7 +1,8 @@
 """The Joint Sampler and the DPO LoRA Trainer on full-size random-weight models (CPU,
 in-process): SD1.5 as one checkpoint, SDXL as a UNet file plus CLIP-L and CLIP-G files, loaded
-with ComfyUI's stock loaders. Size is the point: every UNet level's shapes, and memory (the
-SDXL trainer step at 256 px must fit a 24 GB machine). Speed is measured by
+with ComfyUI's stock loaders, on ComfyUI 0.33 only (``current_comfyui``: CI's hour). Size is
+the point: every UNet level's shapes, and memory (the SDXL trainer step at 256 px must fit a
+24 GB machine). Speed is measured by
 ``bench/bench_dpo_trainer.py``, not here.
 
 On each model: a joint batch samples and keeps its reference; one step of every loss mode
@@ -22,7 +23,7 @@ from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.pairs import uniform_pairs
 from harness.tiny_checkpoint import FULL_SIZE_KINDS, checkpoint_path, ensure_checkpoint, full_size_file_bytes
 
-pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.current_comfyui]
 
 SD15_PX, SDXL_PX = 128, 256
 CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
