@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.dit_families import FAMILIES, family_conditioning
+from harness.logs import LoggedWarnings
 from harness.pairs import uniform_pairs
 from harness.tiny_checkpoint import PROPERTY_SHIFT
 from harness.tiny_dit import dit_path, ensure_dit, unsupported_reason
@@ -202,24 +203,6 @@ def assert_trained(result, expected_layers, dead_ends=frozenset()):
     assert downs.keys() == expected_layers
     unmoved = {layer for layer, value in downs.items() if not value.abs().max() > 0}
     assert unmoved == set(dead_ends), f"layers whose LoRA stayed at its zero start: {sorted(unmoved)}"
-
-
-class LoggedWarnings(logging.Handler):
-    """ComfyUI's root-logger warnings while it is attached (``lora key not loaded: ...``)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger().addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeHandler(self)
 
 
 def reload_lora(family, tensors, tmp_path, layout="comfyui"):

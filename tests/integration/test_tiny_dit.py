@@ -21,7 +21,6 @@ The stock Flux text encoders (``DualCLIPLoader`` type ``flux`` with the random f
 """
 
 import gc
-import logging
 import os
 
 import pytest
@@ -29,6 +28,7 @@ import torch
 
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.dit_families import FAMILIES, FAMILY_KINDS
+from harness.logs import LoggedWarnings
 from harness.tiny_checkpoint import ensure_checkpoint
 from harness.tiny_dit import (
     DIT_KINDS,
@@ -129,15 +129,6 @@ def test_stock_clip_l_conditions_both_families(dit, clip_l_conditioning):
 # --- the 2026 families ---
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module", params=FAMILY_KINDS)
 def family(request, comfy_modules):
     """A 2026 family's tiny file through ``load_diffusion_model``, with the warnings it logged;
@@ -150,14 +141,10 @@ def family(request, comfy_modules):
     if reason is not None:
         pytest.skip(reason)
     path = ensure_dit(comfyui_path(), CACHE, kind)
-    warnings = _Warnings()
-    logging.getLogger().addHandler(warnings)
-    try:
+    with LoggedWarnings() as warnings:
         # bf16, as the file is: in ComfyUI's fp32 on CPU, Flux.2 dev-shaped takes 9 GB and, beside
         # the session's server and the other tiers' models, ran a 23 GB machine out of memory.
         model = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.bfloat16})
-    finally:
-        logging.getLogger().removeHandler(warnings)
     yield kind, model, warnings.messages
     del model
     comfy.model_management.unload_all_models()
