@@ -21,8 +21,15 @@ import uuid
 
 from . import REPO_ROOT
 from .tiny_checkpoint import ensure_checkpoint
-from .tiny_dit import TAESD_NAMES, ensure_dit, ensure_t5xxl, ensure_taesd, taesd_file_names
-from .tiny_vae import ensure_dit_checkpoint, ensure_kl_vae16
+from .tiny_dit import (
+    FULL_TEXT_ENCODERS,
+    TAESD_NAMES,
+    ensure_dit,
+    ensure_full_text_encoder,
+    ensure_taesd,
+    taesd_file_names,
+)
+from .tiny_vae import ensure_dit_checkpoint, ensure_vae
 
 PACK_FOLDER_NAME = "ComfyUI-PrefPersonalize"
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache")
@@ -114,17 +121,19 @@ class ComfyServer:
         source = ensure_dit_checkpoint(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind, seed)
         return self.provide_model("checkpoints", name, source)
 
-    def provide_kl_vae16(self, name: str, seed: int = 0) -> str:
-        """Serve a random 16-channel KL VAE (Flux's / SD3's, full size) under ``name`` in models/vae/."""
-        source = ensure_kl_vae16(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), seed)
+    def provide_vae(self, kind: str, name: str, seed: int = 0) -> str:
+        """Serve a random KL VAE (``harness.tiny_vae.VAES``: ``kl_vae16`` for Flux.1 / SD3.5,
+        ``flux2_vae``; full size) under ``name`` in models/vae/."""
+        source = ensure_vae(comfyui_path(), os.path.join(self.cache_dir, "checkpoints"), kind, seed)
         return self.provide_model("vae", name, source)
 
     def provide_text_encoder(self, kind: str, name: str) -> str:
-        """Serve a random text encoder (``clip_l``, ``clip_g``, ``t5xxl`` (fp8); full size, as their
-        configs are fixed) under ``name`` in models/text_encoders/, for CLIPLoader / DualCLIPLoader."""
+        """Serve a random text encoder (``clip_l``, ``clip_g``; ``t5xxl``, ``qwen3_4b`` in fp8; full
+        size, as their configs are fixed) under ``name`` in models/text_encoders/, for CLIPLoader /
+        DualCLIPLoader."""
         cache = os.path.join(self.cache_dir, "checkpoints")
-        if kind == "t5xxl":
-            source = ensure_t5xxl(comfyui_path(), cache)
+        if kind in FULL_TEXT_ENCODERS:
+            source = ensure_full_text_encoder(comfyui_path(), cache, kind)
         else:
             source = ensure_checkpoint(comfyui_path(), cache, kind=TEXT_ENCODER_KINDS[kind])
         return self.provide_model("text_encoders", name, source)

@@ -47,9 +47,13 @@ TAESD: ``VAELoader`` lists ``taesd3`` / ``taef1`` (and ``taesdxl``; 0.33: ``taef
 ``models/vae_approx/`` holds ``<name>_encoder.*`` and ``<name>_decoder.*``; ``ensure_taesd``
 makes a folder with both.
 
-Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,taesd,t5xxl}``,
+Z-Image and Flux.2 Klein take a Qwen3-4B (``CLIPLoader`` type ``lumina2`` / ``flux2``; 0.3.75
+has no Klein), again fixed in size: ``ensure_full_text_encoder(..., "qwen3_4b")`` makes it the
+same way (4.02 B parameters, fp8, fan-in init: its RMS and q/k norms keep activations in range).
+
+Run as a module (``python -m harness.tiny_dit COMFYUI_PATH OUT KIND SEED {dit,taesd,text_encoder}``,
 ``dev/`` on ``PYTHONPATH``) so ComfyUI's modules load in a process of their own; ``ensure_dit``,
-``ensure_taesd`` and ``ensure_t5xxl`` do that.
+``ensure_taesd`` and ``ensure_full_text_encoder`` do that.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -436,9 +442,58 @@ def t5xxl_init(name: str) -> tuple[float | None, float | None]:
     raise KeyError(f"no T5-XXL init for {name!r}")
 
 
-def _t5xxl_chunks(name: str, shape: torch.Size, generator: torch.Generator):
+def t5xxl_file_bytes() -> int:
+    """The T5-XXL file's tensor bytes (its header adds ~28 kB). Needs ComfyUI importable."""
+    return full_text_encoder_bytes("t5xxl")
+
+
+# --- Qwen3-4B (Z-Image's and Flux.2 Klein's text encoder), full size, float8_e4m3fn ---
+
+QWEN3_4B_NAME = "qwen_3_4b.safetensors"  # the name ComfyUI's Z-Image and Klein examples use
+
+
+def _qwen3_4b_shapes() -> dict[str, torch.Size]:
+    """The weight shapes of ComfyUI's Qwen3-4B (``model.embed_tokens``, ``model.layers.*``,
+    ``model.norm``: what ``Qwen3_4BModel.load_sd`` hands its ``transformer``); no ``lm_head``, as
+    in the real file (Qwen3-4B ties it to the embeddings)."""
+    _comfy_cpu()
+    import comfy.text_encoders.z_image
+
+    with torch.device("meta"):
+        model = comfy.text_encoders.z_image.Qwen3_4BModel(device="meta", dtype=T5XXL_DTYPE)
+    return _state_dict_shapes(model.transformer)
+
+
+def qwen3_init(name: str, shape: torch.Size) -> tuple[float | None, float | None]:
+    """Qwen3 normalises before every projection (RMSNorm, and q/k norms), so plain fan-in init
+    keeps activations in range: norms 1, embeddings unit normal, linears std ``fan_in ** -0.5``
+    (in fp8 about 4 % of them flush to 0, which a random model does not mind)."""
+    if len(shape) == 1:
+        return None, 1.0
+    if name.endswith("embed_tokens.weight"):
+        return 1.0, None
+    return shape[1] ** -0.5, None
+
+
+@dataclass(frozen=True)
+class FullTextEncoder:
+    """A text encoder whose config ComfyUI fixes, so tests need it full size: random weights,
+    every tensor ``T5XXL_DTYPE`` (float8_e4m3fn) as the fp8 files artists use."""
+
+    recipe: int  # bump when the recipe changes so cached files are rebuilt
+    shapes: Callable[[], dict[str, torch.Size]]
+    init: Callable[[str, torch.Size], tuple[float | None, float | None]]  # (std, None) or (None, value)
+
+
+FULL_TEXT_ENCODERS = {
+    "t5xxl": FullTextEncoder(T5XXL_RECIPE_VERSION, _t5xxl_shapes, lambda name, shape: t5xxl_init(name)),
+    "qwen3_4b": FullTextEncoder(1, _qwen3_4b_shapes, qwen3_init),
+}
+
+
+def _text_encoder_chunks(encoder: FullTextEncoder, name: str, shape: torch.Size, generator: torch.Generator):
     """The tensor's values in ``T5XXL_DTYPE``, row blocks of at most ``_CHUNK_ELEMENTS``."""
-    std, value = t5xxl_init(name)
+    std, value = encoder.init(name, shape)
     if std is None:
         yield torch.full(shape, value).to(T5XXL_DTYPE)
         return
@@ -449,18 +504,20 @@ def _t5xxl_chunks(name: str, shape: torch.Size, generator: torch.Generator):
         yield block.mul_(std).to(T5XXL_DTYPE)
 
 
-def t5xxl_file_bytes() -> int:
-    """The T5-XXL file's tensor bytes (its header adds ~28 kB). Needs ComfyUI importable."""
+def full_text_encoder_bytes(kind: str) -> int:
+    """Tensor bytes of ``kind``'s file (``FULL_TEXT_ENCODERS``). Needs ComfyUI importable."""
     size = torch.empty((), dtype=T5XXL_DTYPE).element_size()
-    return sum(size * math.prod(shape) for shape in _t5xxl_shapes().values())
+    return sum(size * math.prod(shape) for shape in FULL_TEXT_ENCODERS[kind].shapes().values())
 
 
-def write_t5xxl(path: str, seed: int = 0) -> str:
-    """Write the random T5-XXL atomically to ``path`` and return it. The safetensors file is
-    streamed (header, then each tensor chunk by chunk, sorted key order), never held in memory."""
-    shapes = dict(sorted(_t5xxl_shapes().items()))
+def write_full_text_encoder(path: str, kind: str, seed: int = 0) -> str:
+    """Write the random ``kind`` text encoder atomically to ``path`` and return it. The
+    safetensors file is streamed (header, then each tensor chunk by chunk, sorted key order),
+    never held in memory."""
+    encoder = FULL_TEXT_ENCODERS[kind]
+    shapes = dict(sorted(encoder.shapes().items()))
     size = torch.empty((), dtype=T5XXL_DTYPE).element_size()
-    header: dict = {"__metadata__": {"recipe": str(T5XXL_RECIPE_VERSION), "seed": str(seed)}}
+    header: dict = {"__metadata__": {"recipe": str(encoder.recipe), "seed": str(seed)}}
     offset = 0
     for name, shape in shapes.items():
         end = offset + size * math.prod(shape)
@@ -476,7 +533,7 @@ def write_t5xxl(path: str, seed: int = 0) -> str:
             handle.write(len(encoded).to_bytes(8, "little"))
             handle.write(encoded)
             for name, shape in shapes.items():
-                for chunk in _t5xxl_chunks(name, shape, generator):
+                for chunk in _text_encoder_chunks(encoder, name, shape, generator):
                     handle.write(chunk.contiguous().view(torch.uint8).numpy().data)
         if os.path.getsize(tmp) != 8 + len(encoded) + offset:
             raise RuntimeError(f"{tmp} has {os.path.getsize(tmp)} bytes, expected {8 + len(encoded) + offset}")
@@ -487,19 +544,25 @@ def write_t5xxl(path: str, seed: int = 0) -> str:
     return path
 
 
-def t5xxl_path(cache_dir: str, seed: int = 0) -> str:
-    """Where ``ensure_t5xxl`` keeps this recipe's T5-XXL of ``seed``."""
-    return os.path.join(cache_dir, f"random_t5xxl_fp8_e4m3fn_r{T5XXL_RECIPE_VERSION}_s{seed}.safetensors")
+def full_text_encoder_path(cache_dir: str, kind: str, seed: int = 0) -> str:
+    """Where ``ensure_full_text_encoder`` keeps this recipe's ``kind`` file of ``seed``."""
+    recipe = FULL_TEXT_ENCODERS[kind].recipe
+    return os.path.join(cache_dir, f"random_{kind}_fp8_e4m3fn_r{recipe}_s{seed}.safetensors")
+
+
+def ensure_full_text_encoder(comfyui_path: str, cache_dir: str, kind: str, seed: int = 0) -> str:
+    """Return a cached full-size random ``kind`` text encoder (``FULL_TEXT_ENCODERS``; T5-XXL
+    4.76 GB, Qwen3-4B 4.02 GB), building it on first use in a subprocess that imports ComfyUI
+    from ``comfyui_path`` (about a minute on 2 busy cores; under 1 GB peak memory)."""
+    path = os.path.abspath(full_text_encoder_path(cache_dir, kind, seed))  # the builder runs in comfyui_path
+    if not os.path.exists(path):
+        _build_in_subprocess(comfyui_path, path, kind, seed, "text_encoder")
+    return path
 
 
 def ensure_t5xxl(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
-    """Return a cached full-size random T5-XXL file (float8_e4m3fn, 4.76 GB) for this recipe and
-    seed, building it on first use in a subprocess that imports ComfyUI from ``comfyui_path``
-    (75 s on 2 busy cores; 0.75 GB peak memory)."""
-    path = os.path.abspath(t5xxl_path(cache_dir, seed))  # the builder runs in comfyui_path
-    if not os.path.exists(path):
-        _build_in_subprocess(comfyui_path, path, "flux", seed, "t5xxl")
-    return path
+    """``ensure_full_text_encoder`` for the T5-XXL of Flux.1, SD3 and Chroma."""
+    return ensure_full_text_encoder(comfyui_path, cache_dir, "t5xxl", seed)
 
 
 def _link(target: str, link: str) -> None:
@@ -536,10 +599,10 @@ def main(argv: list[str]) -> None:
         write_dit(out, kind, int(seed))
     elif what == "taesd":
         write_taesd(out, kind, int(seed))
-    elif what == "t5xxl":
-        write_t5xxl(out, int(seed))
+    elif what == "text_encoder":
+        write_full_text_encoder(out, kind, int(seed))
     else:
-        raise ValueError(f"unknown target {what!r}; 'dit', 'taesd' or 't5xxl'")
+        raise ValueError(f"unknown target {what!r}; 'dit', 'taesd' or 'text_encoder'")
 
 
 if __name__ == "__main__":

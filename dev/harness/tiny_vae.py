@@ -24,7 +24,10 @@ sorted key order, so a seed gives the same file whichever ComfyUI builds it.
 Use it with ``VAELoader``: link the file into ``models/vae/`` (or add its folder to
 ``folder_paths``' ``vae``) under the name the workflow asks for, e.g. ``ae.safetensors`` (Flux).
 
-Run as a module (``python -m harness.tiny_vae COMFYUI_PATH OUT SEED``, ``dev/`` on
+``VAES["flux2_vae"]`` is Flux.2's VAE the same way (32 channels, quant convs, and a batch norm over
+the 2 x 2-folded latent: ``VAELoader`` gives 128-channel latents at /16).
+
+Run as a module (``python -m harness.tiny_vae COMFYUI_PATH OUT KIND SEED``, ``dev/`` on
 ``PYTHONPATH``) so ComfyUI's modules load in a process of their own; ``ensure_kl_vae16`` does that.
 """
 
@@ -34,6 +37,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -42,15 +46,44 @@ from .tiny_checkpoint import _init_like, _state_dict_shapes
 # Bump when the recipe changes so cached files are rebuilt.
 VAE_RECIPE_VERSION = 1
 
-LATENT_CHANNELS = 16
 DOWNSCALE = 8
 DISK_DTYPE = torch.float16
 FLUX_VAE_NAME = "ae.safetensors"  # the name ComfyUI's Flux examples give VAELoader
+FLUX2_VAE_NAME = "flux2-vae.safetensors"  # ... and its Flux.2 examples
 
-# The keys (and shapes) comfy.sd.VAE looks at to pick a 16-channel KL VAE; see the module docstring.
-VAE_SKELETON = {
-    "decoder.conv_in.weight": (512, LATENT_CHANNELS, 3, 3),
-    "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3),
+
+@dataclass(frozen=True)
+class VaeRecipe:
+    """The keys (and shapes) ``comfy.sd.VAE`` looks at to pick a VAE, and what it must build."""
+
+    skeleton: dict[str, tuple[int, ...]]
+    model_class: str
+    latent_channels: int
+    # The file's names for keys ComfyUI renames on load (its names -> the real file's).
+    file_names: tuple[tuple[str, str], ...] = ()
+
+
+VAES = {
+    # Flux.1 / SD3.5 (``ae.safetensors``); see the module docstring.
+    "kl_vae16": VaeRecipe(
+        {"decoder.conv_in.weight": (512, 16, 3, 3), "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3)},
+        "AutoencodingEngine",
+        16,
+    ),
+    # Flux.2 (``flux2-vae.safetensors``): 32 channels, quant convs, and a batch norm over the
+    # 2 x 2-folded latent (``bn.*``), so 128 channels at /16.
+    "flux2_vae": VaeRecipe(
+        {
+            "decoder.conv_in.weight": (512, 32, 3, 3),
+            "encoder.down.2.downsample.conv.weight": (512, 512, 3, 3),
+            "encoder.quant_conv.weight": (64, 64, 1, 1),
+            "decoder.post_quant_conv.weight": (32, 32, 1, 1),
+            "bn.running_mean": (128,),
+        },
+        "AutoencoderKL",
+        128,
+        (("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv.")),
+    ),
 }
 
 
@@ -61,58 +94,78 @@ def _comfy_cpu() -> None:
     args.cpu = True
 
 
-def _vae_shapes() -> dict[str, torch.Size]:
-    """The weight shapes of the VAE ``comfy.sd.VAE`` builds from ``VAE_SKELETON``, keyed as its
-    file is (built on the meta device: no memory, no init)."""
+def _vae_shapes(kind: str) -> dict[str, torch.Size]:
+    """The weight shapes of the VAE ``comfy.sd.VAE`` builds from ``VAES[kind]``'s skeleton, keyed
+    as its file is (built on the meta device: no memory, no init)."""
     _comfy_cpu()
     import comfy.sd
 
-    skeleton = {name: torch.empty(shape, device="meta") for name, shape in VAE_SKELETON.items()}
+    recipe = VAES[kind]
+    skeleton = {name: torch.empty(shape, device="meta") for name, shape in recipe.skeleton.items()}
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # "Missing VAE keys": the skeleton lacks all but two
+    logging.disable(logging.WARNING)  # "Missing VAE keys": the skeleton lacks all but a few
     try:
         with torch.device("meta"):
             vae = comfy.sd.VAE(sd=skeleton)
     finally:
         logging.disable(previous)
     model = vae.first_stage_model
-    if model is None or type(model).__name__ != "AutoencodingEngine" or vae.latent_channels != LATENT_CHANNELS:
+    if model is None or type(model).__name__ != recipe.model_class or vae.latent_channels != recipe.latent_channels:
         found = None if model is None else type(model).__name__
-        raise RuntimeError(f"ComfyUI builds {found} ({vae.latent_channels} channels) from {sorted(VAE_SKELETON)}")
-    return _state_dict_shapes(model)
+        raise RuntimeError(f"ComfyUI builds {found} ({vae.latent_channels} channels) from {sorted(recipe.skeleton)}")
+    shapes = {}
+    for name, shape in _state_dict_shapes(model).items():
+        for comfy_name, file_name in recipe.file_names:
+            if name.startswith(comfy_name):
+                name = file_name + name[len(comfy_name) :]
+        shapes[name] = shape
+    return shapes
 
 
-def build_kl_vae16_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def _vae_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("running_mean"):
+        return torch.zeros(shape, dtype=DISK_DTYPE)  # the latent batch norm's statistics: identity
+    if name.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.long)
+    return _init_like(name, shape, generator).to(DISK_DTYPE)
+
+
+def build_vae_state_dict(kind: str = "kl_vae16", seed: int = 0) -> dict[str, torch.Tensor]:
     """The VAE file's state dict (``encoder.*``, ``decoder.*``), ``DISK_DTYPE``, sorted key order."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: _init_like(name, shape, generator).to(DISK_DTYPE) for name, shape in sorted(_vae_shapes().items())}
+    return {name: _vae_tensor(name, shape, generator) for name, shape in sorted(_vae_shapes(kind).items())}
 
 
-def write_kl_vae16(path: str, seed: int = 0) -> str:
-    """Write the VAE file atomically to ``path`` (a ``.safetensors`` file) and return it."""
+def write_vae(path: str, kind: str = "kl_vae16", seed: int = 0) -> str:
+    """Write the ``kind`` VAE file atomically to ``path`` (a ``.safetensors`` file) and return it."""
 
     from .tiny_dit import save_atomically
 
-    save_atomically(build_kl_vae16_state_dict(seed), path, {"recipe": str(VAE_RECIPE_VERSION), "seed": str(seed)})
+    save_atomically(build_vae_state_dict(kind, seed), path, {"recipe": str(VAE_RECIPE_VERSION), "seed": str(seed)})
     return path
 
 
-def kl_vae16_path(cache_dir: str, seed: int = 0) -> str:
-    """Where ``ensure_kl_vae16`` keeps this recipe's file of ``seed``."""
-    return os.path.join(cache_dir, f"random_kl_vae16_r{VAE_RECIPE_VERSION}_s{seed}.safetensors")
+def vae_path(cache_dir: str, kind: str = "kl_vae16", seed: int = 0) -> str:
+    """Where ``ensure_vae`` keeps this recipe's ``kind`` file of ``seed``."""
+    return os.path.join(cache_dir, f"random_{kind}_r{VAE_RECIPE_VERSION}_s{seed}.safetensors")
 
 
-def ensure_kl_vae16(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
-    """Return a cached random 16-channel KL VAE file (Flux / SD3.5 layout, fp16, 168 MB) for this
-    recipe and seed, building it on first use in a subprocess that imports ComfyUI from
-    ``comfyui_path`` (a few seconds)."""
-    path = kl_vae16_path(cache_dir, seed)
+def ensure_vae(comfyui_path: str, cache_dir: str, kind: str = "kl_vae16", seed: int = 0) -> str:
+    """Return a cached random ``kind`` VAE file (``VAES``; fp16, 168 MB) for this recipe and seed,
+    building it on first use in a subprocess that imports ComfyUI from ``comfyui_path`` (a few
+    seconds)."""
+    path = vae_path(cache_dir, kind, seed)
     if not os.path.exists(path):
         dev = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [dev, os.environ.get("PYTHONPATH")])))
-        command = [sys.executable, "-m", "harness.tiny_vae", os.path.abspath(comfyui_path), path, str(seed)]
+        command = [sys.executable, "-m", "harness.tiny_vae", os.path.abspath(comfyui_path), path, kind, str(seed)]
         subprocess.run(command, check=True, cwd=comfyui_path, env=env)
     return path
+
+
+def ensure_kl_vae16(comfyui_path: str, cache_dir: str, seed: int = 0) -> str:
+    """``ensure_vae`` for the 16-channel Flux.1 / SD3.5 VAE."""
+    return ensure_vae(comfyui_path, cache_dir, "kl_vae16", seed)
 
 
 def ensure_dit_checkpoint(comfyui_path: str, cache_dir: str, kind: str, seed: int = 0) -> str:
@@ -135,9 +188,9 @@ def ensure_dit_checkpoint(comfyui_path: str, cache_dir: str, kind: str, seed: in
 
 
 def main(argv: list[str]) -> None:
-    comfyui_path, out, seed = argv
+    comfyui_path, out, kind, seed = argv
     sys.path.insert(0, os.path.abspath(comfyui_path))
-    write_kl_vae16(out, int(seed))
+    write_vae(out, kind, int(seed))
 
 
 if __name__ == "__main__":

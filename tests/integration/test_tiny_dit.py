@@ -17,7 +17,8 @@ through ``VAELoader``.
 
 The stock Flux text encoders (``DualCLIPLoader`` type ``flux`` with the random fp8 T5-XXL,
 ``harness.tiny_dit.ensure_t5xxl``) run in the browser test of ``workflows/joint_sampling_flux.json``
-(an encode takes a minute or more on 2 cores, so it is not repeated here).
+(an encode takes a minute or more on 2 cores, so it is not repeated here). The random Qwen3-4B
+loads here as Z-Image's and Klein's encoder; it encodes in those families' workflow tests.
 """
 
 import gc
@@ -33,10 +34,12 @@ from harness.tiny_checkpoint import ensure_checkpoint
 from harness.tiny_dit import (
     DIT_KINDS,
     DIT_LATENT_SHAPE,
+    QWEN3_4B_NAME,
     TAESD_CHANNELS,
     TAESD_NAMES,
     dit_conditioning,
     ensure_dit,
+    ensure_full_text_encoder,
     ensure_taesd,
     unsupported_reason,
 )
@@ -195,6 +198,33 @@ def test_family_taesd_decodes_through_the_stock_vae_loader(name, comfy_modules):
         image = vae.decode(latent)
     assert vae.latent_channels == TAESD_CHANNELS[name]
     assert image.shape == (1, 64, 64, 3) and image.isfinite().all()
+
+
+# CLIPLoader type -> (text encoder class, tokenizer class) for the random Qwen3-4B file.
+QWEN3_4B_ENCODERS = {"lumina2": ("ZImageTEModel", "ZImageTokenizer"), "flux2": ("Flux2TEModel", "KleinTokenizer")}
+
+
+@pytest.mark.parametrize("clip_type", sorted(QWEN3_4B_ENCODERS))
+def test_qwen3_4b_loads_as_the_familys_text_encoder(clip_type, comfy_modules, tmp_path_factory):
+    """The full-size random Qwen3-4B (``ensure_full_text_encoder``) is what the stock CLIPLoader
+    detects as Z-Image's encoder (type lumina2) and Flux.2 Klein's (type flux2, 0.33), with every
+    weight from the file. Encoding runs in the Z-Image and Klein workflows' browser tests."""
+    import folder_paths
+    import nodes
+
+    if clip_type == "flux2" and unsupported_reason("flux2_klein"):
+        pytest.skip(f"no Flux.2 Klein in this ComfyUI: {unsupported_reason('flux2_klein')}")
+    folder = tmp_path_factory.mktemp("text_encoders")
+    os.symlink(ensure_full_text_encoder(comfyui_path(), CACHE, "qwen3_4b"), folder / QWEN3_4B_NAME)
+    folder_paths.add_model_folder_path("text_encoders", str(folder))
+    with LoggedWarnings() as warnings:
+        (clip,) = nodes.CLIPLoader().load_clip(QWEN3_4B_NAME, clip_type)
+    encoder, tokenizer = QWEN3_4B_ENCODERS[clip_type]
+    assert encoder in [cls.__name__ for cls in type(clip.cond_stage_model).__mro__]
+    assert type(clip.tokenizer).__name__ == tokenizer
+    assert not [message for message in warnings.messages if "missing" in message]
+    del clip
+    gc.collect()
 
 
 def test_hidream_conditioning_has_its_encoders_shapes():
