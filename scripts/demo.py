@@ -1,6 +1,7 @@
 """`make demo`: run the pack's workflows end to end in a real ComfyUI, headlessly.
 
-Starts ComfyUI with the pack, loads each workflow of DEMO_WORKFLOWS in the real frontend
+Starts ComfyUI with the pack, loads each workflow of DEMO_WORKFLOWS that this ComfyUI can run
+(Flux.2 Klein needs 0.33: `make demo` runs 0.3.75 and says it skips it) in the real frontend
 (headless Chromium), shrinks only image size/batch/steps so the tiny random-weight checkpoint
 runs in seconds on a CPU, queues it from the page, and copies what they produced (heat maps,
 scores, focus strips, metrics, new images, the trained LoRA, a screenshot of each graph) into
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "dev"))  # the harness (dev tooling),
 
 from harness.comfy_server import ComfyServer  # noqa: E402
 from harness.frontend import Frontend  # noqa: E402
-from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, provide_workflow_models  # noqa: E402
+from harness.workflows import QUICK_RUN_WIDGETS, WORKFLOWS_DIR, provide_workflow_models, unsupported_reason  # noqa: E402
 
 DEMO_WORKFLOWS = [
     "patch_quality.json",
@@ -29,6 +30,8 @@ DEMO_WORKFLOWS = [
     "build_pairs_and_train.json",
     "joint_sampling_flux.json",
     "build_pairs_and_train_sd35.json",
+    "build_pairs_and_train_z_image.json",
+    "build_pairs_and_train_flux2_klein.json",
 ]
 
 
@@ -52,7 +55,14 @@ def main() -> int:
     folder = os.path.join(REPO_ROOT, "demo_output", stamp)
     partial = folder + ".partial"
     os.makedirs(partial)
-    paths = [os.path.join(WORKFLOWS_DIR, name) for name in DEMO_WORKFLOWS]
+    paths = []
+    for name in DEMO_WORKFLOWS:
+        path = os.path.join(WORKFLOWS_DIR, name)
+        reason = unsupported_reason(path)
+        if reason:
+            print(f"Skipping workflows/{name}: {reason}.", flush=True)
+        else:
+            paths.append(path)
     print("Starting ComfyUI with the pack (CPU; random-weight tiny checkpoint, no downloads)...", flush=True)
     try:
         with ComfyServer(log_path=os.path.join(partial, "comfyui.log")) as server:

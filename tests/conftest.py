@@ -24,7 +24,7 @@ import harness  # tests/pytest.ini puts dev/ on the path
 harness.register_pack()
 
 from harness.comfy_server import ComfyServer, comfyui_path  # noqa: E402
-from harness.workflows import provide_workflow_models, workflow_paths  # noqa: E402
+from harness.workflows import provide_workflow_models, unsupported_reason, workflow_paths  # noqa: E402
 from prefpersonalize.comfy_glue.versions import parse_version  # noqa: E402
 
 REPO_ROOT = harness.REPO_ROOT
@@ -85,11 +85,11 @@ def artifacts_dir() -> str:
 @pytest.fixture(scope="session")
 def comfy_server(artifacts_dir):
     """A real ComfyUI server with the pack, serving the tiny checkpoint as ``tiny_sd15.safetensors``
-    and every model file the workflows load (``provide_workflow_models``)."""
+    and every model file the workflows it can run load (``provide_workflow_models``)."""
     server = ComfyServer()
     server.prepare()
     server.provide_checkpoint(TINY_CHECKPOINT)
-    provide_workflow_models(server, workflow_paths())
+    provide_workflow_models(server, [path for path in workflow_paths() if not unsupported_reason(path)])
     server.start()
     try:
         yield server

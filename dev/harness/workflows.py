@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 from . import REPO_ROOT
 
@@ -19,6 +20,8 @@ QUICK_RUN_WIDGETS = {
     "PrefP_TrainPatchQualityEstimator": {"steps": 10},
     "PrefP_DPOLoraTrainer": {"steps": 3},
     "PrefP_JointSampler": {"width": 128, "height": 128, "steps": 4, "new_images": 2},
+    "EmptySD3LatentImage": {"width": 128, "height": 128, "batch_size": 2},
+    "EmptyFlux2LatentImage": {"width": 128, "height": 128, "batch_size": 2},
 }
 
 
@@ -50,14 +53,18 @@ MODEL_LOADERS = {
 
 # What the tests and the demo serve under each checkpoint name a workflow loads (default: the tiny
 # SD1.5 checkpoint) and each other model file: a tiny random DiT of a family, a random text
-# encoder or 16-channel VAE (full size: their configs are fixed), or VAELoader's TAESD3/TAEF1.
+# encoder or VAE (full size: their configs are fixed), or VAELoader's TAESD3/TAEF1.
 WORKFLOW_CHECKPOINTS = {"sd3.5_large.safetensors": "sd3"}
 WORKFLOW_MODEL_FILES = {
     ("diffusion_models", "flux1-dev.safetensors"): ("dit", "flux"),
-    ("text_encoders", "clip_l.safetensors"): ("clip_l", None),
-    ("text_encoders", "clip_g.safetensors"): ("clip_g", None),
-    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"): ("t5xxl", None),
-    ("vae", "ae.safetensors"): ("kl_vae16", None),
+    ("diffusion_models", "flux-2-klein-4b.safetensors"): ("dit", "flux2_klein"),
+    ("diffusion_models", "z_image_turbo_bf16.safetensors"): ("dit", "z_image"),
+    ("text_encoders", "clip_l.safetensors"): ("text_encoder", "clip_l"),
+    ("text_encoders", "clip_g.safetensors"): ("text_encoder", "clip_g"),
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"): ("text_encoder", "t5xxl"),
+    ("text_encoders", "qwen_3_4b.safetensors"): ("text_encoder", "qwen3_4b"),
+    ("vae", "ae.safetensors"): ("vae", "kl_vae16"),
+    ("vae", "flux2-vae.safetensors"): ("vae", "flux2_vae"),
     ("vae", "taef1"): ("taesd", "flux"),
     ("vae", "taesd3"): ("taesd", "sd3"),
 }
@@ -92,10 +99,27 @@ def provide_workflow_models(server, paths: list[str]) -> None:
             server.provide_dit(kind, name)
         elif what == "taesd":
             server.provide_taesd(kind)
-        elif what == "kl_vae16":
-            server.provide_kl_vae16(name)
+        elif what == "vae":
+            server.provide_vae(kind, name)
         else:
-            server.provide_text_encoder(what, name)
+            server.provide_text_encoder(kind, name)
+
+
+def unsupported_reason(path: str) -> str | None:
+    """Why the ComfyUI at hand (``comfyui_path()``, imported in this process) cannot run the
+    workflow at ``path``, or ``None``: a diffusion model it loads that this ComfyUI does not
+    build (Flux.2 Klein on 0.3.75)."""
+    from .comfy_server import comfyui_path
+    from .tiny_dit import unsupported_reason as dit_unsupported_reason
+
+    if comfyui_path() not in sys.path:
+        sys.path.insert(0, comfyui_path())
+    for folder, name in sorted(model_files([path])):
+        what, kind = WORKFLOW_MODEL_FILES.get((folder, name), (None, None))
+        reason = dit_unsupported_reason(kind) if what == "dit" else None
+        if reason:
+            return f"{os.path.basename(path)} loads {name}, and {reason}"
+    return None
 
 
 def quick_run_widget_count(workflow: dict) -> int:
