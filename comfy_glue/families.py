@@ -71,6 +71,8 @@ class ModelFamily:
             in the order they are offered.
         joint_blocks: block list -> ``patches_replace["dit"]`` key of its blocks, where joint
             attention hooks into this DiT (empty where joint attention does not support it).
+        latent_downscale: image pixels per latent cell along a side (Flux.2's VAE folds 2 x 2
+            cells into its 128 channels: 16); newer ComfyUI says it on the latent format.
     """
 
     name: str
@@ -81,6 +83,7 @@ class ModelFamily:
     kohya_versions: tuple[tuple[int, str], ...] = ()
     lora_layouts: tuple[tuple[str, LoraNaming], ...] = COMFYUI_ONLY
     joint_blocks: tuple[tuple[str, str], ...] = ()
+    latent_downscale: int = 8
 
     @property
     def is_dit(self) -> bool:
@@ -167,11 +170,23 @@ FAMILIES = (
         joint_blocks=FLUX_JOINT,
     ),
     ModelFamily(
-        "Flux.2", ("Flux2",), FLUX_BLOCKS, in_place=True, kohya_versions=FLUX2_VERSIONS, lora_layouts=FLUX2_LAYOUTS
+        "Flux.2",
+        ("Flux2",),
+        FLUX_BLOCKS,
+        in_place=True,
+        kohya_versions=FLUX2_VERSIONS,
+        lora_layouts=FLUX2_LAYOUTS,
+        joint_blocks=FLUX_JOINT,
+        latent_downscale=16,
     ),
-    ModelFamily("Chroma", ("Chroma",), FLUX_BLOCKS, in_place=True, lora_layouts=DIT_LAYOUTS),
+    ModelFamily("Chroma", ("Chroma",), FLUX_BLOCKS, in_place=True, lora_layouts=DIT_LAYOUTS, joint_blocks=FLUX_JOINT),
     ModelFamily(
-        "Qwen-Image", ("QwenImage",), ("transformer_blocks",), kohya_version="qwen_image", lora_layouts=DIT_LAYOUTS
+        "Qwen-Image",
+        ("QwenImage",),
+        ("transformer_blocks",),
+        kohya_version="qwen_image",
+        lora_layouts=DIT_LAYOUTS,
+        joint_blocks=(("transformer_blocks", "double_block"),),
     ),
     # musubi-tuner's kohya-style Z-Image files use diffusers names, which ComfyUI's map does not read.
     ModelFamily(
@@ -297,6 +312,16 @@ class LatentLayout:
     def to_image(self, latents: torch.Tensor) -> torch.Tensor:
         """The model's layout (one frame) -> ``[B, C, h, w]``."""
         return latents.squeeze(2) if self.frame_axis else latents
+
+
+def latent_downscale(model) -> int:
+    """Image pixels per latent cell along a side for ``model`` (a ``model_base.BaseModel``): its
+    latent format's ``spacial_downscale_ratio`` (ComfyUI 0.33), else its family's (0.3.75)."""
+    ratio = getattr(model.latent_format, "spacial_downscale_ratio", None)
+    if ratio is not None:
+        return ratio
+    family = named_family(model)
+    return family.latent_downscale if family else 8
 
 
 def latent_layout(model) -> LatentLayout:

@@ -21,6 +21,7 @@ from ..pure.images import maps_to_grid
 from ..pure.joint_attention import LAYOUT_KEY, JointAttentionSettings, check_strength, joint_layout
 from ..pure.joint_sampling import image_guided_pair, joint_batch
 from .dit import DIT_FAMILIES, dit_blocks, is_dit
+from .families import latent_downscale
 from .joint_dit import apply_dit_joint_attention, dit_joint_blocks
 from .joint_unet import apply_unet_joint_attention, unet_attention_blocks, unet_joint_patches
 
@@ -39,7 +40,7 @@ def self_attention_blocks(model) -> list:
         raise InputError(
             f"this MODEL ({type(model.model).__name__}) has no self-attention blocks that joint attention "
             f"can patch. Supported: {SUPPORTED_FAMILIES}. Load one of those (Load Checkpoint, or Load "
-            "Diffusion Model for Flux and SD3)."
+            "Diffusion Model for the DiTs)."
         )
     return found
 
@@ -169,7 +170,8 @@ def sample_joint(
     existing = joint_settings(model)
     strength = joint_strength(existing, settings.strength)
     height, width = settings.size
-    empty = torch.zeros([settings.new_images, 4, height // 8, width // 8])
+    ratio = latent_downscale(model.model)
+    empty = torch.zeros([settings.new_images, 4, height // ratio, width // ratio])
     targets = comfy.sample.fix_empty_latent_channels(model, empty)
     target_noise = comfy.sample.prepare_noise(targets, settings.seed)
     patched = model.clone()

@@ -1,4 +1,5 @@
-"""Joint attention on DiTs (Flux.1, SD3/SD3.5 MMDiT) through ComfyUI's own hooks, no monkeypatching.
+"""Joint attention on DiTs (Flux.1 and .2, Chroma, Qwen-Image, SD3/SD3.5 MMDiT) through ComfyUI's
+own hooks, no monkeypatching.
 
 Three pieces, each a supported ComfyUI extension point of both ComfyUI versions the pack supports:
 
@@ -110,9 +111,10 @@ class JointTokenAttention:
 
     def __call__(self, func, q, k, v, *rest, **kwargs):
         heads = rest[0] if rest else kwargs["heads"]
+        mask = rest[1] if len(rest) > 1 else kwargs.get("mask")  # Qwen-Image passes it by position
         skip_reshape = kwargs.get("skip_reshape", False)
         image = self.image_tokens(q.shape[2] if skip_reshape else q.shape[1])
-        if kwargs.get("mask") is not None or image is None:
+        if mask is not None or image is None:
             return self.call(func, q, k, v, *rest, **kwargs)
         plain = self.call(func, q, k, v, *rest, **kwargs)
         if kwargs.get("skip_output_reshape"):

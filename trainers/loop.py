@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 
-from ..comfy_glue.families import model_family, text_width
+from ..comfy_glue.families import latent_downscale, model_family, text_width
 from ..comfy_glue.joint import has_joint_attention
 from ..pure.errors import InputError
 from ..pure.focus import blend_focus
@@ -406,7 +406,7 @@ def training_metadata(
 ) -> dict:
     """A run's entries for the LoRA file header (``lora_files.file_metadata`` adds the model's);
     sd-scripts' ``ss_`` names where it has one; ``processes``: a headless run's process count."""
-    ratio = getattr(model_patcher.model.latent_format, "spacial_downscale_ratio", 8)  # not on 0.3.75: SD's 8
+    ratio = latent_downscale(model_patcher.model)
     height, width = (ratio * side for side in pairs.latent_size)
     metadata = {
         "ss_steps": str(steps),

@@ -1,0 +1,163 @@
+"""Joint attention and the Joint Sampler on the 2026 DiT families that hook into ComfyUI's DiT
+block replacements (Flux.2 Klein, Chroma, Qwen-Image), in-process on CPU with the random-weight
+tiny models of ``harness.dit_families`` and CONDITIONING built as tensors: the off switch is
+bit-exact, references end where they started, every joint attention call sees exactly the
+references' image tokens (half of them under a half mask) and never their text, and the RoPE
+offset of the references changes the sample.
+
+One family is one parameter, so a failure names it; Klein is skipped, saying why, on ComfyUI
+0.3.75 (it builds Flux.2 with 48 heads).
+"""
+
+import os
+
+import pytest
+import torch
+
+from harness.comfy_server import DEFAULT_CACHE, comfyui_path
+from harness.dit_families import FAMILIES
+from harness.tiny_dit import dit_conditioning, ensure_dit, unsupported_reason
+
+pytestmark = pytest.mark.comfy
+
+CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
+JOINT_KINDS = ("flux2_klein", "chroma", "qwen_image")
+TEXT_TOKENS = 16
+SIZE = (64, 64)  # pixels: FAMILIES[kind].latent_shape is a 64 px image's latent
+SEED = 3
+
+
+@pytest.fixture(scope="module", params=JOINT_KINDS)
+def family(request, comfy_modules):
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+
+    kind = request.param
+    reason = unsupported_reason(kind)
+    if reason is not None:
+        pytest.skip(reason)
+    model = comfy.sd.load_diffusion_model(ensure_dit(comfyui_path(), CACHE, kind))
+    # The model's latent layout (Qwen-Image's Wan latents carry a frame axis), as KSampler makes it.
+    shape = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, *FAMILIES[kind].latent_shape)).shape[1:]
+    positive = dit_conditioning(kind, tokens=TEXT_TOKENS)
+    negative = dit_conditioning(kind, tokens=TEXT_TOKENS, seed=1)
+    yield kind, model, positive, negative, tuple(shape)
+    del model
+    comfy.model_management.unload_all_models()
+
+
+def image_tokens(family) -> int:
+    _, model, _, _, shape = family
+    patch = model.get_model_object("diffusion_model").patch_size
+    return (shape[-2] // patch) * (shape[-1] // patch)
+
+
+def latents(family, count, seed, scale=1.0):
+    return torch.randn(count, *family[4], generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def joint(family, model=None, references=None, strength=1.0, masks=None):
+    """Joint Sampler's sampling (2 euler steps, cfg 1) with ``references`` given as latents."""
+    from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
+
+    _, base, positive, negative, _ = family
+    images = None if references is None else torch.zeros(references.shape[0], *SIZE, 3)
+    encode = None if references is None else (lambda _: references)
+    settings = JointSamplerSettings(
+        new_images=2,
+        size=SIZE,
+        seed=SEED,
+        steps=2,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="simple",
+        strength=strength,
+    )
+    return sample_joint(
+        model or base, positive, negative, settings=settings, encode=encode, references=images, masks=masks
+    )
+
+
+def stock(family, batch=2):
+    """Stock KSampler's sampling of ``batch`` images (same seed, steps and sampler)."""
+    import comfy.sample
+
+    _, model, positive, negative, shape = family
+    empty = torch.zeros(batch, *shape)
+    noise = comfy.sample.prepare_noise(empty, SEED)
+    return comfy.sample.sample(
+        model, noise, 2, 1.0, "euler", "simple", positive, negative, empty, seed=SEED, disable_pbar=True
+    )
+
+
+def with_joint_attention(model, **settings):
+    from prefpersonalize.comfy_glue.joint import apply_joint_attention
+    from prefpersonalize.pure.joint_attention import JointAttentionSettings
+
+    return apply_joint_attention(model, JointAttentionSettings(**settings))
+
+
+class KeyCounter:
+    """An ``optimized_attention_override`` another node might set: it computes every attention
+    with ComfyUI's own kernel and records each call's key count."""
+
+    def __init__(self):
+        self.key_counts = set()
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model options for sampling: record in one place
+        return self
+
+    def __call__(self, func, q, k, v, *rest, **kwargs):
+        self.key_counts.add(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1])
+        return func(q, k, v, *rest, **kwargs)
+
+
+def key_counts(family, **joint_kwargs) -> set[int]:
+    model = family[1].clone()
+    counter = KeyCounter()
+    model.model_options["transformer_options"]["optimized_attention_override"] = counter
+    joint(family, model=model, **joint_kwargs)
+    return counter.key_counts
+
+
+def test_off_switch_is_bit_exact(family):
+    plain = stock(family)
+    without_references, _ = joint(family)
+    assert torch.equal(without_references, plain)
+    # strength 0 with references: the new images ignore them
+    first, _ = joint(family, references=latents(family, 1, 1), strength=0.0)
+    second, _ = joint(family, references=latents(family, 1, 2, scale=3.0), strength=0.0)
+    assert torch.equal(first, second)
+
+
+def test_references_are_kept_and_followed(family):
+    reference = latents(family, 1, 1)
+    new, whole = joint(family, references=reference)
+    other, _ = joint(family, references=latents(family, 1, 2))
+    assert whole.shape == (3, *family[4])
+    assert (whole[:1] - reference).abs().max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+    assert torch.equal(whole[1:], new)
+    dims = tuple(range(1, new.dim()))
+    assert (new - other).abs().amax(dim=dims).min() > 1e-3  # every new image follows its reference
+
+
+def test_joint_calls_see_exactly_the_reference_image_tokens(family):
+    reference = latents(family, 1, 1)
+    plain = key_counts(family, references=reference, strength=0.0)  # each block's own tokens
+    image = image_tokens(family)
+    assert key_counts(family, references=reference) - plain == {count + image for count in plain}
+    mask = torch.zeros(1, *SIZE)
+    mask[:, :, : SIZE[1] // 2] = 1.0  # the left half: half of the reference's image tokens
+    masked = key_counts(family, references=reference, masks=mask)
+    assert masked - plain == {count + image // 2 for count in plain}
+
+
+def test_reference_positions_offset_changes_the_sample(family):
+    model = family[1]
+    reference = latents(family, 1, 1)
+    offset, _ = joint(family, model=with_joint_attention(model, positions="offset"), references=reference)
+    shared, _ = joint(family, model=with_joint_attention(model, positions="shared"), references=reference)
+    default, _ = joint(family, references=reference)
+    assert torch.equal(default, offset)
+    assert (offset - shared).abs().max() > 1e-4  # RoPE: where the targets see the references matters
