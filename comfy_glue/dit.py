@@ -8,7 +8,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..pure.joint_attention import BLOCK_NAMES
 from .families import FAMILIES, named_family
 
-DIT_FAMILIES = " and ".join(sorted(family.name for family in FAMILIES if family.joint_blocks))
+_JOINT_NAMES = tuple(family.name for family in FAMILIES if family.joint_blocks)
+DIT_FAMILIES = ", ".join(_JOINT_NAMES[:-1]) + " and " + _JOINT_NAMES[-1]
 
 
 def is_dit(model) -> bool:

@@ -71,6 +71,9 @@ class ModelFamily:
             in the order they are offered.
         joint_blocks: block list -> ``patches_replace["dit"]`` key of its blocks, where joint
             attention hooks into this DiT (empty where joint attention does not support it).
+        joint_by_attention: ComfyUI has no block replacements for this DiT (Z-Image), so joint
+            attention rides on the attention override for the whole model call, which tells
+            the ``joint_blocks`` layers by their token count and order.
         latent_downscale: image pixels per latent cell along a side (Flux.2's VAE folds 2 x 2
             cells into its 128 channels: 16); newer ComfyUI says it on the latent format.
     """
@@ -83,6 +86,7 @@ class ModelFamily:
     kohya_versions: tuple[tuple[int, str], ...] = ()
     lora_layouts: tuple[tuple[str, LoraNaming], ...] = COMFYUI_ONLY
     joint_blocks: tuple[tuple[str, str], ...] = ()
+    joint_by_attention: bool = False
     latent_downscale: int = 8
 
     @property
@@ -195,6 +199,8 @@ FAMILIES = (
         ("layers",),
         kohya_version="z_image",
         lora_layouts=(("diffusers", DIFFUSERS_UNDER_DIFFUSION_MODEL), ("comfyui", COMFYUI)),
+        joint_blocks=(("layers", "layer"),),
+        joint_by_attention=True,
     ),
     ModelFamily(
         "HiDream",

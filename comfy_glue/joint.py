@@ -21,7 +21,7 @@ from ..pure.images import maps_to_grid
 from ..pure.joint_attention import LAYOUT_KEY, JointAttentionSettings, check_strength, joint_layout
 from ..pure.joint_sampling import image_guided_pair, joint_batch
 from .dit import DIT_FAMILIES, dit_blocks, is_dit
-from .families import latent_downscale
+from .families import latent_downscale, named_family
 from .joint_dit import apply_dit_joint_attention, dit_joint_blocks
 from .joint_unet import apply_unet_joint_attention, unet_attention_blocks, unet_joint_patches
 
@@ -66,7 +66,8 @@ def apply_joint_attention(model, settings: JointAttentionSettings):
     Attention is replaced."""
     blocks = self_attention_blocks(model)
     if is_dit(model):
-        return apply_dit_joint_attention(model, settings, blocks)
+        family = named_family(model.model)
+        return apply_dit_joint_attention(model, settings, blocks, by_attention=family.joint_by_attention)
     return apply_unet_joint_attention(model, settings, blocks)
 
 

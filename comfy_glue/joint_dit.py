@@ -1,5 +1,5 @@
-"""Joint attention on DiTs (Flux.1 and .2, Chroma, Qwen-Image, SD3/SD3.5 MMDiT) through ComfyUI's
-own hooks, no monkeypatching.
+"""Joint attention on DiTs (Flux.1 and .2, Chroma, Qwen-Image, Z-Image, SD3/SD3.5 MMDiT) through
+ComfyUI's own hooks, no monkeypatching.
 
 Three pieces, each a supported ComfyUI extension point of both ComfyUI versions the pack supports:
 
@@ -12,6 +12,10 @@ Three pieces, each a supported ComfyUI extension point of both ComfyUI versions 
   attention with ``token_attention``: the targets' image tokens also attend to the references'
   image tokens. The plain attention is ComfyUI's own call (or the override already set by another
   node), so references, text tokens and every inactive call are exactly the stock computation.
+
+A DiT without block replacements (Z-Image) gets ``JointLayers`` instead: an ``APPLY_MODEL``
+wrapper setting ``LayerAttention`` as the override of the whole call, which finds the main
+layers' calls by their token count.
 
 How it fits the UNet version: docs/algorithms.md, section 'Joint attention on DiTs'.
 """
@@ -43,29 +47,46 @@ from .joint_kernels import is_fallback_kernel
 TOKENS_KEY = "prefp_dit_tokens"
 
 
+def padded(count: int, multiple: int) -> int:
+    """``count`` rounded up to a multiple of ``multiple``."""
+    return -(-count // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class DitTokens:
-    """A DiT call's token counts: ``text`` tokens (context and registers), image ``grid`` (h, w)."""
+    """A DiT call's token counts: ``text`` tokens (context and registers, padded as the model
+    pads them), image ``grid`` (h, w), and the multiple a model pads its image tokens to
+    (Z-Image: 32; 1 elsewhere)."""
 
     text: int
     grid: tuple[int, int]
+    pad_multiple: int = 1
 
     @property
     def image(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def sequence(self) -> int:
+        """Tokens of a main block's attention: the text, then the (padded) image."""
+        return self.text + padded(self.image, self.pad_multiple)
+
 
 class TokenGrid:
     """``APPLY_MODEL`` wrapper: adds the call's ``DitTokens`` to ``transformer_options``."""
 
-    def __init__(self, patch_size: int, extra_text_tokens: int = 0):
-        self.patch_size = patch_size
-        self.extra_text_tokens = extra_text_tokens
+    def __init__(self, diffusion_model):
+        self.patch_size = diffusion_model.patch_size
+        self.extra_text_tokens = getattr(diffusion_model, "register_length", 0)  # SD3's registers
+        self.pad_multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1  # Z-Image's
 
-    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    def tokens(self, x: torch.Tensor, c_crossattn: torch.Tensor | None) -> DitTokens:
         text = (c_crossattn.shape[1] if c_crossattn is not None else 0) + self.extra_text_tokens
         grid = tuple(math.ceil(size / self.patch_size) for size in x.shape[-2:])
-        options = {**(transformer_options or {}), TOKENS_KEY: DitTokens(text, grid)}
+        return DitTokens(padded(text, self.pad_multiple), grid, self.pad_multiple)
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        options = {**(transformer_options or {}), TOKENS_KEY: self.tokens(x, c_crossattn)}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
@@ -73,7 +94,7 @@ def offset_rotation(diffusion_model, positions: str):
     """The RoPE rotation that moves the references' keys one step along the index axis (where
     Flux Kontext places reference latents): ``ids -> [1, 1, 1, D/2, 2, 2]``; None without RoPE
     or for shared positions."""
-    embedder = getattr(diffusion_model, "pe_embedder", None)
+    embedder = getattr(diffusion_model, "pe_embedder", None) or getattr(diffusion_model, "rope_embedder", None)
     if positions != "offset" or embedder is None:
         return None
     ids = torch.zeros(1, 1, len(embedder.axes_dim))
@@ -183,17 +204,95 @@ class JointDitBlock:
         return run({**args, "transformer_options": {**options, "optimized_attention_override": override}})
 
 
-def dit_joint_blocks(model) -> list[JointDitBlock]:
-    """The Joint Attention block replacements on ``model`` (empty when it has none)."""
-    replacements = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    return [block for block in replacements.values() if isinstance(block, JointDitBlock)]
+class LayerAttention:
+    """``optimized_attention_override`` of one model call of a DiT without block replacements
+    (``JointLayers``): main layers are the calls over the whole sequence (``DitTokens.sequence``;
+    Z-Image's refiners see the text or the image alone), numbered by ComfyUI's ``block_index``
+    where it sets one (0.33) or in call order (0.3.75); each runs ``JointTokenAttention`` where
+    ``active_call`` says so, every other call stays plain."""
+
+    def __init__(self, layers: JointLayers, tokens: DitTokens, options: dict, batch: int, previous=None):
+        self.layers, self.tokens, self.options, self.batch = layers, tokens, options, batch
+        self.previous = previous
+        self.calls = 0
+
+    def plain(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, q, k, v, *rest, **kwargs):
+        total = q.shape[2] if kwargs.get("skip_reshape") else q.shape[1]
+        if total != self.tokens.sequence:
+            return self.plain(func, q, k, v, *rest, **kwargs)
+        index = (kwargs.get("transformer_options") or {}).get("block_index", self.calls)
+        self.calls += 1
+        names = self.layers.names
+        call = None
+        if index < len(names):
+            block = {**self.options, "block": (names[index], index)}
+            call = active_call(self.layers.settings, self.batch, block)
+        if call is None:
+            return self.plain(func, q, k, v, *rest, **kwargs)
+        call = with_subject_masks(call, self.options, self.tokens.grid)
+        attention = JointTokenAttention(
+            call, self.tokens.text, self.tokens, rotation=self.layers.rotation, previous=self.previous
+        )
+        return attention(func, q, k, v, *rest, **kwargs)
 
 
-def apply_dit_joint_attention(model, settings: JointAttentionSettings, blocks: list[tuple[tuple[str, int], str]]):
+class JointLayers:
+    """``APPLY_MODEL`` wrapper putting joint attention on a DiT that ComfyUI gives no block
+    replacements (``ModelFamily.joint_by_attention``: Z-Image): it writes the call's
+    ``DitTokens`` (as ``TokenGrid``) and sets ``LayerAttention`` as the attention override of the
+    whole call, composing with one another node set.
+
+    Args:
+        settings: the Joint Attention node's settings.
+        names: the block name (``input``, ``middle``, ``output``) of each main layer, in order.
+        grid: the model's ``TokenGrid``.
+        rotation: the references' RoPE offset (``offset_rotation``) or None.
+    """
+
+    def __init__(self, settings: JointAttentionSettings, names: list[str], grid: TokenGrid, *, rotation=None):
+        self.settings, self.names, self.grid, self.rotation = settings, names, grid, rotation
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        options = {**(transformer_options or {})}
+        options[TOKENS_KEY] = tokens = self.grid.tokens(x, c_crossattn)
+        previous = options.get("optimized_attention_override")
+        options["optimized_attention_override"] = LayerAttention(self, tokens, options, x.shape[0], previous)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def dit_joint_blocks(model) -> list[JointDitBlock | JointLayers]:
+    """The Joint Attention patches on ``model``: its block replacements, or its ``JointLayers``
+    wrapper (empty when it has none)."""
+    options = model.model_options.get("transformer_options", {})
+    replacements = options.get("patches_replace", {}).get("dit", {})
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    layers = comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options)
+    return [block for block in replacements.values() if isinstance(block, JointDitBlock)] + [
+        wrapper for wrapper in layers if isinstance(wrapper, JointLayers)
+    ]
+
+
+def apply_dit_joint_attention(
+    model, settings: JointAttentionSettings, blocks: list[tuple[tuple[str, int], str]], *, by_attention: bool = False
+):
     """A clone of ``model`` with joint attention on the DiT ``blocks`` (from ``dit_blocks``) whose
-    name is in ``settings.blocks``; block replacements of other nodes are kept as ``previous``."""
+    name is in ``settings.blocks``; block replacements of other nodes are kept as ``previous``.
+    ``by_attention``: the family has no block replacements (``JointLayers``)."""
     diffusion_model = model.get_model_object("diffusion_model")
     patched = model.clone()
+    if by_attention:
+        apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+        options = patched.model_options["transformer_options"]
+        rotation = offset_rotation(diffusion_model, settings.positions)
+        layers = JointLayers(settings, [name for _, name in blocks], TokenGrid(diffusion_model), rotation=rotation)
+        wrappers = options.setdefault("wrappers", {}).setdefault(apply_model, {})
+        wrappers[TOKENS_KEY] = [layers]  # an earlier Joint Attention's is replaced
+        return patched
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     rotation = offset_rotation(diffusion_model, settings.positions)
     for index, ((kind, number), name) in enumerate(blocks):
@@ -206,6 +305,5 @@ def apply_dit_joint_attention(model, settings: JointAttentionSettings, blocks: l
     options = patched.model_options["transformer_options"]  # set_model_patch_replace made a new dict
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     if not comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options):
-        grid = TokenGrid(diffusion_model.patch_size, getattr(diffusion_model, "register_length", 0))
-        comfy.patcher_extension.add_wrapper_with_key(apply_model, TOKENS_KEY, grid, options)
+        comfy.patcher_extension.add_wrapper_with_key(apply_model, TOKENS_KEY, TokenGrid(diffusion_model), options)
     return patched

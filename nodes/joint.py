@@ -37,9 +37,9 @@ class JointAttention(io.ComfyNode):
                 "being generated also attend to the reference images of the same batch. The references are "
                 "the first `reference_count` images of each batch (with the Joint Sampler: its reference "
                 "photos; the two nodes' strengths multiply). Works with KSampler, SamplerCustomAdvanced and every "
-                "ComfyUI sampler on SD1.x/SD2.x/SDXL and on Flux.1 and .2, Chroma, Qwen-Image and SD3/SD3.5 "
-                "(there only the images' tokens attend to the references' image tokens; text tokens are "
-                "unchanged); strength 0 = off."
+                "ComfyUI sampler on SD1.x/SD2.x/SDXL and on Flux.1 and .2, Chroma, Qwen-Image, Z-Image and "
+                "SD3/SD3.5 (there only the images' tokens attend to the references' image tokens; text tokens "
+                "are unchanged); strength 0 = off."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
@@ -113,10 +113,11 @@ class JointAttention(io.ComfyNode):
                     options=list(POSITIONS),
                     default="offset",
                     optional=True,
-                    tooltip="RoPE DiTs (Flux.1 and .2, Chroma, Qwen-Image) only. offset: the references' tokens sit at "
-                    "positions of their own (as Flux Kontext places reference images), so the new images take "
-                    "the subject, not the references' layout. shared: on the new images' own positions (the "
-                    "layout is copied more). UNets and SD3 have no RoPE and ignore this.",
+                    tooltip="RoPE DiTs (Flux.1 and .2, Chroma, Qwen-Image, Z-Image) only. offset: the "
+                    "references' tokens sit at positions of their own (as Flux Kontext places reference "
+                    "images), so the new images take the subject, not the references' layout. shared: on the "
+                    "new images' own positions (the layout is copied more). UNets and SD3 have no RoPE and "
+                    "ignore this.",
                 ),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with joint attention.")],

@@ -1,9 +1,10 @@
-"""Joint attention and the Joint Sampler on the 2026 DiT families that hook into ComfyUI's DiT
-block replacements (Flux.2 Klein, Chroma, Qwen-Image), in-process on CPU with the random-weight
+"""Joint attention and the Joint Sampler on the 2026 DiT families (Flux.2 Klein, Chroma and
+Qwen-Image through ComfyUI's DiT block replacements, Z-Image through the attention override of
+the whole model call), in-process on CPU with the random-weight
 tiny models of ``harness.dit_families`` and CONDITIONING built as tensors: the off switch is
-bit-exact, references end where they started, every joint attention call sees exactly the
-references' image tokens (half of them under a half mask) and never their text, and the RoPE
-offset of the references changes the sample.
+bit-exact, references end where they started, every joint attention call is a block's whole
+sequence plus exactly the references' image tokens (half of them under a half mask), never their
+text, and the RoPE offset of the references changes the sample.
 
 One family is one parameter, so a failure names it; Klein is skipped, saying why, on ComfyUI
 0.3.75 (it builds Flux.2 with 48 heads).
@@ -21,7 +22,7 @@ from harness.tiny_dit import dit_conditioning, ensure_dit, unsupported_reason
 pytestmark = pytest.mark.comfy
 
 CACHE = os.path.join(DEFAULT_CACHE, "checkpoints")
-JOINT_KINDS = ("flux2_klein", "chroma", "qwen_image")
+JOINT_KINDS = ("flux2_klein", "chroma", "qwen_image", "z_image")
 TEXT_TOKENS = 16
 SIZE = (64, 64)  # pixels: FAMILIES[kind].latent_shape is a 64 px image's latent
 SEED = 3
@@ -144,13 +145,14 @@ def test_references_are_kept_and_followed(family):
 
 def test_joint_calls_see_exactly_the_reference_image_tokens(family):
     reference = latents(family, 1, 1)
-    plain = key_counts(family, references=reference, strength=0.0)  # each block's own tokens
-    image = image_tokens(family)
-    assert key_counts(family, references=reference) - plain == {count + image for count in plain}
+    plain = key_counts(family, references=reference, strength=0.0)
+    # a block's whole text + image sequence (Z-Image's refiners attend over the text or image alone)
+    sequence, image = max(plain), image_tokens(family)
+    assert key_counts(family, references=reference) - plain == {sequence + image}
     mask = torch.zeros(1, *SIZE)
     mask[:, :, : SIZE[1] // 2] = 1.0  # the left half: half of the reference's image tokens
     masked = key_counts(family, references=reference, masks=mask)
-    assert masked - plain == {count + image // 2 for count in plain}
+    assert masked - plain == {sequence + image // 2}
 
 
 def test_reference_positions_offset_changes_the_sample(family):

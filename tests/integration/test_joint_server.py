@@ -449,7 +449,7 @@ def test_unsupported_model_names_the_supported_families(server):
     with pytest.raises(
         PromptError,
         match=r"Joint Sampler: this MODEL \(PixArt\) has no self-attention blocks.*"
-        r"Supported: SD1\.x, SD2\.x and SDXL.*Flux\.1 and SD3/SD3\.5",
+        r"Supported: SD1\.x, SD2\.x and SDXL.*SD3/SD3\.5, Flux\.1, Flux\.2, Chroma, Qwen-Image and Z-Image",
     ):
         server.run(prompt)
     attention = {
