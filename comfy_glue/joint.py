@@ -22,7 +22,7 @@ from ..pure.joint_attention import LAYOUT_KEY, JointAttentionSettings, check_str
 from ..pure.joint_sampling import image_guided_pair, joint_batch
 from .dit import DIT_FAMILIES, dit_blocks, is_dit
 from .families import latent_downscale, named_family
-from .joint_dit import apply_dit_joint_attention, dit_joint_blocks
+from .joint_dit import apply_dit_joint_attention, dit_joint_settings
 from .joint_unet import apply_unet_joint_attention, unet_attention_blocks, unet_joint_patches
 
 SUPPORTED_FAMILIES = (
@@ -48,9 +48,8 @@ def self_attention_blocks(model) -> list:
 def joint_settings(model) -> JointAttentionSettings | None:
     """The settings of the Joint Attention on ``model``, or None when it went through none."""
     if is_dit(model):
-        patches = dit_joint_blocks(model)
-    else:
-        patches = unet_joint_patches(model)
+        return dit_joint_settings(model)
+    patches = unet_joint_patches(model)
     return patches[0].settings if patches else None
 
 

@@ -73,9 +73,12 @@ class DitTokens:
 
 
 class TokenGrid:
-    """``APPLY_MODEL`` wrapper: adds the call's ``DitTokens`` to ``transformer_options``."""
+    """``APPLY_MODEL`` wrapper: adds the call's ``DitTokens`` to ``transformer_options``. It also
+    carries the Joint Attention node's ``settings`` (``dit_joint_settings``), so they are known
+    even where they choose no block."""
 
-    def __init__(self, diffusion_model):
+    def __init__(self, diffusion_model, settings: JointAttentionSettings | None = None):
+        self.settings = settings
         self.patch_size = diffusion_model.patch_size
         self.extra_text_tokens = getattr(diffusion_model, "register_length", 0)  # SD3's registers
         self.pad_multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1  # Z-Image's
@@ -265,45 +268,39 @@ class JointLayers:
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
-def dit_joint_blocks(model) -> list[JointDitBlock | JointLayers]:
-    """The Joint Attention patches on ``model``: its block replacements, or its ``JointLayers``
-    wrapper (empty when it has none)."""
+def dit_joint_settings(model) -> JointAttentionSettings | None:
+    """The settings of the Joint Attention on ``model`` (a DiT), or None when it went through none."""
     options = model.model_options.get("transformer_options", {})
-    replacements = options.get("patches_replace", {}).get("dit", {})
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
-    layers = comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options)
-    return [block for block in replacements.values() if isinstance(block, JointDitBlock)] + [
-        wrapper for wrapper in layers if isinstance(wrapper, JointLayers)
-    ]
+    wrappers = comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options)
+    return next((wrapper.settings for wrapper in wrappers if wrapper.settings is not None), None)
 
 
 def apply_dit_joint_attention(
     model, settings: JointAttentionSettings, blocks: list[tuple[tuple[str, int], str]], *, by_attention: bool = False
 ):
-    """A clone of ``model`` with joint attention on the DiT ``blocks`` (from ``dit_blocks``) whose
-    name is in ``settings.blocks``; block replacements of other nodes are kept as ``previous``.
-    ``by_attention``: the family has no block replacements (``JointLayers``)."""
+    """A clone of ``model`` with joint attention on the DiT ``blocks`` (from ``dit_blocks``) that
+    ``settings.chooses``; block replacements of other nodes are kept as ``previous``, those of an
+    earlier Joint Attention are replaced. ``by_attention``: the family has no block replacements
+    (``JointLayers``)."""
     diffusion_model = model.get_model_object("diffusion_model")
     patched = model.clone()
-    if by_attention:
-        apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
-        options = patched.model_options["transformer_options"]
-        rotation = offset_rotation(diffusion_model, settings.positions)
-        layers = JointLayers(settings, [name for _, name in blocks], TokenGrid(diffusion_model), rotation=rotation)
-        wrappers = options.setdefault("wrappers", {}).setdefault(apply_model, {})
-        wrappers[TOKENS_KEY] = [layers]  # an earlier Joint Attention's is replaced
-        return patched
-    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     rotation = offset_rotation(diffusion_model, settings.positions)
-    for index, ((kind, number), name) in enumerate(blocks):
-        if name in settings.blocks:
-            previous = existing.get((kind, number))
-            if isinstance(previous, JointDitBlock):  # an earlier Joint Attention is replaced
+    if by_attention:
+        wrapper = JointLayers(settings, [name for _, name in blocks], TokenGrid(diffusion_model), rotation=rotation)
+    else:
+        wrapper = TokenGrid(diffusion_model, settings)
+        replacements = patched.model_options["transformer_options"].setdefault("patches_replace", {})
+        replacements = replacements.setdefault("dit", {})  # the clone's own copy
+        for index, ((kind, number), name) in enumerate(blocks):
+            previous = replacements.pop((kind, number), None)
+            if isinstance(previous, JointDitBlock):  # an earlier Joint Attention's
                 previous = previous.previous
-            block = JointDitBlock(settings, name, index, rotation=rotation, previous=previous)
-            patched.set_model_patch_replace(block, "dit", kind, number)
-    options = patched.model_options["transformer_options"]  # set_model_patch_replace made a new dict
+            if settings.chooses((name, index)):
+                previous = JointDitBlock(settings, name, index, rotation=rotation, previous=previous)
+            if previous is not None:
+                replacements[(kind, number)] = previous
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
-    if not comfy.patcher_extension.get_wrappers_with_key(apply_model, TOKENS_KEY, options):
-        comfy.patcher_extension.add_wrapper_with_key(apply_model, TOKENS_KEY, TokenGrid(diffusion_model), options)
+    wrappers = patched.model_options["transformer_options"].setdefault("wrappers", {}).setdefault(apply_model, {})
+    wrappers[TOKENS_KEY] = [wrapper]  # an earlier Joint Attention's is replaced
     return patched

@@ -13,10 +13,18 @@ import comfy.samplers
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..comfy_glue.dit import is_dit
 from ..comfy_glue.joint import JointSamplerSettings, apply_joint_attention, sample_joint, self_attention_blocks
 from ..pure.errors import InputError
 from ..pure.images import fit_to_size
-from ..pure.joint_attention import BLOCK_NAMES, MODES, POSITIONS, JointAttentionSettings, check_strength
+from ..pure.joint_attention import (
+    BLOCK_NAMES,
+    MODES,
+    POSITIONS,
+    JointAttentionSettings,
+    check_strength,
+    parse_block_list,
+)
 from .errors import check_number_inputs, node_errors
 from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
@@ -119,6 +127,23 @@ class JointAttention(io.ComfyNode):
                     "new images' own positions (the layout is copied more). UNets and SD3 have no RoPE and "
                     "ignore this.",
                 ),
+                io.Float.Input(
+                    "reference_key_scale",
+                    default=1.0,
+                    min=0.5,
+                    max=2.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="Multiplies the reference keys the new images attend to: above 1 they attend to the "
+                    "references more sharply (FreeCus uses 1.1, Diptych Prompting 1.3); 1 = unchanged.",
+                ),
+                io.String.Input(
+                    "block_list",
+                    default="",
+                    optional=True,
+                    tooltip="DiTs only: the blocks to patch, as indices in depth order and ranges, e.g. "
+                    "'0-9, 20'; empty = the input/middle/output switches decide.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with joint attention.")],
         )
@@ -137,6 +162,8 @@ class JointAttention(io.ComfyNode):
         output_blocks,
         adain,
         reference_positions="offset",
+        reference_key_scale=1.0,
+        block_list="",
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             check_number_inputs(cls, locals())
@@ -149,6 +176,7 @@ class JointAttention(io.ComfyNode):
             ]
             if not chosen:
                 raise InputError("no blocks chosen; switch on input_blocks, middle_block or output_blocks.")
+            block_indices = chosen_block_indices(model, block_list)
             sampling = model.get_model_object("model_sampling")
             settings = JointAttentionSettings(
                 strength=strength,
@@ -160,8 +188,27 @@ class JointAttention(io.ComfyNode):
                 adain_keys=adain,
                 reference_count=reference_count,
                 positions=reference_positions,
+                reference_key_scale=reference_key_scale,
+                block_indices=block_indices,
             )
             return io.NodeOutput(apply_joint_attention(model, settings))
+
+
+def chosen_block_indices(model, block_list: str) -> frozenset[int] | None:
+    """The Joint Attention node's ``block_list`` for ``model``: None when empty; ``InputError`` on a
+    UNet (its blocks are chosen by the switches) or for indices past the DiT's last block."""
+    indices = parse_block_list(block_list)
+    if indices is None:
+        return None
+    if not is_dit(model):
+        raise InputError(
+            "block_list picks a DiT's blocks; on a UNet choose them with input_blocks, "
+            "middle_block and output_blocks, and leave block_list empty."
+        )
+    count = len(self_attention_blocks(model))
+    if max(indices) >= count:
+        raise InputError(f"block_list names block {max(indices)}, but this model has {count} blocks (0-{count - 1}).")
+    return indices
 
 
 def prepare_references(references: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

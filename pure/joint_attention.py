@@ -167,6 +167,10 @@ class JointAttentionSettings:
         adain_queries, adain_keys: StyleAligned AdaIN of the targets' queries / keys.
         reference_count: references at the start of each chunk when no layout says otherwise.
         positions: ``"offset"`` or ``"shared"`` (see ``POSITIONS``; RoPE DiTs only).
+        reference_key_scale: factor on the reference keys the targets attend to (their logits
+            scale with it: above 1 the targets attend to the references more sharply).
+        block_indices: DiT blocks (indices in depth order, ``parse_block_list``) where it is
+            active; ``None``: the ``blocks`` thirds decide.
     """
 
     strength: float = 1.0
@@ -178,6 +182,14 @@ class JointAttentionSettings:
     adain_keys: bool = False
     reference_count: int = 1
     positions: str = "offset"
+    reference_key_scale: float = 1.0
+    block_indices: frozenset | None = None
+
+    def chooses(self, block: tuple[str, int]) -> bool:
+        """Whether the block ``(name, index)`` is chosen: by its index where ``block_indices``
+        is set, else by its name."""
+        name, index = block
+        return name in self.blocks if self.block_indices is None else index in self.block_indices
 
     def in_schedule(self, sigmas: torch.Tensor | float | None) -> bool:
         """Whether the call's ``sigmas`` (None: unknown) lie in the sigma window. A sigma is read
@@ -202,6 +214,7 @@ class JointCall:
         adain_queries, adain_keys: AdaIN the targets' queries / keys to the references'.
         reference_keep: optional ``[references, Tk]`` bool, the reference tokens targets may
             attend to (subject masks; ``token_attention``: of the image tokens); default all.
+        key_scale: factor on the reference keys the targets see.
     """
 
     references: int
@@ -211,6 +224,7 @@ class JointCall:
     adain_queries: bool = False
     adain_keys: bool = False
     reference_keep: torch.Tensor | None = None
+    key_scale: float = 1.0
 
     @property
     def adain(self) -> bool:
@@ -255,7 +269,7 @@ def active_call(settings: JointAttentionSettings, batch: int, options: dict) -> 
     block = options.get("block")
     if not layout.get("enabled", True) or strength == 0 or references < 1:
         return None
-    if (block is not None and block[0] not in settings.blocks) or not settings.in_schedule(options.get("sigmas")):
+    if (block is not None and not settings.chooses(block)) or not settings.in_schedule(options.get("sigmas")):
         return None
     if batch % chunks or batch // chunks <= references:
         return None
@@ -266,7 +280,26 @@ def active_call(settings: JointAttentionSettings, batch: int, options: dict) -> 
         mode=settings.mode,
         adain_queries=settings.adain_queries,
         adain_keys=settings.adain_keys,
+        key_scale=settings.reference_key_scale,
     )
+
+
+def parse_block_list(text: str) -> frozenset[int] | None:
+    """``"0-4, 10, 20-25"`` -> the block indices it names; ``None`` for an empty text.
+
+    Raises:
+        InputError: anything but comma-separated indices and ``first-last`` ranges.
+    """
+    indices = set()
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        first, _, last = part.partition("-")
+        if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+            raise InputError(f"block list entry '{part}' is not an index or a range like 3-7")
+        start, end = int(first), int(last or first)
+        if end < start:
+            raise InputError(f"block list range '{part}' runs backwards; write it as {end}-{start}")
+        indices.update(range(start, end + 1))
+    return frozenset(indices) if indices else None
 
 
 def with_subject_masks(call: JointCall, options: dict, grid: tuple[int, int] | None) -> JointCall:
@@ -335,6 +368,8 @@ def joint_attention(
         q_t = adain(q_t, rearrange(q_r, "c r t d -> c 1 (r t) d"))
     if call.adain_keys:
         k_t = adain(k_t, k_r.unsqueeze(1))
+    if call.key_scale != 1.0:
+        k_r = k_r * call.key_scale
 
     def flat(x):  # [chunks, targets, T, C] -> [chunks * targets, T, C]
         return rearrange(x, "c n t d -> (c n) t d")

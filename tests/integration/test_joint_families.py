@@ -163,3 +163,65 @@ def test_reference_positions_offset_changes_the_sample(family):
     default, _ = joint(family, references=reference)
     assert torch.equal(default, offset)
     assert (offset - shared).abs().max() > 1e-4  # RoPE: where the targets see the references matters
+
+
+def joint_call_count(family, **settings) -> int:
+    """How many joint attention calls one Joint Sampler run (one reference) makes with a Joint
+    Attention of ``settings``: calls whose keys are a block's whole sequence plus the reference's
+    image tokens."""
+    reference = latents(family, 1, 1)
+    joint_keys = max(key_counts(family, references=reference, strength=0.0)) + image_tokens(family)
+    model = with_joint_attention(family[1], **settings)
+    calls = []
+
+    class Counter(KeyCounter):
+        def __call__(self, func, q, k, v, *rest, **kwargs):
+            calls.append(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1])
+            return func(q, k, v, *rest, **kwargs)
+
+    model.model_options["transformer_options"]["optimized_attention_override"] = Counter()
+    joint(family, model=model, references=reference)
+    return calls.count(joint_keys)
+
+
+def test_block_list_patches_exactly_the_listed_blocks(family):
+    from prefpersonalize.comfy_glue.joint import self_attention_blocks
+
+    blocks = len(self_attention_blocks(family[1]))
+    every = joint_call_count(family)
+    assert every > 0 and every % blocks == 0
+    assert joint_call_count(family, block_indices=frozenset({blocks - 1})) == every // blocks
+    assert joint_call_count(family, block_indices=frozenset({blocks})) == 0  # past the last block: none
+
+
+def test_reference_key_scale_changes_the_sample(family):
+    reference = latents(family, 1, 1)
+    default, _ = joint(family, references=reference)
+    sharper, _ = joint(family, model=with_joint_attention(family[1], reference_key_scale=1.3), references=reference)
+    assert sharper.isfinite().all() and (sharper - default).abs().max() > 1e-4
+
+
+def test_block_list_past_the_last_block_is_refused_naming_the_count(family):
+    from prefpersonalize.comfy_glue.joint import self_attention_blocks
+    from prefpersonalize.nodes.joint import chosen_block_indices
+    from prefpersonalize.pure.errors import InputError
+
+    blocks = len(self_attention_blocks(family[1]))
+    assert chosen_block_indices(family[1], f"0-{blocks - 1}") == frozenset(range(blocks))
+    with pytest.raises(InputError, match=f"names block {blocks}, but this model has {blocks} blocks"):
+        chosen_block_indices(family[1], f"0, {blocks}")
+
+
+def test_block_list_on_a_unet_is_refused(comfy_modules):
+    import comfy.sd
+
+    from harness.tiny_checkpoint import ensure_checkpoint
+    from prefpersonalize.nodes.joint import chosen_block_indices
+    from prefpersonalize.pure.errors import InputError
+
+    model = comfy.sd.load_checkpoint_guess_config(
+        ensure_checkpoint(comfyui_path(), CACHE, kind="sd15"), output_vae=False, output_clip=False
+    )[0]
+    assert chosen_block_indices(model, " ") is None
+    with pytest.raises(InputError, match="block_list picks a DiT's blocks; on a UNet choose them with"):
+        chosen_block_indices(model, "0-3")

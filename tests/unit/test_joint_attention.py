@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from prefpersonalize.pure.errors import InputError
 from prefpersonalize.pure.images import fit_to_size
 from prefpersonalize.pure.joint_attention import (
     LAYOUT_KEY,
@@ -21,6 +22,7 @@ from prefpersonalize.pure.joint_attention import (
     joint_layout,
     masks_to_tokens,
     merge_heads,
+    parse_block_list,
     sdpa_attention,
     sdpa_kernel,
     split_heads,
@@ -148,6 +150,17 @@ def test_key_scaling_strength():
     torch.testing.assert_close(strong[1:], to_reference, atol=1e-4, rtol=1e-4)
 
 
+def test_reference_key_scale_scales_the_keys_the_targets_see():
+    q, k, v = batch(2, 1, 2, seed=4)
+    scaled = k.clone()
+    scaled[[0, 3]] *= 1.3  # the references' keys (first row of each chunk of 3)
+    out = joint(q, k, v, 2, 1, 2, key_scale=1.3)
+    expected = expected_joint(q, scaled, v, 2, 1, 2)
+    expected[[0, 3]] = sdpa_attention(q[[0, 3]], k[[0, 3]], v[[0, 3]], 2)  # references attend as before
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(joint(q, k, v, 2, 1, 2, key_scale=1.0), joint(q, k, v, 2, 1, 2))
+
+
 @pytest.mark.parametrize("strength", [0.3, -0.5, 1.0])
 def test_blend_mode_is_refdrop(strength):
     q, k, v = batch(2, 2, 1)
@@ -234,6 +247,22 @@ def test_schedule_switches_joint_attention_off():
     ]
     for settings, options in cases:
         assert active_call(settings, 6, options) is None, settings
+
+
+def test_block_list_names_indices_and_ranges():
+    assert parse_block_list("0-2, 7,9 - 10") == frozenset({0, 1, 2, 7, 9, 10})
+    assert parse_block_list("") is None and parse_block_list(" , ") is None
+    with pytest.raises(InputError, match="'x3' is not an index or a range"):
+        parse_block_list("1, x3")
+    with pytest.raises(InputError, match="runs backwards; write it as 2-5"):
+        parse_block_list("5-2")
+
+
+def test_block_indices_choose_the_blocks_instead_of_the_thirds():
+    options = extra(6, block=("output", 3))
+    assert active_call(JointAttentionSettings(block_indices=frozenset({3}), blocks=frozenset({"input"})), 6, options)
+    assert active_call(JointAttentionSettings(block_indices=frozenset({2, 4})), 6, options) is None
+    assert active_call(JointAttentionSettings(), 6, options) is not None
 
 
 def test_schedule_reads_layout_and_chunks():
