@@ -30,6 +30,7 @@ import torch
 from comfy.ldm.flux.math import apply_rope1
 from einops import rearrange
 
+from ..pure.errors import InputError
 from ..pure.joint_attention import (
     AttentionKernels,
     JointAttentionSettings,
@@ -261,6 +262,12 @@ class JointLayers:
         self.settings, self.names, self.grid, self.rotation = settings, names, grid, rotation
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if kwargs.get("ref_latents"):
+            raise InputError(
+                "Joint Attention on this model cannot run with reference latents (ReferenceLatent, an edit "
+                "model's references): their tokens sit between the text and the image. Remove the "
+                "ReferenceLatent node or the Joint Attention."
+            )
         options = {**(transformer_options or {})}
         options[TOKENS_KEY] = tokens = self.grid.tokens(x, c_crossattn)
         previous = options.get("optimized_attention_override")

@@ -225,3 +225,39 @@ def test_block_list_on_a_unet_is_refused(comfy_modules):
     assert chosen_block_indices(model, " ") is None
     with pytest.raises(InputError, match="block_list picks a DiT's blocks; on a UNet choose them with"):
         chosen_block_indices(model, "0-3")
+
+
+REFERENCE_LATENT_KINDS = ("flux2_klein", "qwen_image")  # models that read core ReferenceLatent's latents
+
+
+def test_composes_with_core_reference_latents(family):
+    """Core's ReferenceLatent (Flux.2, Kontext, Qwen-Image-Edit) appends the edit reference's tokens
+    after the image tokens; joint attention keeps to the image grid, so both run at once."""
+    kind, model, positive, negative, _ = family
+    if kind not in REFERENCE_LATENT_KINDS:
+        pytest.skip(f"{kind}: Chroma ignores reference latents; Z-Image refuses them with joint attention")
+    edited = [[cond, {**extras, "reference_latents": [latents(family, 1, 5)]}] for cond, extras in positive]
+    reference = latents(family, 1, 1)
+    plain, _ = joint(family, references=reference)
+    both, whole = joint((kind, model, edited, negative, family[4]), references=reference)
+    assert both.isfinite().all() and (both - plain).abs().max() > 1e-4  # the edit reference is read
+    assert (whole[:1] - reference).abs().max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+    solo, _ = joint((kind, model, edited, negative, family[4]), references=reference, strength=0.0)
+    assert (both - solo).abs().max() > 1e-4  # and so are the joint references
+
+
+def test_reference_latents_with_z_image_joint_attention_are_refused(family):
+    """Z-Image (0.33) puts reference latents' tokens between the text and the image, which its
+    joint attention (told apart by token counts) does not follow: refused, naming the fix."""
+    import inspect
+
+    from prefpersonalize.pure.errors import InputError
+
+    kind, model, positive, negative, _ = family
+    if kind != "z_image":
+        pytest.skip("Z-Image only")
+    if "ref_latents" not in inspect.signature(model.get_model_object("diffusion_model")._forward).parameters:
+        pytest.skip("this ComfyUI's Z-Image ignores reference latents")
+    edited = [[cond, {**extras, "reference_latents": [latents(family, 1, 5)]}] for cond, extras in positive]
+    with pytest.raises(InputError, match="cannot run with reference latents.*Remove the ReferenceLatent node"):
+        joint((kind, model, edited, negative, family[4]), references=latents(family, 1, 1))
