@@ -32,6 +32,8 @@ DEMO_WORKFLOWS = [
     "build_pairs_and_train_sd35.json",
     "build_pairs_and_train_z_image.json",
     "build_pairs_and_train_flux2_klein.json",
+    "joint_sampling_z_image.json",
+    "joint_sampling_flux2_klein.json",
 ]
 
 

@@ -251,6 +251,7 @@ def config(**overrides):
 LEARNING = {"sd3": dict(steps=30, learning_rate=2e-3), "flux": dict(steps=10, learning_rate=1e-4)}
 
 
+@pytest.mark.oldest_comfyui  # heavy; the 2026 families' learning tests run on 0.33
 def test_trainer_learns_a_synthetic_preference_on_the_blocks(dit):
     from harness.evaluation import implicit_accuracy
     from prefpersonalize.trainers.loop import train_dpo_lora
