@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_joint_sampler.py [--size 256] [--images 4] [--references 1]
         [--steps 8] [--repeats 3] [--checkpoint PATH] [--devices cpu,cuda]
-        [--model sd15|sd3|flux] [--tokens 16] [--cfg C] [--scheduler S]
+        [--model sd15|sd3|flux|flux2_klein|z_image|chroma|...] [--tokens 16] [--cfg C] [--scheduler S]
 
 Runs in one go on CPU, and on CUDA too when PyTorch sees a GPU: each device in a subprocess
 of its own (ComfyUI picks its device at import). The model is the tests' tiny random-weight
@@ -14,7 +14,9 @@ parameters) through Load Diffusion Model (``--checkpoint``: another diffusion-mo
 the family), CONDITIONING made as tensors of the stock encoders' shapes with ``--tokens`` text
 tokens (no T5 here), and the family's TAESD (taesd3 / taef1, random weights) as the VAE of
 both arms. Defaults per model: cfg 7 / 4 / 1 (Flux dev is guidance-distilled: guidance 3.5 in
-the conditioning, one pass per step), scheduler normal / simple / simple.
+the conditioning, one pass per step), scheduler normal / simple / simple. The 2026 families
+(``--model flux2_klein``, ``z_image``, ``chroma``, ...) take cfg 1 and simple, with their TAESD
+(taef2 on ComfyUI 0.33, taef1; Qwen-Image has none, so it is not offered here).
 
 Per device it times, after a warm-up, the median of ``--repeats`` runs of
 
@@ -37,7 +39,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    DIT_MODELS,
     PeakMemory,
     add_model_options,
     base_parser,
@@ -50,8 +51,8 @@ from common import (  # noqa: E402
     tiny_taesd,
 )
 
-DEFAULT_CFG = {"sd15": 7.0, "sd3": 4.0, "flux": 1.0}
-DEFAULT_SCHEDULER = {"sd15": "normal", "sd3": "simple", "flux": "simple"}
+DEFAULT_CFG = {"sd15": 7.0, "sd3": 4.0, "flux": 1.0}  # 1 for the 2026 families
+DEFAULT_SCHEDULER = {"sd15": "normal", "sd3": "simple", "flux": "simple"}  # simple for the families
 
 
 def parse_args(argv=None):
@@ -61,19 +62,19 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", type=float, default=None, help="default: 7 (sd15), 4 (sd3), 1 (flux)")
     parser.add_argument("--scheduler", default=None, help="default: normal (sd15), simple (DiTs)")
     parser.add_argument("--repeats", type=int, default=3)
-    add_model_options(parser)
+    add_model_options(parser, families=True)
     args = parser.parse_args(argv)
-    args.cfg = DEFAULT_CFG[args.model] if args.cfg is None else args.cfg
-    args.scheduler = args.scheduler or DEFAULT_SCHEDULER[args.model]
+    args.cfg = DEFAULT_CFG.get(args.model, 1.0) if args.cfg is None else args.cfg
+    args.scheduler = args.scheduler or DEFAULT_SCHEDULER.get(args.model, "simple")
     return args
 
 
 def load_model(args, comfyui: str):
     """(MODEL, VAE, positive, negative, what they are for the report) for ``--model``."""
-    if args.model in DIT_MODELS:
-        from harness.tiny_dit import TAESD_NAMES
+    if args.model != "sd15":
+        from harness.tiny_dit import taesd_name
 
-        vae_name = TAESD_NAMES[args.model]
+        vae_name = taesd_name(args.model)
         model, name = tiny_dit(comfyui, args.model, args.cache, args.checkpoint)
         vae = tiny_taesd(comfyui, args.model, args.cache)
         positive = dit_conditioning(args.model, args.tokens)
@@ -102,8 +103,12 @@ def worker(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     references = torch.rand(args.references, args.size, args.size, 3, generator=generator)
 
+    from prefpersonalize.comfy_glue.families import latent_downscale
+
+    side = args.size // latent_downscale(model.model)
+
     def ksampler(batch):
-        latent = {"samples": torch.zeros([batch, channels, args.size // 8, args.size // 8])}
+        latent = {"samples": torch.zeros([batch, channels, side, side])}
         samples = comfy_nodes.common_ksampler(
             model, 1, args.steps, args.cfg, "euler", args.scheduler, positive, negative, latent
         )[0]

@@ -144,15 +144,15 @@ def tiny_dit(comfyui: str, kind: str, cache: str = DEFAULT_CHECKPOINT_CACHE, pat
 
 
 def tiny_taesd(comfyui: str, kind: str, cache: str = DEFAULT_CHECKPOINT_CACHE):
-    """The ``kind`` family's TAESD VAE (taesd3, taef1; random weights, built in ``cache`` on
-    first use) through the stock VAELoader."""
+    """The ``kind`` family's TAESD VAE (taesd3, taef1, taef2, taesdxl; random weights, built in
+    ``cache`` on first use) through the stock VAELoader."""
     import folder_paths
     import nodes
 
-    from harness.tiny_dit import TAESD_NAMES, ensure_taesd
+    from harness.tiny_dit import ensure_taesd, taesd_name
 
     folder_paths.add_model_folder_path("vae_approx", ensure_taesd(comfyui, cache, kind))
-    return nodes.VAELoader().load_vae(TAESD_NAMES[kind])[0]
+    return nodes.VAELoader().load_vae(taesd_name(kind))[0]
 
 
 def dit_conditioning(kind: str, tokens: int, seed: int = 0) -> list:

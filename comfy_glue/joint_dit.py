@@ -10,8 +10,10 @@ Three pieces, each a supported ComfyUI extension point of both ComfyUI versions 
   (layout, strength, schedule, block) and, when it is, runs the block with
 - an ``optimized_attention_override`` (``JointTokenAttention``) that computes the block's
   attention with ``token_attention``: the targets' image tokens also attend to the references'
-  image tokens. The plain attention is ComfyUI's own call (or the override already set by another
-  node), so references, text tokens and every inactive call are exactly the stock computation.
+  image tokens. Everything else is ComfyUI's own attention call (or the override already set by
+  another node): every inactive call is exactly the stock computation, and in an active one the
+  references' rows and the targets' text queries are computed with it, the targets' image
+  queries only once, jointly.
 
 A DiT without block replacements (Z-Image) gets ``JointLayers`` instead: an ``APPLY_MODEL``
 wrapper setting ``LayerAttention`` as the override of the whole call, which finds the main
@@ -141,9 +143,6 @@ class JointTokenAttention:
         image = self.image_tokens(q.shape[2] if skip_reshape else q.shape[1])
         if mask is not None or image is None:
             return self.call(func, q, k, v, *rest, **kwargs)
-        plain = self.call(func, q, k, v, *rest, **kwargs)
-        if kwargs.get("skip_output_reshape"):
-            plain = merge_heads(plain)
         reference_k = None
         if self.rotation is not None and skip_reshape:
             reference_k = merge_heads(apply_rope1(k, self.rotation.to(k.device)))
@@ -167,9 +166,7 @@ class JointTokenAttention:
 
         upcast = kwargs.get("attn_precision") == torch.float32
         kernels = AttentionKernels(heads=heads, attention=attention, joint=joint, upcast=upcast)
-        out = token_attention(
-            q, k, v, call=self.joint_call, kernels=kernels, image=image, plain=plain, reference_k=reference_k
-        )
+        out = token_attention(q, k, v, call=self.joint_call, kernels=kernels, image=image, reference_k=reference_k)
         return split_heads(out, heads) if kwargs.get("skip_output_reshape") else out
 
 
@@ -229,13 +226,11 @@ class LayerAttention:
         total = q.shape[2] if kwargs.get("skip_reshape") else q.shape[1]
         if total != self.tokens.sequence:
             return self.plain(func, q, k, v, *rest, **kwargs)
-        index = (kwargs.get("transformer_options") or {}).get("block_index", self.calls)
-        self.calls += 1
         names = self.layers.names
-        call = None
-        if index < len(names):
-            block = {**self.options, "block": (names[index], index)}
-            call = active_call(self.layers.settings, self.batch, block)
+        # Gradient checkpointing calls the layers again in backward: the count wraps around.
+        index = (kwargs.get("transformer_options") or {}).get("block_index", self.calls % len(names))
+        self.calls += 1
+        call = active_call(self.layers.settings, self.batch, {**self.options, "block": (names[index], index)})
         if call is None:
             return self.plain(func, q, k, v, *rest, **kwargs)
         call = with_subject_masks(call, self.options, self.tokens.grid)

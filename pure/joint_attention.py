@@ -405,6 +405,28 @@ def joint_attention(
     return out
 
 
+def plain_outside_target_images(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    image: slice,
+    attention: BoundKernel,
+) -> torch.Tensor:
+    """Plain attention ``[B, T, H * D]`` of the references' rows and of the targets' queries
+    outside ``image``; the targets' image queries are left at 0 (joint attention fills them)."""
+    out = torch.zeros_like(q)
+    out[ref_rows] = attention(q[ref_rows], k[ref_rows], v[ref_rows])
+    outside = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+    outside[image] = False
+    if outside.any():
+        queries = outside.nonzero().squeeze(1)
+        rows, columns = target_rows[:, None], queries[None, :]
+        out[rows, columns] = attention(q[rows, columns], k[target_rows], v[target_rows])
+    return out
+
+
 def token_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -426,17 +448,23 @@ def token_attention(
             and AdaIN matches the targets' image queries and keys to the references' image tokens.
         kernels: as in ``joint_attention``.
         image: where the image tokens are in T (the same for queries and keys).
-        plain: optional already computed plain attention ``[B, T, H * D]``.
+        plain: optional already computed plain attention ``[B, T, H * D]``. Without it the
+            plain attention is computed where it is kept: in joint mode the references' rows and
+            the targets' other (text) queries only, so the targets' image rows, which the joint
+            attention replaces, are computed once.
         reference_k: optional ``[B, T, H * D]`` keys the targets see for the references' tokens
             (the references' own rows keep ``k``), e.g. rotated to positions of their own.
 
     Returns:
-        ``[B, T, H * D]``: equal to ``plain`` except in the targets' image-token rows.
+        ``[B, T, H * D]``: the plain attention except in the targets' image-token rows.
     """
     batch, tokens, channels = k.shape
     references, chunks = call.references, call.chunks
     ref_rows, target_rows = chunk_rows(batch, call, q.device)
-    plain = kernels.attention(q, k, v) if plain is None else plain
+    if plain is None and call.mode == "joint":
+        plain = plain_outside_target_images(q, k, v, ref_rows, target_rows, image, kernels.attention)
+    elif plain is None:  # blend mixes the targets' own attention in
+        plain = kernels.attention(q, k, v)
 
     q_mod, k_mod, plain_mod = q, k.clone(), plain
     if call.adain:

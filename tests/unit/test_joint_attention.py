@@ -527,6 +527,26 @@ def test_token_attention_extends_only_the_targets_image_queries():
         torch.testing.assert_close(out[row, IMAGE_SLICE], by_hand, atol=1e-5, rtol=1e-5)
 
 
+def test_token_attention_computes_the_targets_image_queries_only_jointly():
+    heads = 2
+    q, k, v = batch(chunks=2, references=1, targets=2, tokens=TEXT + IMAGE, seed=5)
+    plain_queries = []
+
+    def counting(q_, k_, v_):
+        plain_queries.append(q_.shape[0] * q_.shape[1])
+        return sdpa_attention(q_, k_, v_, heads)
+
+    call = JointCall(references=1, chunks=2)
+    counted = AttentionKernels(heads=heads, attention=counting, joint=lambda *a: sdpa_attention(*a, heads))
+    out = token_attention(q, k, v, call=call, kernels=counted, image=IMAGE_SLICE)
+    # the plain kernel sees the 2 references' rows and the 4 targets' text queries, nothing more
+    assert sum(plain_queries) == 2 * (TEXT + IMAGE) + 4 * TEXT
+    given = token_attention(
+        q, k, v, call=call, kernels=kernels(heads), image=IMAGE_SLICE, plain=naive_attention(q, k, v, heads)
+    )
+    torch.testing.assert_close(out, given, atol=1e-5, rtol=1e-5)
+
+
 def test_token_attention_masks_strength_and_reference_keys():
     heads = 2
     q, k, v = batch(chunks=1, references=1, targets=1, tokens=TEXT + IMAGE, seed=3)
