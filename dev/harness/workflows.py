@@ -16,10 +16,10 @@ WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 # shrink only image size, batch and step count, never the pack's own settings.
 QUICK_RUN_WIDGETS = {
     "EmptyLatentImage": {"width": 128, "height": 128, "batch_size": 2},
-    "KSampler": {"steps": 4},
+    "KSampler": {"steps": 2},
     "PrefP_TrainPatchQualityEstimator": {"steps": 10},
-    "PrefP_DPOLoraTrainer": {"steps": 3},
-    "PrefP_JointSampler": {"width": 128, "height": 128, "steps": 4, "new_images": 2},
+    "PrefP_DPOLoraTrainer": {"steps": 2},
+    "PrefP_JointSampler": {"width": 128, "height": 128, "steps": 2, "new_images": 2},
     "EmptySD3LatentImage": {"width": 128, "height": 128, "batch_size": 2},
     "EmptyFlux2LatentImage": {"width": 128, "height": 128, "batch_size": 2},
 }

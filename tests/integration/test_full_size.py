@@ -112,8 +112,10 @@ def test_joint_sampler_keeps_the_reference(full_size):
     torch.testing.assert_close(samples[:1].float(), reference, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["dpo", "patch_dpo", "patchdpo_paper", "focus_dpo", "hg_dpo"])
-def test_one_step_of_every_loss_mode(full_size, mode):
+# Full size is about real layer and latent shapes: the two modes that weigh the loss on the
+# latent grid run here (every loss mode runs on the tiny models; CI time).
+@pytest.mark.parametrize("mode", ["patch_dpo", "focus_dpo"])
+def test_one_step_of_the_grid_weighted_loss_modes(full_size, mode):
     from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
 
     model, conditioning, px = full_size

@@ -28,6 +28,7 @@ JOINT_KINDS = ("flux2_klein", "chroma", "qwen_image", "z_image")
 TEXT_TOKENS = 16
 SIZE = (64, 64)  # pixels: FAMILIES[kind].latent_shape is a 64 px image's latent
 SEED = 3
+STEPS = 2  # at the first step (sigma 1) the references are pure noise: the second one reads them
 
 
 @pytest.fixture(scope="module", params=JOINT_KINDS)
@@ -61,7 +62,7 @@ def latents(family, count, seed, scale=1.0):
 
 
 def joint(family, model=None, references=None, strength=1.0, masks=None):
-    """Joint Sampler's sampling (2 euler steps, cfg 1) with ``references`` given as latents."""
+    """Joint Sampler's sampling (two euler steps, cfg 1) with ``references`` given as latents."""
     from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
 
     _, base, positive, negative, _ = family
@@ -71,7 +72,7 @@ def joint(family, model=None, references=None, strength=1.0, masks=None):
         new_images=2,
         size=SIZE,
         seed=SEED,
-        steps=2,
+        steps=STEPS,
         cfg=1.0,
         sampler_name="euler",
         scheduler="simple",
@@ -90,7 +91,7 @@ def stock(family, batch=2):
     empty = torch.zeros(batch, *shape)
     noise = comfy.sample.prepare_noise(empty, SEED)
     return comfy.sample.sample(
-        model, noise, 2, 1.0, "euler", "simple", positive, negative, empty, seed=SEED, disable_pbar=True
+        model, noise, STEPS, 1.0, "euler", "simple", positive, negative, empty, seed=SEED, disable_pbar=True
     )
 
 
@@ -167,12 +168,10 @@ def test_reference_positions_offset_changes_the_sample(family):
     assert (offset - shared).abs().max() > 1e-4  # RoPE: where the targets see the references matters
 
 
-def joint_call_count(family, **settings) -> int:
-    """How many joint attention calls one Joint Sampler run (one reference) makes with a Joint
-    Attention of ``settings``: calls whose keys are a block's whole sequence plus the reference's
-    image tokens."""
-    reference = latents(family, 1, 1)
-    joint_keys = max(key_counts(family, references=reference, strength=0.0)) + image_tokens(family)
+def joint_call_count(family, joint_keys: int, **settings) -> int:
+    """How many attention calls with ``joint_keys`` keys (a block's whole sequence plus the
+    reference's image tokens: joint ones) one Joint Sampler run (one reference) makes with a
+    Joint Attention of ``settings``."""
     model = with_joint_attention(family[1], **settings)
     calls = []
 
@@ -182,7 +181,7 @@ def joint_call_count(family, **settings) -> int:
             return func(q, k, v, *rest, **kwargs)
 
     model.model_options["transformer_options"]["optimized_attention_override"] = Counter()
-    joint(family, model=model, references=reference)
+    joint(family, model=model, references=latents(family, 1, 1))
     return calls.count(joint_keys)
 
 
@@ -190,10 +189,12 @@ def test_block_list_patches_exactly_the_listed_blocks(family):
     from prefpersonalize.comfy_glue.joint import self_attention_blocks
 
     blocks = len(self_attention_blocks(family[1]))
-    every = joint_call_count(family)
+    plain = key_counts(family, references=latents(family, 1, 1), strength=0.0)
+    joint_keys = max(plain) + image_tokens(family)
+    every = joint_call_count(family, joint_keys)
     assert every > 0 and every % blocks == 0
-    assert joint_call_count(family, block_indices=frozenset({blocks - 1})) == every // blocks
-    assert joint_call_count(family, block_indices=frozenset({blocks})) == 0  # past the last block: none
+    assert joint_call_count(family, joint_keys, block_indices=frozenset({blocks - 1})) == every // blocks
+    assert joint_call_count(family, joint_keys, block_indices=frozenset({blocks})) == 0  # past the last: none
 
 
 def test_reference_key_scale_changes_the_sample(family):
