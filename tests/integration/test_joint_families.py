@@ -104,16 +104,16 @@ def with_joint_attention(model, **settings):
 
 class KeyCounter:
     """An ``optimized_attention_override`` another node might set: it computes every attention
-    with ComfyUI's own kernel and records each call's key count."""
+    with ComfyUI's own kernel and records each call's key count, in call order."""
 
     def __init__(self):
-        self.key_counts = set()
+        self.key_counts = []
 
     def __deepcopy__(self, memo):  # ComfyUI deep-copies model options for sampling: record in one place
         return self
 
     def __call__(self, func, q, k, v, *rest, **kwargs):
-        self.key_counts.add(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1])
+        self.key_counts.append(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1])
         return func(q, k, v, *rest, **kwargs)
 
 
@@ -122,7 +122,7 @@ def key_counts(family, **joint_kwargs) -> set[int]:
     counter = KeyCounter()
     model.model_options["transformer_options"]["optimized_attention_override"] = counter
     joint(family, model=model, **joint_kwargs)
-    return counter.key_counts
+    return set(counter.key_counts)
 
 
 def test_off_switch_is_bit_exact(family):
@@ -173,16 +173,10 @@ def joint_call_count(family, joint_keys: int, **settings) -> int:
     reference's image tokens: joint ones) one Joint Sampler run (one reference) makes with a
     Joint Attention of ``settings``."""
     model = with_joint_attention(family[1], **settings)
-    calls = []
-
-    class Counter(KeyCounter):
-        def __call__(self, func, q, k, v, *rest, **kwargs):
-            calls.append(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1])
-            return func(q, k, v, *rest, **kwargs)
-
-    model.model_options["transformer_options"]["optimized_attention_override"] = Counter()
+    counter = KeyCounter()
+    model.model_options["transformer_options"]["optimized_attention_override"] = counter
     joint(family, model=model, references=latents(family, 1, 1))
-    return calls.count(joint_keys)
+    return counter.key_counts.count(joint_keys)
 
 
 def test_block_list_patches_exactly_the_listed_blocks(family):
