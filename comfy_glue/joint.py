@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -19,7 +20,7 @@ import torch
 from ..pure.errors import InputError
 from ..pure.images import maps_to_grid
 from ..pure.joint_attention import LAYOUT_KEY, JointAttentionSettings, check_strength, joint_layout
-from ..pure.joint_sampling import image_guided_pair, joint_batch
+from ..pure.joint_sampling import image_guided_pair, joint_batch, with_clean_references
 from .dit import DIT_FAMILIES, dit_blocks, is_dit
 from .families import latent_downscale, named_family
 from .joint_dit import apply_dit_joint_attention, dit_joint_settings
@@ -80,6 +81,8 @@ class JointSamplerSettings:
         seed, steps, cfg, sampler_name, scheduler: as in KSampler.
         image_guidance: image guidance s (1 = plain joint sampling; see ``ImageGuidance``).
         strength: joint attention strength, multiplied by a Joint Attention node's on the model.
+        reference_timestep: ``"noised"`` (the references noised with the new images) or
+            ``"clean"`` (``CleanReferences``); see ``REFERENCE_TIMESTEPS``.
     """
 
     new_images: int
@@ -91,6 +94,7 @@ class JointSamplerSettings:
     scheduler: str = "normal"
     image_guidance: float = 1.0
     strength: float = 1.0
+    reference_timestep: str = "noised"
 
 
 def layout_without_references(model_options: dict) -> dict:
@@ -124,6 +128,35 @@ class ImageGuidance:
         (without,) = self.calc(args, [branch], layout_without_references(args["model_options"]))
         cond, guided_uncond = image_guided_pair(out[0], out[1] if uncond is not None else None, without, self.scale)
         return [cond, out[1] if guided_uncond is None else guided_uncond, *out[2:]]
+
+
+def clean_sigma(model_sampling) -> float:
+    """The sigma of timestep 0: 0 on flow models, the smallest trained sigma on eps and v models
+    (EDM's timestep 0 is sigma 1, so the smaller of the two)."""
+    return min(float(model_sampling.sigma(torch.tensor(0.0))), float(model_sampling.sigma_min))
+
+
+class CleanReferences:
+    """``APPLY_MODEL`` wrapper of the ``clean`` reference timestep: in every model call the
+    references' rows are the clean reference latents at timestep 0 (``with_clean_references``),
+    so they are modulated as clean images while the new images are denoised beside them. Batch
+    models modulate each row by its own timestep, so no family needs more.
+
+    Args:
+        reference_latents: ``[R, C, ...]`` the references in the model's latent space
+            (``process_latent_in``, as the sampler holds its latents).
+        sigma: ``clean_sigma`` of the model.
+    """
+
+    KEY = "prefp_clean_references"
+
+    def __init__(self, reference_latents: torch.Tensor, sigma: float):
+        self.reference_latents, self.sigma = reference_latents, sigma
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        chunks = max(1, len((transformer_options or {}).get("cond_or_uncond") or [0]))
+        x, t = with_clean_references(x, t, self.reference_latents, chunks, self.sigma)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def joint_strength(existing: JointAttentionSettings | None, strength: float) -> float:
@@ -193,6 +226,10 @@ def sample_joint(
         if strength != 0 and existing is None:
             patched = apply_joint_attention(patched, JointAttentionSettings(strength=strength))
         patched.model_options["transformer_options"][LAYOUT_KEY] = joint_layout(count, strength, masks)
+        if settings.reference_timestep == "clean":
+            sigma = clean_sigma(model.get_model_object("model_sampling"))
+            clean = CleanReferences(model.model.process_latent_in(reference_latents), sigma)
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CleanReferences.KEY, clean)
         if settings.image_guidance != 1.0 and strength != 0:
             previous = patched.model_options.get("sampler_calc_cond_batch_function")
             guidance = ImageGuidance(settings.image_guidance, previous)

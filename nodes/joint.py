@@ -25,6 +25,7 @@ from ..pure.joint_attention import (
     check_strength,
     parse_block_list,
 )
+from ..pure.joint_sampling import REFERENCE_TIMESTEPS
 from .errors import check_number_inputs, node_errors
 from .inputs import image_input_fitted, optional_mask
 from .types import CATEGORY
@@ -324,6 +325,15 @@ class JointSampler(io.ComfyNode):
                     tooltip="Joint attention strength (0 = the references are ignored). With a "
                     "Joint Attention node on the model, its strength is multiplied by this.",
                 ),
+                io.Combo.Input(
+                    "reference_timestep",
+                    options=list(REFERENCE_TIMESTEPS),
+                    default="noised",
+                    optional=True,
+                    tooltip="noised: the references are noised to the new images' step at every step (JeDi); "
+                    "clean: they stay clean at timestep 0, so the new images see the sharp subject from the "
+                    "first step (as core's index_timestep_zero references on edit models).",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The new images (decoded)."),
@@ -355,6 +365,7 @@ class JointSampler(io.ComfyNode):
         strength,
         references=None,
         subject_mask=None,
+        reference_timestep="noised",
     ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             check_number_inputs(cls, locals())
@@ -379,6 +390,7 @@ class JointSampler(io.ComfyNode):
                 scheduler=scheduler,
                 image_guidance=image_guidance,
                 strength=strength,
+                reference_timestep=reference_timestep,
             )
             generated, samples = sample_joint(
                 model, positive, negative, settings=settings, encode=vae.encode, references=images, masks=masks

@@ -14,6 +14,10 @@ import torch
 
 from .errors import InputError
 
+# How the references enter each model call (the Joint Sampler's ``reference_timestep``): noised
+# to the new images' sigma (JeDi), or clean at timestep 0 (``with_clean_references``).
+REFERENCE_TIMESTEPS = ("noised", "clean")
+
 
 def joint_batch(
     reference_latents: torch.Tensor, target_noise: torch.Tensor, reference_noise: torch.Tensor
@@ -41,6 +45,33 @@ def joint_batch(
     noise = torch.cat([reference_noise.to(target_noise.dtype), target_noise])
     mask = torch.cat([torch.zeros(references, 1, *latent.shape[2:]), torch.ones(targets, 1, *latent.shape[2:])])
     return latent, noise, mask
+
+
+def with_clean_references(
+    x: torch.Tensor, sigma: torch.Tensor, reference_latents: torch.Tensor, chunks: int, clean_sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model call's input with every chunk's reference rows clean at timestep 0.
+
+    Args:
+        x: ``[chunks * (R + N), C, ...]`` the call's latents, references first in each chunk.
+        sigma: ``[chunks * (R + N)]`` the call's sigmas.
+        reference_latents: ``[R, C, ...]`` the clean references, in the model's latent space.
+        chunks: cond/uncond chunks in the batch.
+        clean_sigma: the sigma of timestep 0 (``model_sampling.sigma(0)``).
+
+    Returns:
+        Copies of ``x`` and ``sigma`` with each chunk's first R rows set to ``reference_latents``
+        and ``clean_sigma``; unchanged where a chunk has no room for a target.
+    """
+    references = reference_latents.shape[0]
+    if x.shape[0] % chunks or x.shape[0] // chunks <= references:
+        return x, sigma
+    x, sigma = x.clone(), sigma.reshape(-1).expand(x.shape[0]).clone()  # a shared sigma becomes one per row
+    per_chunk = x.shape[0] // chunks
+    for start in range(0, x.shape[0], per_chunk):
+        x[start : start + references] = reference_latents.to(x)
+        sigma[start : start + references] = clean_sigma
+    return x, sigma
 
 
 def image_guided_pair(

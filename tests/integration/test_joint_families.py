@@ -4,7 +4,8 @@ the whole model call), in-process on CPU with the random-weight
 tiny models of ``harness.dit_families`` and CONDITIONING built as tensors: the off switch is
 bit-exact, references end where they started, every joint attention call is a block's whole
 sequence plus exactly the references' image tokens (half of them under a half mask), never their
-text, and the RoPE offset of the references changes the sample.
+text, the RoPE offset of the references changes the sample, and clean references enter every
+model call at timestep 0.
 
 One family is one parameter, so a failure names it. The module runs on ComfyUI 0.33 only
 (``current_comfyui``) to keep CI within the hour; Klein needs 0.33 anyway (0.3.75 builds Flux.2
@@ -61,7 +62,7 @@ def latents(family, count, seed, scale=1.0):
     return torch.randn(count, *family[4], generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def joint(family, model=None, references=None, strength=1.0, masks=None):
+def joint(family, model=None, references=None, strength=1.0, masks=None, reference_timestep="noised"):
     """Joint Sampler's sampling (two euler steps, cfg 1) with ``references`` given as latents."""
     from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
 
@@ -77,6 +78,7 @@ def joint(family, model=None, references=None, strength=1.0, masks=None):
         sampler_name="euler",
         scheduler="simple",
         strength=strength,
+        reference_timestep=reference_timestep,
     )
     return sample_joint(
         model or base, positive, negative, settings=settings, encode=encode, references=images, masks=masks
@@ -258,3 +260,35 @@ def test_reference_latents_with_z_image_joint_attention_are_refused(family):
     edited = [[cond, {**extras, "reference_latents": [latents(family, 1, 5)]}] for cond, extras in positive]
     with pytest.raises(InputError, match="cannot run with reference latents.*Remove the ReferenceLatent node"):
         joint((kind, model, edited, negative, family[4]), references=latents(family, 1, 1))
+
+
+def recorded_joint(family, **joint_kwargs):
+    """``joint`` with the latents and timesteps the diffusion model receives in every call (every
+    family here modulates each row by its own timestep): ``(samples, latents, timesteps)``."""
+    latents_in, timesteps = [], []
+
+    def record(_, args):
+        latents_in.append(args[0].detach().float().clone())
+        timesteps.append(args[1].detach().float().clone())
+
+    hook = family[1].model.diffusion_model.register_forward_pre_hook(record)
+    try:
+        samples = joint(family, **joint_kwargs)
+    finally:
+        hook.remove()
+    return samples, latents_in, timesteps
+
+
+def test_clean_reference_timestep_gives_the_references_timestep_zero(family):
+    reference = latents(family, 1, 1)
+    (noised, _), _, noised_steps = recorded_joint(family, references=reference)
+    assert all(torch.equal(step, step[:1].expand_as(step)) for step in noised_steps)  # one timestep for all
+    (clean, whole), clean_latents, clean_steps = recorded_joint(
+        family, references=reference, reference_timestep="clean"
+    )
+    expected = family[1].model.process_latent_in(reference)[0]
+    for latent, step in zip(clean_latents, clean_steps, strict=True):
+        assert step[0] == 0 and (step[1:] > 0).all()  # the reference row is modulated at t = 0
+        torch.testing.assert_close(latent[0], expected, rtol=1e-2, atol=1e-2)  # and is the clean reference
+    assert (whole[:1] - reference).abs().max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+    assert clean.isfinite().all() and (clean - noised).abs().max() > 1e-4

@@ -130,6 +130,7 @@ def joint(
     seed=11,
     mask=None,
     size=SIZE,
+    reference_timestep=None,
 ):
     inputs = {
         "model": list(model),
@@ -151,6 +152,8 @@ def joint(
         inputs["references"] = list(references)
     if mask is not None:
         inputs["subject_mask"] = list(mask)
+    if reference_timestep is not None:
+        inputs["reference_timestep"] = reference_timestep
     return {node_id: {"class_type": "PrefP_JointSampler", "inputs": inputs}}
 
 
@@ -254,19 +257,25 @@ def test_joint_attention_with_stock_ksampler_leaves_the_reference_image_alone(se
 
 
 def test_reference_slots_end_as_the_reference_latents(server):
+    """In both reference timestep modes; clean references (timestep 0, with cfg: in both chunks)
+    give other new images than noised ones."""
     prompt = {
         **base(),
         **joint("11", references=("6", 0), new_images=2, steps=3),
         **save("11", ("11", 2)),
         **save("11t", ("11", 1)),
+        **joint("12", references=("6", 0), new_images=2, steps=3, reference_timestep="clean"),
+        **save("12", ("12", 2)),
         **encode("15", ("6", 0)),
     }
     latents = run_latents(server, prompt)
-    joint_latent, encoded = latents["11"], latents["15"]
-    assert joint_latent.shape == (4, 4, SIZE // 8, SIZE // 8)
+    encoded = latents["15"]
     scale = encoded.abs().max()
-    assert (joint_latent[:2] - encoded).abs().max() <= 1e-5 * max(1.0, float(scale))
-    assert torch.equal(joint_latent[2:], latents["11t"])
+    for joint_latent in (latents["11"], latents["12"]):
+        assert joint_latent.shape == (4, 4, SIZE // 8, SIZE // 8)
+        assert (joint_latent[:2] - encoded).abs().max() <= 1e-5 * max(1.0, float(scale))
+    assert torch.equal(latents["11"][2:], latents["11t"])
+    assert (latents["12"][2:] - latents["11"][2:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("new_images", [1, 3])

@@ -29,7 +29,7 @@ from prefpersonalize.pure.joint_attention import (
     token_attention,
     with_subject_masks,
 )
-from prefpersonalize.pure.joint_sampling import image_guided_pair, joint_batch
+from prefpersonalize.pure.joint_sampling import image_guided_pair, joint_batch, with_clean_references
 
 
 def naive_attention(q, k, v, heads, key_bias=None):
@@ -364,6 +364,22 @@ def test_joint_batch_layout():
         joint_batch(references, target_noise[:0], reference_noise)
     with pytest.raises(ValueError, match="latent size"):
         joint_batch(references, torch.randn(1, 4, 3, 4), reference_noise)
+
+
+def test_clean_references_set_each_chunks_reference_rows_only():
+    x, sigma = torch.randn(6, 4, 2, 3), torch.full((6,), 0.7)
+    references = torch.randn(2, 4, 2, 3)
+    clean_x, clean_sigma = with_clean_references(x, sigma, references, chunks=2, clean_sigma=0.0)
+    for rows in (slice(0, 2), slice(3, 5)):  # the references of the cond and of the uncond chunk
+        assert torch.equal(clean_x[rows], references) and clean_sigma[rows].eq(0).all()
+    assert torch.equal(clean_x[[2, 5]], x[[2, 5]]) and clean_sigma[[2, 5]].eq(0.7).all()
+    assert sigma.eq(0.7).all() and not torch.equal(x[:2], references)  # the inputs are not changed
+    # one sigma for the whole batch becomes one per row
+    _, per_row = with_clean_references(x, torch.tensor([0.7]), references, chunks=2, clean_sigma=0.0)
+    assert torch.equal(per_row, clean_sigma)
+    # a chunk with no room for a target: left as it is
+    kept_x, kept_sigma = with_clean_references(x[:4], sigma[:4], references, chunks=2, clean_sigma=0.0)
+    assert torch.equal(kept_x, x[:4]) and kept_sigma.eq(0.7).all()
 
 
 def test_image_guidance_formula():
