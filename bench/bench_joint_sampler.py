@@ -16,7 +16,8 @@ tokens (no T5 here), and the family's TAESD (taesd3 / taef1, random weights) as 
 both arms. Defaults per model: cfg 7 / 4 / 1 (Flux dev is guidance-distilled: guidance 3.5 in
 the conditioning, one pass per step), scheduler normal / simple / simple. The 2026 families
 (``--model flux2_klein``, ``z_image``, ``chroma``, ...) take cfg 1 and simple, with their TAESD
-(taef2 on ComfyUI 0.33, taef1; Qwen-Image has none, so it is not offered here).
+(taef2 on ComfyUI 0.33, taef1). Qwen-Image has no TAESD: its runs time the sampling alone
+(random reference latents, nothing decoded, in every arm), as ``--no-vae`` does for any model.
 
 Per device it times, after a warm-up, the median of ``--repeats`` runs of
 
@@ -62,6 +63,12 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", type=float, default=None, help="default: 7 (sd15), 4 (sd3), 1 (flux)")
     parser.add_argument("--scheduler", default=None, help="default: normal (sd15), simple (DiTs)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-vae",
+        action="store_true",
+        help="time the sampling alone: random reference latents, nothing encoded or decoded (default where the "
+        "family has no TAESD: qwen_image)",
+    )
     add_model_options(parser, families=True)
     args = parser.parse_args(argv)
     args.cfg = DEFAULT_CFG.get(args.model, 1.0) if args.cfg is None else args.cfg
@@ -70,16 +77,21 @@ def parse_args(argv=None):
 
 
 def load_model(args, comfyui: str):
-    """(MODEL, VAE, positive, negative, what they are for the report) for ``--model``."""
+    """(MODEL, VAE or None for ``--no-vae``, positive, negative, what they are for the report)
+    for ``--model``."""
     if args.model != "sd15":
         from harness.tiny_dit import taesd_name
 
-        vae_name = taesd_name(args.model)
+        try:
+            vae_name = None if args.no_vae else taesd_name(args.model)
+        except ValueError:  # the family has no TAESD
+            vae_name = None
         model, name = tiny_dit(comfyui, args.model, args.cache, args.checkpoint)
-        vae = tiny_taesd(comfyui, args.model, args.cache)
+        vae = None if vae_name is None else tiny_taesd(comfyui, args.model, args.cache)
         positive = dit_conditioning(args.model, args.tokens)
         negative = dit_conditioning(args.model, args.tokens, seed=1)
-        return model, vae, positive, negative, f"model {name} + {args.tokens} text tokens, VAE {vae_name}"
+        what = f"VAE {vae_name}" if vae else "sampling alone (no VAE)"
+        return model, vae, positive, negative, f"model {name} + {args.tokens} text tokens, {what}"
     import comfy.sd
     import nodes as comfy_nodes
 
@@ -87,34 +99,50 @@ def load_model(args, comfyui: str):
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     positive = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
-    return model, vae, positive, negative, f"checkpoint {os.path.basename(checkpoint)}"
+    what = "sampling alone (no VAE)" if args.no_vae else "its VAE"
+    return model, None if args.no_vae else vae, positive, negative, f"checkpoint {os.path.basename(checkpoint)}, {what}"
 
 
 def worker(args) -> dict:
     device = args.worker
     comfyui = load_comfyui(device)
+    import comfy.sample
     import nodes as comfy_nodes
     import torch
 
+    from prefpersonalize.comfy_glue.families import latent_downscale
+    from prefpersonalize.comfy_glue.joint import JointSamplerSettings, sample_joint
     from prefpersonalize.nodes.joint import JointSampler
 
     model, vae, positive, negative, model_name = load_model(args, comfyui)
-    channels = model.model.latent_format.latent_channels
     generator = torch.Generator().manual_seed(0)
     references = torch.rand(args.references, args.size, args.size, 3, generator=generator)
-
-    from prefpersonalize.comfy_glue.families import latent_downscale
-
     side = args.size // latent_downscale(model.model)
+    # the model's empty latent (Qwen-Image's carries a frame axis), as KSampler's is made
+    empty = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, side, side]))
 
     def ksampler(batch):
-        latent = {"samples": torch.zeros([batch, channels, side, side])}
+        latent = {"samples": torch.zeros([batch, *empty.shape[1:]])}
         samples = comfy_nodes.common_ksampler(
             model, 1, args.steps, args.cfg, "euler", args.scheduler, positive, negative, latent
-        )[0]
-        return vae.decode(samples["samples"])
+        )[0]["samples"]
+        return samples if vae is None else vae.decode(samples)
 
     def joint_sampler(image_guidance):
+        if vae is None:
+            settings = JointSamplerSettings(
+                new_images=args.images,
+                size=(args.size, args.size),
+                seed=1,
+                steps=args.steps,
+                cfg=args.cfg,
+                sampler_name="euler",
+                scheduler=args.scheduler,
+                image_guidance=image_guidance,
+            )
+            reference_latents = torch.randn(args.references, *empty.shape[1:], generator=generator)
+            encode = lambda _: reference_latents  # noqa: E731
+            return sample_joint(model, positive, negative, settings=settings, encode=encode, references=references)[0]
         return JointSampler.execute(
             model,
             positive,

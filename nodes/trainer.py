@@ -17,12 +17,31 @@ from ..trainers.jobs import export_job
 from ..trainers.loop import TRAINING_DTYPES, train_dpo_lora, training_metadata
 from ..trainers.lora_adapters import LORA_MODES
 from ..trainers.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
-from ..trainers.losses import LOSS_MODES
+from ..trainers.losses import LOSS_MODES, PREFERENCE_LOSSES
 from ..trainers.options import training_settings
 from ..trainers.progress import TrainingProgress
 from ..trainers.timesteps import TIMESTEP_SAMPLING
+from ..trainers.training_state import STATE_SUFFIX, read_state
 from .errors import check_number_inputs, node_errors
 from .types import CATEGORY, PreferencePairsType
+
+NO_STATE = "none"
+
+
+def output_loras() -> str:
+    """output/loras/, where the trainer saves its checkpoints and their states."""
+    return os.path.join(folder_paths.get_output_directory(), "loras")
+
+
+def saved_states() -> list[str]:
+    """The training states in output/loras/ (and its subfolders), newest first."""
+    folder = output_loras()
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, name) for name in files if name.endswith(STATE_SUFFIX)]
+    found.sort(key=os.path.getmtime, reverse=True)
+    return [os.path.relpath(path, folder) for path in found]
+
 
 TRAIN_COMMAND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_dpo.py")
 
@@ -148,6 +167,44 @@ OPTIONAL_TRAINING_OPTIONS = (
         tooltip="With gradient_checkpointing: 1 checkpoints the whole model, 2 each block (ResBlock, "
         "transformer), 3 and up smaller parts. Lower it if training runs out of memory.",
     ),
+    io.Combo.Input(
+        "preference_loss",
+        options=list(PREFERENCE_LOSSES),
+        default="sigmoid",
+        optional=True,
+        tooltip="sigmoid: Diffusion-DPO's -log sigmoid(margin); ipo: IPO's squared distance of the margin to 1/2, "
+        "which stops pushing once winners and losers are told apart (not for patchdpo_paper).",
+    ),
+    io.Float.Input(
+        "margin_cap",
+        default=0.0,
+        min=0.0,
+        max=100.0,
+        step=0.5,
+        optional=True,
+        tooltip="Pairs whose DPO margin is above this add no more gradient, so the loser's images are not "
+        "unlearned without end (0 = no cap; 5 is a safe start).",
+    ),
+    io.Float.Input(
+        "supervised_weight",
+        default=0.0,
+        min=0.0,
+        max=10.0,
+        step=0.05,
+        optional=True,
+        tooltip="Adds plain denoising training on the winners, weighted against the DPO term's pull on them "
+        "(0 = off; 0.25 keeps the model near the winners' images).",
+    ),
+    io.Float.Input(
+        "adaptive_beta",
+        default=0.0,
+        min=0.0,
+        max=10.0,
+        step=0.05,
+        optional=True,
+        tooltip="beta-DPO: beta grows for batches the model already tells apart more than usual and shrinks "
+        "for harder ones, within [beta/4, 4 beta] (0 = a fixed beta; 0.5 is a start).",
+    ),
 )
 
 
@@ -202,6 +259,15 @@ class DPOLoraTrainer(io.ComfyNode):
                     optional=True,
                     tooltip="Optional LoRA (e.g. from Load LoRA Model) to continue training.",
                 ),
+                io.Combo.Input(
+                    "resume_state",
+                    options=[NO_STATE, *saved_states()],
+                    default=NO_STATE,
+                    optional=True,
+                    tooltip="Continue a run exactly where it stopped: a training state save_every wrote beside its "
+                    "checkpoint in output/loras/ (its LoRA, optimizer, step and random state). The other options "
+                    "must be the run's; steps is how many more to train.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -215,12 +281,15 @@ class DPOLoraTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, pairs, save_prefix, resume_lora=None, **options) -> io.NodeOutput:
+    def execute(cls, model, pairs, save_prefix, resume_lora=None, resume_state=NO_STATE, **options) -> io.NodeOutput:
         with node_errors(cls.TITLE):
             check_number_inputs(cls, options)
             if len(pairs) == 0:
                 raise InputError("the pair set is empty; build pairs first.")
             settings = training_settings(options, model.load_device)
+            state = None
+            if resume_state != NO_STATE:
+                state = read_state(os.path.join(output_loras(), resume_state))
         config = settings.config
 
         def save(lora, step, stem):
@@ -237,7 +306,7 @@ class DPOLoraTrainer(io.ComfyNode):
         )
         try:
             with node_errors(cls.TITLE):
-                result = train_dpo_lora(model, pairs, config, resume=resume_lora, progress=progress)
+                result = train_dpo_lora(model, pairs, config, resume=resume_lora, state=state, progress=progress)
         except comfy.model_management.InterruptProcessingException:
             progress.save_last_good_lora()
             raise

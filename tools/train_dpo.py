@@ -67,6 +67,9 @@ def job_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="file name of the LoRA")
     parser.add_argument("--layout", choices=layouts)
     parser.add_argument("--resume-lora", help="a LoRA file to continue (kohya, diffusers or ComfyUI layout)")
+    parser.add_argument(
+        "--resume-state", help="a training state (<checkpoint>.state.safetensors) to continue exactly where it stopped"
+    )
     options = parser.add_argument_group("training options (the DPO LoRA Trainer's inputs)")
     for name, default in pack_module("trainers.options").OPTIONS.items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
@@ -93,6 +96,8 @@ def job_from_args(argv: list[str]):
         job.output_dir = os.path.abspath(args.output)
     if args.resume_lora:
         job.resume_lora = os.path.abspath(args.resume_lora)
+    if args.resume_state:
+        job.resume_state = os.path.abspath(args.resume_state)
     job.name, job.layout = args.name or job.name, args.layout or job.layout
     given = {name: value for name, value in vars(args).items() if name in options.OPTIONS and value is not None}
     job.options = options.check_options({**job.options, **given})

@@ -29,6 +29,7 @@ from .loop import DataParallel, train_dpo_lora, training_metadata
 from .lora_files import LoraWithMetadata, base_family, save_lora
 from .options import training_settings
 from .progress import TrainingProgress
+from .training_state import read_state, state_path, write_state
 
 CHECKPOINT_LINE = "saved LoRA checkpoint: "  # tools/train_dpo.py reports the last one if a process fails
 LOG_EVERY = 10
@@ -93,6 +94,7 @@ def run_job(job: TrainingJob, accelerator) -> dict[str, str]:
     settings = training_settings(job.options, model.load_device)
     config = settings.config
     resume = comfy.utils.load_torch_file(job.resume_lora) if job.resume_lora else None
+    state = read_state(job.resume_state) if job.resume_state else None
 
     def save(lora, step, stem):
         tensors = LoraWithMetadata(
@@ -115,13 +117,16 @@ def run_job(job: TrainingJob, accelerator) -> dict[str, str]:
         checkpoint_last=False,
         log_every=LOG_EVERY,
     )
-    result = train_dpo_lora(model, pairs, config, resume=resume, progress=progress if main else None, parallel=parallel)
+    result = train_dpo_lora(
+        model, pairs, config, resume=resume, state=state, progress=progress if main else None, parallel=parallel
+    )
     written = {}
     if main:
         written["lora"] = save(result.lora, result.steps_done, job.name)
+        written["state"] = write_state(result.state, state_path(written["lora"]))
         plot = Image.fromarray((training_plot(result.history).numpy() * 255).astype("uint8"))
         plot_path = os.path.join(job.output_dir, f"{unused_stem(job.output_dir, job.name + '_plot', '.png')}.png")
         written["plot"] = write_atomically(plot_path, lambda temporary: plot.save(temporary, format="PNG"))
-        print(f"saved LoRA: {written['lora']}\nsaved plot: {written['plot']}", flush=True)
+        print("\n".join(f"saved {what}: {path}" for what, path in written.items()), flush=True)
     accelerator.wait_for_everyone()
     return written

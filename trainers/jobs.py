@@ -32,6 +32,7 @@ class TrainingJob:
     name: str = "dpo_lora"
     layout: str = "kohya"
     resume_lora: str | None = None
+    resume_state: str | None = None  # a training state (training_state.py) to continue
 
     def to_json(self, relative_to: str) -> dict:
         """The job file's content, with paths relative to ``relative_to`` (the job's folder)
@@ -52,6 +53,7 @@ class TrainingJob:
             "options": self.options,
             "output": {"directory": rel(self.output_dir), "name": self.name, "layout": self.layout},
             "resume_lora": rel(self.resume_lora) if self.resume_lora else None,
+            "resume_state": rel(self.resume_state) if self.resume_state else None,
         }
 
 
@@ -85,6 +87,7 @@ def job_from_json(content: dict, folder: str) -> TrainingJob:
         name=sanitize_file_stem(output.get("name", "dpo_lora")) or "dpo_lora",
         layout=layout,
         resume_lora=path(content["resume_lora"]) if content.get("resume_lora") else None,
+        resume_state=path(content["resume_state"]) if content.get("resume_state") else None,
     )
 
 

@@ -24,10 +24,18 @@ from ..pure.focus import blend_focus
 from ..pure.pairs import PreferencePairs
 from .lora_adapters import LoraOnModel, attach_lora
 from .lora_files import read_lora_layers
-from .losses import channel_stats_loss, dpo_loss, outside_preservation_loss, patchdpo_paper_loss
+from .losses import (
+    PreferenceLoss,
+    PreferenceObjective,
+    channel_stats_loss,
+    dpo_loss,
+    outside_preservation_loss,
+    patchdpo_paper_loss,
+)
 from .pair_batches import MicroBatch, PairBatcher, default_beta
 from .progress import TrainingProgress
 from .timesteps import curriculum_pool, sample_percents
+from .training_state import TrainingState, check_resumable, config_values, model_fingerprint
 
 TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
@@ -61,6 +69,20 @@ class DPOTrainingConfig:
     stats_weight: float = 0.1  # hg_dpo colour-statistics term
     focus_gate: tuple[float, float, float] = (0.3, 0.7, 1.0)  # gate_start, gate_end, complexity weight
     preserve_outside: float = 0.0  # patch_dpo / focus_dpo: anchor low-weight cells to the reference
+    # How the DPO logit becomes the loss (losses.PreferenceObjective; not patchdpo_paper):
+    preference_loss: str = "sigmoid"  # or "ipo"
+    margin_cap: float = 0.0  # 0 = none
+    supervised_weight: float = 0.0  # the winners' supervised term
+    adaptive_beta: float = 0.0  # beta-DPO's alpha; 0 = a fixed beta
+
+    @property
+    def objective(self) -> PreferenceObjective:
+        return PreferenceObjective(
+            loss=self.preference_loss,
+            margin_cap=self.margin_cap,
+            supervised_weight=self.supervised_weight,
+            adaptive_beta=self.adaptive_beta,
+        )
 
 
 @dataclass
@@ -83,7 +105,8 @@ class DPOTrainingResult:
     lora: LoraOnModel
     model: object = None  # the input MODEL's clone with the trained LoRA on, for sampling
     history: dict[str, list[float]] = field(default_factory=dict)
-    steps_done: int = 0
+    steps_done: int = 0  # over every run that led here (a resumed run counts its state's steps)
+    state: TrainingState | None = None  # the run's resumable state at its end
 
 
 class NonFiniteLoss(InputError):
@@ -125,10 +148,17 @@ class DPOTrainer:
         config: DPOTrainingConfig,
         *,
         resume: dict[str, torch.Tensor] | None = None,
+        state: TrainingState | None = None,
         parallel: DataParallel | None = None,
     ):
         self.pairs = pairs
         self.config = config
+        self.fingerprint = model_fingerprint(model_patcher)
+        if state is not None:
+            if resume is not None:
+                raise InputError("give a resume LoRA or a training state, not both: the state holds its LoRA")
+            check_resumable(state, config_values(config), self.fingerprint)
+            resume = state.lora
         self.beta = run_beta(config, model_patcher)
         if not config.beta:
             logging.info("DPO beta: %g, the default for this model's prediction space.", self.beta)
@@ -152,11 +182,50 @@ class DPOTrainer:
         trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.preference = PreferenceLoss(config.objective)
+        self.steps_before = 0  # steps of the runs this one continues
+        if state is not None:
+            self.restore(state)
         self.autocast = torch.autocast(
             device_type=self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
         )
         self.history: dict[str, list[float]] = {name: [] for name in METRICS}
         self.steps_done = 0
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {key: p for key, p in self.lora.parameters.items() if p.requires_grad}
+
+    def restore(self, state: TrainingState) -> None:
+        """Continue ``state``: AdamW's moments, the generator, beta-DPO's mean, the step count."""
+        for key, parameter in self.trainable().items():
+            moments = state.optimizer.get(key)
+            if moments is not None:
+                self.optimizer.state[parameter] = {
+                    name: value.to(parameter.device) if name != "step" else value.clone()
+                    for name, value in moments.items()
+                }
+        self.generator.set_state(state.generator)
+        if self.preference.adaptive is not None:
+            self.preference.adaptive.running_mean = state.adaptive_mean
+        self.steps_before = state.steps_done
+
+    def training_state(self) -> TrainingState:
+        """The state after the steps done so far (``restore`` continues it)."""
+        optimizer = {
+            key: {name: value.detach().to("cpu", copy=True) for name, value in self.optimizer.state[p].items()}
+            for key, p in self.trainable().items()
+            if p in self.optimizer.state
+        }
+        adaptive = self.preference.adaptive
+        return TrainingState(
+            lora=self.lora.state_dict(),
+            optimizer=optimizer,
+            steps_done=self.steps_before + self.steps_done,
+            generator=self.generator.get_state(),
+            adaptive_mean=adaptive.running_mean if adaptive is not None else None,
+            options=config_values(self.config),
+            model=self.fingerprint,
+        )
 
     def _warn_about_references(self, joint: bool) -> None:
         references = self.pairs.references
@@ -177,6 +246,8 @@ class DPOTrainer:
         checkpoints, the node's progress bar, which raises on Cancel)."""
         config = self.config
         stages = self.pairs.difficulty_indices()
+        if progress is not None:
+            progress.start(self.steps_before)
         try:
             for step in range(config.steps):
                 pool = curriculum_pool(stages, len(self.pairs), config.loss_mode == "hg_dpo", step, config.steps)
@@ -193,11 +264,16 @@ class DPOTrainer:
                 for name in METRICS:
                     self.history[name].append(totals[name])
                 if progress is not None:
-                    progress.after_step(self.steps_done, totals, self.lora)
+                    progress.after_step(self.steps_done, totals, self.lora, self.training_state)
+            state = self.training_state()  # before release clears the optimizer
         finally:
             self.release()
         return DPOTrainingResult(
-            lora=self.lora, model=self.lora.inference_patcher(), history=self.history, steps_done=self.steps_done
+            lora=self.lora,
+            model=self.lora.inference_patcher(),
+            history=self.history,
+            steps_done=self.steps_before + self.steps_done,
+            state=state,
         )
 
     def step(self, pool: list[int], step: int) -> dict[str, float]:
@@ -300,7 +376,14 @@ class DPOTrainer:
             )
             weights_w = weights_l = focus + FOCUS_FLOOR
         terms = dpo_loss(
-            model_w, model_l, reference_errors[:batch], reference_errors[batch:], self.beta, weights_w, weights_l
+            model_w,
+            model_l,
+            reference_errors[:batch],
+            reference_errors[batch:],
+            self.beta,
+            weights_w,
+            weights_l,
+            preference=self.preference,
         )
         loss = terms.loss
         if weights_w is not None and config.preserve_outside > 0:
@@ -327,15 +410,17 @@ def train_dpo_lora(
     config: DPOTrainingConfig,
     *,
     resume: dict[str, torch.Tensor] | None = None,
+    state: TrainingState | None = None,
     progress: TrainingProgress | None = None,
     parallel: DataParallel | None = None,
 ) -> DPOTrainingResult:
     """Train a LoRA on ``model_patcher`` (never modified) from ``pairs`` (see ``DPOTrainer.run``),
-    continuing ``resume`` (a LoRA file's tensors) if given, reporting to ``progress``; ``parallel``:
-    this process's part of a data-parallel run (headless trainer).
+    continuing ``resume`` (a LoRA file's tensors) or ``state`` (a whole run's) if given, reporting
+    to ``progress``; ``parallel``: this process's part of a data-parallel run (headless trainer).
 
     Raises:
-        InputError: pairs of another latent family, an unusable resume LoRA or rank.
+        InputError: pairs of another latent family, an unusable resume LoRA or rank, a state of
+            other settings or another model.
         NonFiniteLoss: a NaN/inf loss, before the bad update is applied.
     """
     pairs.validate()
@@ -351,7 +436,7 @@ def train_dpo_lora(
     check_text_width(pairs, model_patcher.model)
     # ComfyUI runs nodes under inference mode; adapters, inputs and the graph must be normal tensors.
     with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
-        return DPOTrainer(model_patcher, pairs, config, resume=resume, parallel=parallel).run(progress)
+        return DPOTrainer(model_patcher, pairs, config, resume=resume, state=state, parallel=parallel).run(progress)
 
 
 def check_text_width(pairs: PreferencePairs, model) -> None:
@@ -415,6 +500,7 @@ def training_metadata(
         "ss_learning_rate": f"{config.learning_rate:g}",
         "ss_seed": str(config.seed),
         "prefp_loss_mode": config.loss_mode,
+        "prefp_preference_loss": config.preference_loss,
         "prefp_beta": f"{run_beta(config, model_patcher):g}",
         "prefp_pair_count": str(len(pairs)),
         "prefp_batch_size": str(config.batch_size * config.grad_accumulation),

@@ -16,6 +16,15 @@ import torch
 import torch.nn.functional as F
 
 LOSS_MODES = ("dpo", "patch_dpo", "patchdpo_paper", "focus_dpo", "hg_dpo")
+# How the DPO logit z becomes a loss: Diffusion-DPO's -log sigmoid(z), or IPO's (z - 1/2)^2.
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
+IPO_TARGET = 0.5
+# beta-DPO: the batch's beta stays within [beta / 4, 4 beta]; its running mean's momentum.
+ADAPTIVE_BETA_RANGE = (0.25, 4.0)
+ADAPTIVE_BETA_MOMENTUM = 0.9
+# The supervised term is scaled like the DPO logit (0.5 * beta * error), so its weight means the
+# same at every beta.
+SUPERVISED_SCALE_PER_BETA = 0.5
 
 
 def weighted_mean(errors: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,6 +56,70 @@ class DPOTerms:
     accuracy: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """How the DPO logit ``z = -0.5 * beta * ((l_w - l_l) - (r_w - r_l))`` becomes the loss.
+
+    Attributes:
+        loss: ``"sigmoid"`` (Diffusion-DPO, ``-log sigmoid(z)``) or ``"ipo"`` (``(z - 1/2)^2``).
+        margin_cap: z is clamped to at most this before the loss (no gradient beyond it), so
+            pairs already told apart stop pushing the loser's error up; 0 = no cap.
+        supervised_weight: s of the supervised term on the winners, ``0.5 * beta * s * l_w``.
+        adaptive_beta: alpha of beta-DPO (``AdaptiveBeta``); 0 = a fixed beta.
+    """
+
+    loss: str = "sigmoid"
+    margin_cap: float = 0.0
+    supervised_weight: float = 0.0
+    adaptive_beta: float = 0.0
+
+    def per_sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B]`` logits z -> ``[B]`` losses."""
+        if self.margin_cap > 0:
+            logits = logits.clamp(max=self.margin_cap)
+        if self.loss == "ipo":
+            return (logits - IPO_TARGET) ** 2
+        return -F.logsigmoid(logits)
+
+
+class AdaptiveBeta:
+    """beta-DPO's batch-level beta: ``beta_batch = beta * (1 + alpha * (mean(z) - M))``, with z
+    the batch's logits at the base beta and M their running mean (momentum 0.9, starting at the
+    first batch's mean), clamped to ``[beta / 4, 4 beta]``. Batches whose pairs the model already
+    tells apart more than usual get a larger beta, harder ones a smaller one.
+
+    Args:
+        strength: alpha (> 0).
+    """
+
+    def __init__(self, strength: float):
+        self.strength = strength
+        self.running_mean: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B]`` logits at the base beta -> the factor on beta (a 0-d tensor); updates M."""
+        mean = logits.detach().mean()
+        if self.running_mean is None:
+            self.running_mean = float(mean)
+        self.running_mean = ADAPTIVE_BETA_MOMENTUM * self.running_mean + (1 - ADAPTIVE_BETA_MOMENTUM) * float(mean)
+        return (1 + self.strength * (mean - self.running_mean)).clamp(*ADAPTIVE_BETA_RANGE)
+
+    def state_dict(self) -> dict:
+        return {"running_mean": self.running_mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running_mean = state["running_mean"]
+
+
+class PreferenceLoss:
+    """One run's loss of the DPO logits: its ``objective`` and, where ``adaptive_beta`` is on,
+    beta-DPO's running state (``adaptive``)."""
+
+    def __init__(self, objective: PreferenceObjective = PreferenceObjective()):
+        self.objective = objective
+        self.adaptive = AdaptiveBeta(objective.adaptive_beta) if objective.adaptive_beta > 0 else None
+
+
 def dpo_loss(
     model_winner: torch.Tensor,
     model_loser: torch.Tensor,
@@ -55,6 +128,8 @@ def dpo_loss(
     beta: float,
     winner_weights: torch.Tensor | None = None,
     loser_weights: torch.Tensor | None = None,
+    *,
+    preference: PreferenceLoss | None = None,
 ) -> DPOTerms:
     """Diffusion-DPO on per-element squared errors, optionally patch-weighted.
 
@@ -63,12 +138,20 @@ def dpo_loss(
         reference_winner, reference_loser: ``[B, C, h, w]`` reference errors (no graph needed).
         beta: DPO temperature (5000 for SD1.5/SDXL eps models with the 0.5 kept, as here).
         winner_weights, loser_weights: optional ``[B, h, w]`` maps (``patch_dpo``/``focus_dpo``).
+        preference: the loss of the logits and the terms added to it (default: Diffusion-DPO's).
     """
+    preference = preference or PreferenceLoss()
+    objective = preference.objective
     l_w, l_l = weighted_mean(model_winner, winner_weights), weighted_mean(model_loser, loser_weights)
     r_w, r_l = weighted_mean(reference_winner, winner_weights), weighted_mean(reference_loser, loser_weights)
     inside = -0.5 * beta * ((l_w - l_l) - (r_w - r_l).detach())
+    if preference.adaptive is not None:
+        inside = inside * preference.adaptive(inside)
+    loss = objective.per_sample(inside).mean()
+    if objective.supervised_weight > 0:
+        loss = loss + SUPERVISED_SCALE_PER_BETA * beta * objective.supervised_weight * l_w.mean()
     return DPOTerms(
-        loss=-F.logsigmoid(inside).mean(),
+        loss=loss,
         model_winner=l_w.mean().detach(),
         model_loser=l_l.mean().detach(),
         reference_winner=r_w.mean().detach(),

@@ -14,7 +14,7 @@ import torch
 from ..pure.errors import InputError
 from .loop import TRAINING_DTYPES, DPOTrainingConfig, resolve_dtype
 from .lora_adapters import LORA_MODES
-from .losses import LOSS_MODES
+from .losses import LOSS_MODES, PREFERENCE_LOSSES
 from .timesteps import TIMESTEP_SAMPLING
 
 # DPOTrainingConfig's fields that are no option: training_dtype chooses dtype; the focus gate is
@@ -25,6 +25,7 @@ CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DPOTrainingConf
 OPTIONS = {**CONFIG_DEFAULTS, "training_dtype": "auto", "save_every": 0}
 CHOICES = {
     "loss_mode": LOSS_MODES,
+    "preference_loss": PREFERENCE_LOSSES,
     "timestep_sampling": TIMESTEP_SAMPLING,
     "training_dtype": tuple(TRAINING_DTYPES),
     "lora_mode": LORA_MODES,

@@ -142,6 +142,24 @@ def test_learns_a_synthetic_preference(denoiser):
         assert trained_x0 > base_x0 + 0.02, (sigma, base_x0, trained_x0)
 
 
+@pytest.mark.slow
+@pytest.mark.oldest_comfyui
+@pytest.mark.parametrize(
+    "objective",
+    [dict(preference_loss="ipo"), dict(adaptive_beta=0.5), dict(supervised_weight=0.25), dict(margin_cap=5.0)],
+    ids=["ipo", "adaptive_beta", "supervised", "margin_cap"],
+)
+def test_each_preference_objective_learns(denoiser, objective):
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.trainers.loop import train_dpo_lora
+
+    model, conditioning = denoiser
+    train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
+    result = train_dpo_lora(model, train, config(**LEARNING, **objective))
+    after = implicit_accuracy(result.lora, held_out)
+    assert after >= 0.9, (after, result.history["accuracy"][-5:], result.history["margin"][-5:])
+
+
 def held_out_x0(patcher, conditioning, losers, sigma):
     """One-step x0 predictions (unscaled) of ``losers`` noised to ``sigma`` with a fixed noise."""
     noise = torch.randn(losers.shape, generator=torch.Generator().manual_seed(3))
@@ -312,6 +330,51 @@ def test_deterministic_and_input_model_untouched(tiny):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
     torch.testing.assert_close(base_prediction(model, x, sigma, conditioning), before, rtol=0, atol=0)
     assert not model.weight_wrapper_patches
+
+
+def test_two_runs_the_second_resuming_train_the_lora_of_one_run(tiny, tmp_path):
+    """4 steps at once, and 2 + 2 through the state file save_every writes beside the checkpoint
+    (Adam's moments, the generator, beta-DPO's running mean): the same LoRA to rounding."""
+    import comfy.sd
+
+    from prefpersonalize.pure.errors import InputError
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.lora_files import LoraWithMetadata, save_lora
+    from prefpersonalize.trainers.progress import TrainingProgress
+    from prefpersonalize.trainers.training_state import read_state, state_path
+
+    model, conditioning = tiny
+    pairs = synthetic_pairs(conditioning, 4, seed=8)
+    settings = dict(loss_mode="patch_dpo", learning_rate=2e-3, adaptive_beta=0.5)
+    whole = train_dpo_lora(model, pairs, config(steps=4, **settings)).lora.state_dict()
+
+    def save(lora, step, stem):
+        path = str(tmp_path / f"{stem}.safetensors")
+        return save_lora(LoraWithMetadata(lora.state_dict(), {}), path, model, "comfyui")
+
+    progress = TrainingProgress(2, save=save, save_every=2)
+    first = train_dpo_lora(model, pairs, config(steps=2, **settings), progress=progress)
+    state = read_state(state_path(str(tmp_path / "dpo_lora_step00002.safetensors")))
+    assert state.steps_done == 2 and state.optimizer and state.adaptive_mean is not None
+    resumed = train_dpo_lora(model, pairs, config(steps=2, **settings), state=state)
+    assert resumed.steps_done == 4
+    halves = resumed.lora.state_dict()
+    assert halves.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(halves[key], whole[key], rtol=1e-5, atol=1e-7)
+    # without the optimizer's moments (the LoRA alone) the continuation differs: the state matters
+    from_lora = train_dpo_lora(model, pairs, config(steps=2, **settings), resume=first.lora.state_dict())
+    assert any(not torch.allclose(from_lora.lora.state_dict()[key], whole[key]) for key in whole)
+
+    with pytest.raises(InputError, match=r"other options \(learning_rate 0.002 -> 0.001\)"):
+        train_dpo_lora(model, pairs, config(steps=2, **{**settings, "learning_rate": 1e-3}), state=state)
+    other_model = comfy.sd.load_lora_for_models(model, None, first.lora.state_dict(), 0.5, 0)[0]
+    with pytest.raises(InputError, match="another model"):
+        train_dpo_lora(other_model, pairs, config(steps=2, **settings), state=state)
+    broken = tmp_path / "broken.state.safetensors"
+    broken.write_bytes(b"not a state")
+    with pytest.raises(InputError, match="not a readable training state"):
+        read_state(str(broken))
 
 
 def test_saved_lora_loads_like_the_trained_model(tiny):

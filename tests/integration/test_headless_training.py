@@ -74,7 +74,7 @@ def test_two_processes_train_the_lora_one_process_trains(tiny, tmp_path):
     two_code, two = train(job, "--output", str(tmp_path / "two"), processes=2)
     assert one_code == 0 and two_code == 0, one + two
     assert "process 1 of 2" in two and "process 1 of 2" not in one
-    assert sorted(os.listdir(tmp_path / "two")) == ["job.safetensors", "job_plot.png"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["job.safetensors", "job.state.safetensors", "job_plot.png"]
     assert len(logged_losses(one)) == 2 and logged_losses(one) == pytest.approx(logged_losses(two), rel=1e-3)
 
     first = safetensors.torch.load_file(tmp_path / "one" / "job.safetensors")
@@ -91,6 +91,15 @@ def test_two_processes_train_the_lora_one_process_trains(tiny, tmp_path):
     with safetensors.safe_open(tmp_path / "two" / "job.safetensors", "pt") as file:
         header = file.metadata()
     assert header["prefp_processes"] == "2" and header["ss_steps"] == "2" and header["prefp_pair_count"] == "4"
+
+    # the state written beside the LoRA continues the run (the node reads the same file)
+    state = str(tmp_path / "one" / "job.state.safetensors")
+    code, resumed = train(job, "--output", str(tmp_path / "three"), "--resume-state", state)
+    assert code == 0 and "step 3/4" in resumed and "step 4/4" in resumed, resumed
+    with safetensors.safe_open(tmp_path / "three" / "job.safetensors", "pt") as file:
+        assert file.metadata()["ss_steps"] == "4"
+    code, refused = train(job, "--output", str(tmp_path / "four"), "--resume-state", state, "--rank", "8")
+    assert code != 0 and "other options (rank 4 -> 8)" in refused, refused
 
 
 def test_a_killed_worker_stops_the_run_and_the_last_lora_stays_whole(tiny, tmp_path):

@@ -8,6 +8,9 @@ import torch
 
 from prefpersonalize.pure.focus import blend_focus
 from prefpersonalize.trainers.losses import (
+    AdaptiveBeta,
+    PreferenceLoss,
+    PreferenceObjective,
     channel_stats_loss,
     dpo_loss,
     outside_preservation_loss,
@@ -78,6 +81,71 @@ def test_dpo_hand_numbers_and_diagnostics():
     terms = dpo_loss(ones, 2 * ones, 1.5 * ones, 1.5 * ones, beta=2.0)
     assert terms.loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
     assert terms.margin.item() == pytest.approx(1.0) and terms.accuracy.item() == 1.0
+
+
+def hand_logits(mw, ml, rw, rl, beta):
+    lw, ll, qw, ql = hand_mean(mw), hand_mean(ml), hand_mean(rw), hand_mean(rl)
+    return [-0.5 * beta * ((lw[b] - ll[b]) - (qw[b] - ql[b])) for b in range(len(lw))]
+
+
+def test_ipo_value_and_gradients():
+    mw, ml = errors(20).requires_grad_(), errors(21).requires_grad_()
+    rw, rl = errors(22), errors(23)
+    ipo = PreferenceLoss(PreferenceObjective(loss="ipo"))
+
+    def hand(a, b, c, d):
+        return sum((z - 0.5) ** 2 for z in hand_logits(a, b, c, d, 3.0)) / a.shape[0]
+
+    compare_with_hand(lambda a, b, c, d: dpo_loss(a, b, c, d, 3.0, preference=ipo).loss, hand, (mw, ml, rw, rl))
+    # by hand: L_w = 1, L_l = 2, R_w = R_l = 1.5, beta 2 -> z = 1, loss (1 - 1/2)^2
+    ones = torch.ones(1, 1, 1, 1)
+    assert dpo_loss(ones, 2 * ones, 1.5 * ones, 1.5 * ones, 2.0, preference=ipo).loss.item() == pytest.approx(0.25)
+
+
+def test_margin_cap_clamps_the_logit_and_stops_its_gradient():
+    ones = torch.ones(1, 1, 1, 1)
+    loser = (2 * ones).requires_grad_()
+    cap = PreferenceLoss(PreferenceObjective(margin_cap=2.0))
+    capped = dpo_loss(ones, loser, 1.5 * ones, 1.5 * ones, 6.0, preference=cap)
+    # z = -0.5 * 6 * (1 - 2) = 3 > 2: the loss is that of z = 2, with no pull on the loser
+    assert capped.loss.item() == pytest.approx(math.log(1 + math.exp(-2)))
+    assert capped.margin.item() == pytest.approx(3.0)  # the diagnostics report the real margin
+    (gradient,) = torch.autograd.grad(capped.loss, loser)
+    assert gradient.abs().max() == 0
+    below = dpo_loss(ones, loser, 1.5 * ones, 1.5 * ones, 2.0, preference=cap)
+    assert below.loss.item() == pytest.approx(math.log(1 + math.exp(-1)))  # z = 1 < cap: unchanged
+
+
+def test_supervised_term_on_the_winners():
+    mw, ml = errors(24).requires_grad_(), errors(25).requires_grad_()
+    rw, rl = errors(26), errors(27)
+    preference = PreferenceLoss(PreferenceObjective(supervised_weight=0.25))
+
+    def hand(a, b, c, d):
+        winners = hand_mean(a)
+        return hand_dpo(a, b, c, d, 4.0) + 0.5 * 4.0 * 0.25 * sum(winners) / len(winners)
+
+    compare_with_hand(lambda a, b, c, d: dpo_loss(a, b, c, d, 4.0, preference=preference).loss, hand, (mw, ml, rw, rl))
+
+
+def test_adaptive_beta_follows_the_margin_against_its_running_mean():
+    preference = PreferenceLoss(PreferenceObjective(adaptive_beta=0.5))
+    adaptive = preference.adaptive
+    ones = torch.ones(1, 1, 1, 1)
+    # first batch: z = 1 (L_w 1, L_l 2, beta 2); the running mean starts there, so beta is unchanged
+    first = dpo_loss(ones, 2 * ones, 1.5 * ones, 1.5 * ones, 2.0, preference=preference)
+    assert first.margin.item() == pytest.approx(1.0) and adaptive.running_mean == pytest.approx(1.0)
+    # second batch: z = 5 at beta 2; M = 0.9 * 1 + 0.1 * 5 = 1.4; factor 1 + 0.5 * (5 - 1.4) = 2.8
+    second = dpo_loss(ones, 6 * ones, 1.5 * ones, 1.5 * ones, 2.0, preference=preference)
+    assert adaptive.running_mean == pytest.approx(1.4)
+    assert second.margin.item() == pytest.approx(5 * 2.8)
+    assert second.loss.item() == pytest.approx(math.log(1 + math.exp(-14.0)))
+    # clamped to 4x: z = 41 against M = 0.9 * 1.4 + 0.1 * 41 = 5.36 -> 1 + 0.5 * 35.64 > 4
+    third = dpo_loss(ones, 42 * ones, 1.5 * ones, 1.5 * ones, 2.0, preference=preference)
+    assert third.margin.item() == pytest.approx(41 * 4.0)
+    restored = AdaptiveBeta(strength=0.5)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.running_mean == adaptive.running_mean
 
 
 def test_patch_dpo_mode_value_and_gradients_and_ones_equal_dpo():
