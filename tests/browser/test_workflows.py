@@ -18,6 +18,9 @@ pytestmark = [pytest.mark.server, pytest.mark.browser]
 def frontend(comfy_server):
     with Frontend(comfy_server.url) as page:
         yield page
+    # The workflows load the families' text encoders (Qwen3-4B: 4 GB); the session's server
+    # outlives this module beside memory-heavy in-process tests (full-size SDXL).
+    comfy_server.free_memory()
 
 
 def test_there_are_workflows():

@@ -19,6 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from harness import release_memory
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.pairs import uniform_pairs
 from harness.tiny_checkpoint import FULL_SIZE_KINDS, checkpoint_path, ensure_checkpoint, full_size_file_bytes
@@ -82,11 +83,14 @@ def full_size(request, comfy_modules):
 
     make_room_for(request.param)
     comfy.model_management.unload_all_models()
-    loaded = {"sd15": load_sd15, "sdxl": load_sdxl}[request.param]()
+    # A list, emptied below: pytest keeps the yielded value until after this teardown, which would
+    # keep the model's memory from release_memory.
+    loaded = list({"sd15": load_sd15, "sdxl": load_sdxl}[request.param]())
     yield loaded
-    del loaded
+    loaded.clear()
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
+    release_memory()
 
 
 def random_pairs(conditioning, px, count=1, seed=0):
