@@ -23,7 +23,8 @@ Per device it times, after a warm-up, the median of ``--repeats`` runs of
 
 - KSampler(N):       an empty latent (N; 16 channels on DiTs) -> KSampler -> VAE Decode (the baseline);
 - KSampler(R+N):     the same with R more images: the cost of the reference slots alone;
-- Joint Sampler:     R references + N new images, image guidance 1 (default) and 2;
+- Joint Sampler:     R references + N new images, image guidance 1 (default) and 2, and with
+                     clean references (``reference_timestep`` clean);
 
 and the peak memory each run adds over what was resident before it (CPU: peak RSS, reset with
 /proc/self/clear_refs after malloc_trim; CUDA: torch.cuda.max_memory_allocated). Ratios are
@@ -128,7 +129,7 @@ def worker(args) -> dict:
         )[0]["samples"]
         return samples if vae is None else vae.decode(samples)
 
-    def joint_sampler(image_guidance):
+    def joint_sampler(image_guidance, reference_timestep="noised"):
         if vae is None:
             settings = JointSamplerSettings(
                 new_images=args.images,
@@ -139,6 +140,7 @@ def worker(args) -> dict:
                 sampler_name="euler",
                 scheduler=args.scheduler,
                 image_guidance=image_guidance,
+                reference_timestep=reference_timestep,
             )
             reference_latents = torch.randn(args.references, *empty.shape[1:], generator=generator)
             encode = lambda _: reference_latents  # noqa: E731
@@ -159,6 +161,7 @@ def worker(args) -> dict:
             image_guidance,
             1.0,
             references,
+            reference_timestep=reference_timestep,
         ).result[0]
 
     cases = {
@@ -166,6 +169,7 @@ def worker(args) -> dict:
         "KSampler(R+N)": lambda: ksampler(args.images + args.references),
         "Joint Sampler": lambda: joint_sampler(1.0),
         "Joint Sampler, image_guidance 2": lambda: joint_sampler(2.0),
+        "Joint Sampler, clean references": lambda: joint_sampler(1.0, "clean"),
     }
     times = {name: [] for name in cases}
     memory = {name: [] for name in cases}
