@@ -7,6 +7,7 @@ import os
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.v0_0_2 import io, ui
 from PIL import Image
 
@@ -19,6 +20,7 @@ from ..trainers.lora_adapters import LORA_MODES
 from ..trainers.lora_files import LORA_LAYOUTS, LoraWithMetadata, save_lora_to_output
 from ..trainers.losses import LOSS_MODES, PREFERENCE_LOSSES
 from ..trainers.options import training_settings
+from ..trainers.previews import PreviewSettings, TrainingPreviews
 from ..trainers.progress import TrainingProgress
 from ..trainers.timesteps import TIMESTEP_SAMPLING
 from ..trainers.training_state import STATE_SUFFIX, read_state
@@ -26,6 +28,39 @@ from .errors import check_number_inputs, node_errors
 from .types import CATEGORY, PreferencePairsType
 
 NO_STATE = "none"
+# The trainer node's own inputs for previews while it trains (the headless runner has none).
+PREVIEW_INPUTS = (
+    io.Int.Input(
+        "preview_every",
+        default=0,
+        min=0,
+        max=100000,
+        optional=True,
+        tooltip="Every N steps, sample a few images with the LoRA as it is and show them on the node (0 = none, "
+        "costs nothing).",
+    ),
+    io.Int.Input(
+        "preview_images",
+        default=2,
+        min=1,
+        max=8,
+        optional=True,
+        tooltip="Images per preview: the pairs' prompts in turn, each at a fixed seed, so previews compare.",
+    ),
+    io.Int.Input(
+        "preview_steps",
+        default=8,
+        min=1,
+        max=100,
+        optional=True,
+        tooltip="Sampling steps of each preview image (euler, cfg 1).",
+    ),
+    io.Vae.Input(
+        "vae",
+        optional=True,
+        tooltip="Decodes the previews; without it they are ComfyUI's quick latent previews at latent size.",
+    ),
+)
 
 
 def output_loras() -> str:
@@ -112,7 +147,8 @@ TRAINING_OPTIONS = (
         "training_dtype",
         options=list(TRAINING_DTYPES),
         default="auto",
-        tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU.",
+        tooltip="Compute dtype: auto = bf16 on a GPU that has it, fp32 on CPU; model = the model's own dtype "
+        "(fp16 models train with a gradient scaler, as core's 'none').",
     ),
     io.Boolean.Input(
         "gradient_checkpointing",
@@ -209,20 +245,24 @@ OPTIONAL_TRAINING_OPTIONS = (
 
 
 class ProgressBarView:
-    """The trainer node's ``show`` for ``TrainingProgress``: ComfyUI's progress bar with a plot
-    preview every tenth of the run; stops the run (raises) when the user presses Cancel."""
+    """The trainer node's ``show`` for ``TrainingProgress``: ComfyUI's progress bar with the
+    latest ``previews`` where they are due, else a plot preview every tenth of the run; stops the
+    run (raises) when the user presses Cancel."""
 
     PREVIEWS = 10
 
-    def __init__(self, steps: int):
-        self.steps, self.bar = steps, comfy.utils.ProgressBar(steps)
+    def __init__(self, steps: int, previews: TrainingPreviews | None = None):
+        self.steps, self.bar, self.previews = steps, comfy.utils.ProgressBar(steps), previews
 
-    def __call__(self, step: int, history: dict[str, list[float]]) -> None:
+    def __call__(self, step: int, history: dict[str, list[float]], lora) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        preview = None
-        if step % max(1, self.steps // self.PREVIEWS) == 0 or step == self.steps:
-            plot = training_plot(history)
-            preview = ("JPEG", Image.fromarray((plot.numpy() * 255).astype("uint8")), 512)
+        image = None
+        if self.previews is not None and self.previews.due(step):
+            self.previews.take(lora.patcher, step)
+            image = self.previews.strip()
+        elif step % max(1, self.steps // self.PREVIEWS) == 0 or step == self.steps:
+            image = training_plot(history)
+        preview = None if image is None else ("JPEG", Image.fromarray((image.numpy() * 255).astype("uint8")), 512)
         self.bar.update_absolute(step, self.steps, preview)
 
 
@@ -268,6 +308,7 @@ class DPOLoraTrainer(io.ComfyNode):
                     "checkpoint in output/loras/ (its LoRA, optimizer, step and random state). The other options "
                     "must be the run's; steps is how many more to train.",
                 ),
+                *PREVIEW_INPUTS,
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -277,19 +318,37 @@ class DPOLoraTrainer(io.ComfyNode):
                 io.Int.Output(
                     display_name="steps", tooltip="Steps trained (Save LoRA Weights puts it in the file name)."
                 ),
+                io.Image.Output(
+                    display_name="previews",
+                    tooltip="The previews (preview_every), one row per step; a blank image when previews are off.",
+                ),
             ],
         )
 
     @classmethod
-    def execute(cls, model, pairs, save_prefix, resume_lora=None, resume_state=NO_STATE, **options) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        pairs,
+        save_prefix,
+        resume_lora=None,
+        resume_state=NO_STATE,
+        vae=None,
+        preview_every=0,
+        preview_images=2,
+        preview_steps=8,
+        **options,
+    ) -> io.NodeOutput:
         with node_errors(cls.TITLE):
-            check_number_inputs(cls, options)
+            check_number_inputs(cls, {**options, "preview_every": preview_every, "preview_steps": preview_steps})
             if len(pairs) == 0:
                 raise InputError("the pair set is empty; build pairs first.")
-            settings = training_settings(options, model.load_device)
+            settings = training_settings(options, model.load_device, model.model.get_dtype())
             state = None
             if resume_state != NO_STATE:
                 state = read_state(os.path.join(output_loras(), resume_state))
+            preview_settings = PreviewSettings(every=preview_every, images=preview_images, steps=preview_steps)
+            previews = TrainingPreviews(pairs, preview_settings, vae.decode if vae is not None else None)
         config = settings.config
 
         def save(lora, step, stem):
@@ -301,7 +360,7 @@ class DPOLoraTrainer(io.ComfyNode):
             name=sanitize_file_stem(save_prefix) or "dpo_lora",
             save=save,
             save_every=settings.save_every,
-            show=ProgressBarView(config.steps),
+            show=ProgressBarView(config.steps, previews),
             label=cls.TITLE,
         )
         try:
@@ -313,12 +372,14 @@ class DPOLoraTrainer(io.ComfyNode):
 
         plot = training_plot(result.history).unsqueeze(0)
         loss_map = {name: values for name, values in result.history.items()}
+        grid = previews.grid()
         return io.NodeOutput(
             result.model,
             LoraWithMetadata(result.lora.state_dict(), training_metadata(config, pairs, model, result.steps_done)),
             loss_map,
             plot,
             result.steps_done,
+            torch.zeros(1, 64, 64, 3) if grid is None else grid,
             ui=ui.PreviewImage(plot, cls=cls),
         )
 

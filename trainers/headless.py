@@ -91,7 +91,7 @@ def run_job(job: TrainingJob, accelerator) -> dict[str, str]:
     pairs = load_job_pairs(job)
     check_process_count(parallel.processes, pairs, job.options["batch_size"])  # before the costly load
     model = load_job_model(job)
-    settings = training_settings(job.options, model.load_device)
+    settings = training_settings(job.options, model.load_device, model.model.get_dtype())
     config = settings.config
     resume = comfy.utils.load_torch_file(job.resume_lora) if job.resume_lora else None
     state = read_state(job.resume_state) if job.resume_state else None

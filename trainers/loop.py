@@ -37,7 +37,8 @@ from .progress import TrainingProgress
 from .timesteps import curriculum_pool, sample_percents
 from .training_state import TrainingState, check_resumable, config_values, model_fingerprint
 
-TRAINING_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# None: decided per run (resolve_dtype)
+TRAINING_DTYPES = {"auto": None, "model": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METRICS = ("loss", "accuracy", "margin", "model_winner", "model_loser", "reference_winner", "reference_loser")
 
 # focus_dpo: weight added to every cell of the focus map, so cells the map rates 0 still count
@@ -182,6 +183,8 @@ class DPOTrainer:
         trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # fp16 gradients underflow: scale the loss, as core TrainLoraNode does for fp16 models
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if config.dtype == torch.float16 else None
         self.preference = PreferenceLoss(config.objective)
         self.steps_before = 0  # steps of the runs this one continues
         if state is not None:
@@ -200,11 +203,15 @@ class DPOTrainer:
         for key, parameter in self.trainable().items():
             moments = state.optimizer.get(key)
             if moments is not None:
+                # Copies: a state read under ComfyUI's inference mode holds inference tensors,
+                # which AdamW cannot update in place.
                 self.optimizer.state[parameter] = {
-                    name: value.to(parameter.device) if name != "step" else value.clone()
+                    name: value.to(parameter.device if name != "step" else value.device, copy=True)
                     for name, value in moments.items()
                 }
         self.generator.set_state(state.generator)
+        if self.grad_scaler is not None and state.grad_scaler:
+            self.grad_scaler.load_state_dict(state.grad_scaler)
         if self.preference.adaptive is not None:
             self.preference.adaptive.running_mean = state.adaptive_mean
         self.steps_before = state.steps_done
@@ -223,6 +230,7 @@ class DPOTrainer:
             steps_done=self.steps_before + self.steps_done,
             generator=self.generator.get_state(),
             adaptive_mean=adaptive.running_mean if adaptive is not None else None,
+            grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             options=config_values(self.config),
             model=self.fingerprint,
         )
@@ -300,13 +308,18 @@ class DPOTrainer:
             # Each loss is a mean over its pairs: weighting by the share of the global batch makes
             # the processes' mean gradient the global batch's.
             share = len(own) / len(indices)
-            (loss * (share * parallel.processes) / config.grad_accumulation).backward()
+            scaled = loss * (share * parallel.processes) / config.grad_accumulation
+            (scaled if self.grad_scaler is None else self.grad_scaler.scale(scaled)).backward()
             totals["loss"] += float(loss.detach()) * share / config.grad_accumulation
             for name, value in terms.items():
                 totals[name] += float(value) * share / config.grad_accumulation
         if parallel.processes > 1:
-            totals = self.all_reduce(totals)
-        self.optimizer.step()
+            totals = self.all_reduce(totals)  # before the scaler looks for inf: every process skips alike
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
@@ -471,11 +484,15 @@ def comfy_training_mode():
         comfy.model_management.in_training = previous
 
 
-def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(choice: str, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype:
     """A ``TRAINING_DTYPES`` choice; ``auto``: bf16 on a GPU that supports it, else fp32 (CPU
-    autocast is slow and lossy)."""
+    autocast is slow and lossy); ``model``: the model's own dtype (``model_dtype``) as core
+    TrainLoraNode's ``none`` (fp8 and other storage dtypes compute in bf16, as there), ``auto``
+    where it is unknown."""
     if TRAINING_DTYPES[choice] is not None:
         return TRAINING_DTYPES[choice]
+    if choice == "model" and model_dtype is not None:
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -65,12 +65,12 @@ def check_options(options: dict) -> dict:
     return options
 
 
-def training_settings(options: dict, device: torch.device) -> TrainingSettings:
+def training_settings(options: dict, device: torch.device, model_dtype: torch.dtype | None = None) -> TrainingSettings:
     """A run's settings from the trainer's options by name (``check_options``); ``training_dtype``
-    is resolved for ``device``."""
+    is resolved for ``device`` and the model's own ``model_dtype``."""
     options = check_options(options)
     config = DPOTrainingConfig(
         **{name: options[name] for name in CONFIG_DEFAULTS},
-        dtype=resolve_dtype(options["training_dtype"], device),
+        dtype=resolve_dtype(options["training_dtype"], device, model_dtype),
     )
     return TrainingSettings(config, save_every=options["save_every"])

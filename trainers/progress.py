@@ -17,8 +17,9 @@ LOG_EVERY = 25
 
 # save(lora, step, stem) -> the path written
 SaveLora = Callable[["LoraOnModel", int, str], str]
-# show(step, history of each metric): the node's progress bar; it may raise to stop the run
-ShowProgress = Callable[[int, dict[str, list[float]]], None]
+# show(step, history of each metric, the LoRA after the step): the node's progress bar and
+# previews; it may raise to stop the run
+ShowProgress = Callable[[int, dict[str, list[float]], "LoraOnModel"], None]
 # the run's resumable state after the last step (DPOTrainer.training_state)
 StateAfterStep = Callable[[], TrainingState]
 
@@ -80,7 +81,7 @@ class TrainingProgress:
                 metrics["margin"],
             )
         if self.show is not None:
-            self.show(step, self.history)
+            self.show(step, self.history, lora)
 
     def save_last_good_lora(self) -> str | None:
         """After Cancel: write the last completed step's LoRA as ``<name>_interrupted_stepNNNNN``."""

@@ -38,6 +38,7 @@ class TrainingState:
         steps_done: optimizer steps trained so far, over every run that led here.
         generator: the CPU generator's state (``torch.Generator.get_state()``).
         adaptive_mean: beta-DPO's running mean, or None.
+        grad_scaler: the fp16 gradient scaler's state (``GradScaler.state_dict()``), or None.
         options: the run's ``DPOTrainingConfig`` as plain values (``config_values``).
         model: the model's fingerprint (``model_fingerprint``).
     """
@@ -47,6 +48,7 @@ class TrainingState:
     steps_done: int
     generator: torch.Tensor
     adaptive_mean: float | None
+    grad_scaler: dict | None
     options: dict
     model: str
 
@@ -90,6 +92,7 @@ def write_state(state: TrainingState, path: str) -> str:
     header = {
         "steps_done": state.steps_done,
         "adaptive_mean": state.adaptive_mean,
+        "grad_scaler": state.grad_scaler,
         "options": state.options,
         "model": state.model,
     }
@@ -122,6 +125,7 @@ def read_state(path: str) -> TrainingState:
         steps_done=int(header["steps_done"]),
         generator=tensors["generator"],
         adaptive_mean=header["adaptive_mean"],
+        grad_scaler=header.get("grad_scaler"),
         options=header["options"],
         model=header["model"],
     )

@@ -160,6 +160,31 @@ def test_each_preference_objective_learns(denoiser, objective):
     assert after >= 0.9, (after, result.history["accuracy"][-5:], result.history["margin"][-5:])
 
 
+@pytest.mark.slow
+def test_fp16_weights_train_in_their_own_dtype_with_a_gradient_scaler(comfy_modules):
+    """training_dtype ``model`` on an fp16 copy of the pre-trained denoiser: fp16 compute, the
+    loss scaled (as core TrainLoraNode's ``none``), finite losses, and it learns."""
+    import comfy.sd
+
+    from harness.evaluation import implicit_accuracy
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.options import training_settings
+
+    path = ensure_checkpoint(comfyui_path(), os.path.join(DEFAULT_CACHE, "checkpoints"), kind="sd15_denoiser")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, model_options={"dtype": torch.float16})
+    assert model.model.get_dtype() == torch.float16
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(DENOISER_PROMPT), return_pooled=True)
+    conditioning = [[cond, {"pooled_output": pooled}]]
+    settings = training_settings({"training_dtype": "model"}, model.load_device, model.model.get_dtype())
+    assert settings.config.dtype == torch.float16
+    train, held_out = synthetic_pairs(conditioning, 16, seed=1), synthetic_pairs(conditioning, 16, seed=2)
+    result = train_dpo_lora(model, train, config(**LEARNING, dtype=torch.float16))
+    assert result.state.grad_scaler is not None and result.state.grad_scaler["scale"] > 1  # the loss was scaled
+    assert all(torch.isfinite(torch.tensor(result.history["loss"])))
+    after = implicit_accuracy(result.lora, held_out)
+    assert after >= 0.9, (after, result.history["accuracy"][-5:])
+
+
 def held_out_x0(patcher, conditioning, losers, sigma):
     """One-step x0 predictions (unscaled) of ``losers`` noised to ``sigma`` with a fixed noise."""
     noise = torch.randn(losers.shape, generator=torch.Generator().manual_seed(3))

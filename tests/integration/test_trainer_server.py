@@ -311,6 +311,43 @@ def test_artist_choice_and_real_photo_pairs(comfy_server):
     assert not [name for name in os.listdir(folder) if name.startswith("refused") or name.endswith(".partial")]
 
 
+def test_previews_while_training_and_a_run_resumed_from_its_state(comfy_server):
+    """preview_every 1: a preview row per step in the previews output (two images at 64 px each,
+    decoded by the VAE); save_every writes the state, which the resume_state list then offers and
+    a second run continues (steps 3-4); a state of other options is refused, naming them."""
+    import numpy
+    from PIL import Image
+
+    first = {
+        **candidates_and_pairs(),
+        "11": trainer(steps=2, save_every=2, save_prefix="resumable", preview_every=1, preview_steps=2, vae=["1", 2]),
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 5], "filename_prefix": "previews"}},
+    }
+    entry = comfy_server.run(first)
+    image = entry["outputs"]["12"]["images"][0]
+    grid = Image.open(os.path.join(comfy_server.base_directory, "output", image["subfolder"], image["filename"]))
+    rows = torch.from_numpy(numpy.asarray(grid.convert("RGB"), dtype=numpy.float32))
+    caption = (rows.shape[0] - 2 * 64) // 2
+    assert grid.size == (2 * 64 + 4, 2 * (64 + caption)) and caption >= 14  # two steps x two images
+    step_1, step_2 = rows[caption : caption + 64], rows[2 * caption + 64 :]
+    assert (step_1 - step_2).abs().max() > 0  # the LoRA moved between the previews
+    assert (step_1[:, :64] - step_1[:, 68:]).abs().max() > 0  # two prompts/seeds, two images
+
+    state = "resumable_step00002.state.safetensors"
+    info = comfy_server.object_info("PrefP_DPOLoraTrainer")["PrefP_DPOLoraTrainer"]
+    assert state in info["input"]["optional"]["resume_state"][1]["options"]
+    resumed = comfy_server.run(
+        {**candidates_and_pairs(), "11": trainer(steps=2, save_every=2, save_prefix="resumable", resume_state=state)}
+    )
+    assert os.path.isfile(
+        os.path.join(comfy_server.base_directory, "output", "loras", "resumable_step00004.safetensors")
+    )
+    assert resumed["outputs"]["11"]["images"]
+    with pytest.raises(PromptError, match=r"other options \(rank 4 -> 8\)"):
+        comfy_server.run({**candidates_and_pairs(), "11": trainer(steps=2, rank=8, resume_state=state)})
+    comfy_server.assert_serving("PrefP_DPOLoraTrainer")
+
+
 def test_bad_trainer_input_is_reported(comfy_server):
     with pytest.raises(PromptError, match="timestep_end"):
         comfy_server.run({**candidates_and_pairs(), "11": trainer(timestep_start=0.8, timestep_end=0.2)})

@@ -58,7 +58,7 @@ def test_log_lines_on_the_first_last_and_every_log_every_step(caplog):
 
 def test_show_sees_every_step_with_the_history():
     shown = []
-    run(TrainingProgress(3, show=lambda step, history: shown.append((step, len(history["loss"])))), 3)
+    run(TrainingProgress(3, show=lambda step, history, lora: shown.append((step, len(history["loss"])))), 3)
     assert shown == [(1, 1), (2, 2), (3, 3)]
 
 
@@ -69,3 +69,40 @@ def test_the_last_good_lora_is_saved_on_cancel():
     run(progress, 10, stop_at=3)
     assert progress.save_last_good_lora() == "run_interrupted_step00003.safetensors"
     assert saved == [("lora after 3", 3, "run_interrupted_step00003")]
+
+
+def test_a_resumed_run_counts_on_and_writes_the_state_beside_each_checkpoint(tmp_path):
+    import torch
+
+    from prefpersonalize.trainers.training_state import TrainingState, read_state
+
+    def save(lora, step, stem):
+        path = tmp_path / f"{stem}.safetensors"
+        path.write_bytes(b"lora")
+        return str(path)
+
+    def state():
+        return TrainingState(
+            lora={"layer.lora_up.weight": torch.ones(2, 1)},
+            optimizer={"layer.lora_up.weight": {"exp_avg": torch.zeros(2, 1), "step": torch.tensor(7.0)}},
+            steps_done=7,
+            generator=torch.Generator().manual_seed(1).get_state(),
+            adaptive_mean=None,
+            grad_scaler=None,
+            options={"rank": 4},
+            model="abc",
+        )
+
+    progress = TrainingProgress(4, name="run", save=save, save_every=2)
+    progress.start(steps_before=5)
+    for step in range(1, 5):
+        progress.after_step(step, METRICS, "lora", state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run_step00007.safetensors",
+        "run_step00007.state.safetensors",
+        "run_step00009.safetensors",
+        "run_step00009.state.safetensors",
+    ]
+    written = read_state(str(tmp_path / "run_step00007.state.safetensors"))
+    assert written.steps_done == 7 and written.options == {"rank": 4} and written.model == "abc"
+    assert torch.equal(written.optimizer["layer.lora_up.weight"]["step"], torch.tensor(7.0))
