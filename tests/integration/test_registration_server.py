@@ -67,5 +67,6 @@ def test_every_node_is_registered_with_title_category_description_and_tooltips(c
 
     # Export Training Job takes the trainer's options (test_headless_training: the ones the job reads).
     export_only = {"pairs", "model", "model_file", "name", "layout"}
-    trainer_only = {"pairs", "model", "save_prefix", "resume_lora"}
+    trainer_only = {"pairs", "model", "save_prefix", "resume_lora", "resume_state"}
+    trainer_only |= {"vae", "preview_every", "preview_images", "preview_steps"}  # previews: the node's alone
     assert inputs("PrefP_ExportTrainingJob") - export_only == inputs("PrefP_DPOLoraTrainer") - trainer_only
