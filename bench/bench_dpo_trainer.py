@@ -188,7 +188,7 @@ def worker(args) -> dict:
             checkpoint_depth=max(depth, 1),
         )
 
-        def mark(step, history):
+        def mark(step, history, lora):
             synchronize()
             marks.append(time.perf_counter())
 
