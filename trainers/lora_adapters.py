@@ -200,6 +200,36 @@ class BypassedLayers:
         return output + delta
 
 
+def adapter_autocast(patcher):
+    """The autocast that runs the trainer's float32 adapters beside a model computing in fp16 or
+    bf16, outside the training step (which has its own): off for float32 models."""
+    compute = getattr(patcher.model, "manual_cast_dtype", None) or patcher.model.get_dtype()
+    return torch.autocast(patcher.load_device.type, dtype=compute, enabled=compute in (torch.float16, torch.bfloat16))
+
+
+def inference_adapters(layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]]) -> dict[str, tuple]:
+    """The trained adapters as ComfyUI's inference LoRA adapters (weights, as a loaded LoRA
+    has): ComfyUI's bypass casts those to each layer's dtype, where it leaves training adapters to
+    the trainer's autocast, so sampling an fp16 or bf16 model with them works."""
+    return {
+        name: (
+            module,
+            LoRAAdapter(
+                set(),
+                (
+                    adapter.lora_up.weight.detach().clone(),
+                    adapter.lora_down.weight.detach().clone(),
+                    float(adapter.alpha),
+                    None,
+                    None,
+                    None,
+                ),
+            ),
+        )
+        for name, (module, adapter) in layers.items()
+    }
+
+
 def bypass_injections(model, layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]]) -> list[PatcherInjection]:
     """Injections applying ``layers``' adapters on the forward path of ``model``."""
     if BypassInjectionManager is None:
@@ -285,7 +315,10 @@ class LoraOnModel:
             if in_place:
                 patcher.set_injections(BLOCKS_KEY, training_blocks([], in_place))
         if self.mode == "bypass":
-            patcher.set_injections(BYPASS_KEY, bypass_injections(patcher.model, self.layers))
+            # For sampling, ComfyUI's bypass takes inference adapters (the pack's own bypass, on
+            # ComfyUI versions without it, casts either).
+            layers = self.layers if training or BypassInjectionManager is None else inference_adapters(self.layers)
+            patcher.set_injections(BYPASS_KEY, bypass_injections(patcher.model, layers))
         else:
             for name, (_, adapter) in self.layers.items():
                 patcher.add_weight_wrapper(f"{name}.weight", SwitchedAdapter(adapter, self.switch))

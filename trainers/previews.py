@@ -21,6 +21,7 @@ from ..comfy_glue.families import latent_downscale
 from ..pure.drawing import labelled_strip
 from ..pure.errors import InputError
 from ..pure.pairs import PreferencePairs
+from .lora_adapters import adapter_autocast
 
 # samples -> images [N, H, W, 3] in 0..1 (a VAE's decode)
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -66,7 +67,7 @@ class TrainingPreviews:
         them, ``[N, H, W, 3]``."""
         settings = self.settings
         latents = []
-        with torch.no_grad():
+        with torch.no_grad(), adapter_autocast(patcher):
             for index, prompt in enumerate(self.prompts):
                 empty = torch.zeros(1, 4, *self.latent_size)
                 empty = comfy.sample.fix_empty_latent_channels(patcher, empty)

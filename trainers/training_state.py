@@ -62,16 +62,14 @@ def config_values(config) -> dict:
 
 
 def model_fingerprint(model_patcher) -> str:
-    """A short hash of what a LoRA is trained on: the model's class, a checksum of a few of its
-    weights (a second checkpoint of the same architecture differs) and the patches (LoRAs)
-    already on it."""
+    """A short hash of what a LoRA is trained on: the model's class, the names and shapes of its
+    weights, and the patches (LoRAs) already on it. Not the weights' values: ComfyUI patches the
+    shared weights in place for whichever clone it loaded last, so they change between runs of
+    one model; two checkpoints of one architecture are therefore not told apart."""
     diffusion_model = model_patcher.get_model_object("diffusion_model")
-    weights = [value for name, value in diffusion_model.state_dict().items() if name.endswith("weight")]
-    picked = [weights[i] for i in sorted({0, len(weights) // 2, len(weights) - 1})] if weights else []
-    checksums = [f"{float(w.detach().flatten()[:65536].double().sum()):.6e}" for w in picked]
     described = {
         "class": type(model_patcher.model).__name__,
-        "weights": checksums,
+        "weights": sorted((name, list(value.shape)) for name, value in diffusion_model.state_dict().items()),
         "patches": sorted(model_patcher.patches),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ import comfy.model_management
 import torch
 
 from prefpersonalize.pure.pairs import PreferencePairs
-from prefpersonalize.trainers.lora_adapters import LoraOnModel
+from prefpersonalize.trainers.lora_adapters import LoraOnModel, adapter_autocast
 from prefpersonalize.trainers.pair_batches import PairBatcher
 from prefpersonalize.trainers.timesteps import sample_percents
 
@@ -32,7 +32,7 @@ def implicit_accuracy(
     count = len(indices)
     # inference_mode(False) turns grad mode back on, so no_grad must come inside it: otherwise every
     # forward built a graph (on Flux, 9 GB held across the evaluation).
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), adapter_autocast(lora.patcher):
         for _ in range(repeats):
             percents = sample_percents(count, timestep_start, timestep_end, "uniform", generator)
             batch = batcher.batch(indices, percents, generator)
