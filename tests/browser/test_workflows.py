@@ -19,8 +19,8 @@ def frontend(comfy_server):
     with Frontend(comfy_server.url) as page:
         yield page
     # The workflows load the families' text encoders (Qwen3-4B: 4 GB); the session's server
-    # outlives this module beside memory-heavy in-process tests (full-size SDXL).
-    comfy_server.free_memory()
+    # outlives this module beside memory-heavy in-process tests (full-size SDXL): a fresh one.
+    comfy_server.restart()
 
 
 def test_there_are_workflows():

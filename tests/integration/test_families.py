@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from harness import release_memory
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.dit_families import FAMILIES, family_conditioning
 from harness.logs import LoggedWarnings
@@ -168,7 +169,7 @@ def unload(family):
     family.runs.clear()
     del family.model
     comfy.model_management.unload_all_models()
-    gc.collect()
+    release_memory()
 
 
 @pytest.fixture(scope="module", params=NAMED_KINDS)

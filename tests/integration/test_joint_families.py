@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 
+from harness import release_memory
 from harness.comfy_server import DEFAULT_CACHE, comfyui_path
 from harness.dit_families import FAMILIES
 from harness.tiny_dit import dit_conditioning, ensure_dit, unsupported_reason
@@ -47,9 +48,13 @@ def family(request, comfy_modules):
     shape = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, *FAMILIES[kind].latent_shape)).shape[1:]
     positive = dit_conditioning(kind, tokens=TEXT_TOKENS)
     negative = dit_conditioning(kind, tokens=TEXT_TOKENS, seed=1)
-    yield kind, model, positive, negative, tuple(shape)
+    # A list, emptied below: pytest keeps the yielded value until after this teardown.
+    loaded = [kind, model, positive, negative, tuple(shape)]
     del model
+    yield loaded
+    loaded.clear()
     comfy.model_management.unload_all_models()
+    release_memory()
 
 
 def image_tokens(family) -> int:
