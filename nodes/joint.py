@@ -253,7 +253,9 @@ class JointSampler(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input(
-                    "model", tooltip="SD1.x/SD2.x/SDXL, Flux.1 or SD3/SD3.5 model (LoRAs and other patches are kept)."
+                    "model",
+                    tooltip="SD1.x/SD2.x/SDXL, Flux.1 or .2, Chroma, Qwen-Image, Z-Image or SD3/SD3.5 model (LoRAs and "
+                    "other patches are kept).",
                 ),
                 io.Conditioning.Input("positive", tooltip="Prompt for the new images (describe the subject)."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt."),
