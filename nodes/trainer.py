@@ -283,7 +283,8 @@ class DPOLoraTrainer(io.ComfyNode):
                 "weighted MSE; focus_dpo uses FocusDPO focus maps gated by timestep; hg_dpo trains real-photo "
                 "pairs with an easy->normal->hard curriculum and a colour-statistics term. Pairs that carry "
                 "reference photos train in JeDi's joint batch when the MODEL went through Joint Attention. "
-                "The input MODEL is never changed. Cancel stops cleanly and saves the last good LoRA to output/loras/."
+                "The input MODEL is never changed. A run too large for the device's free memory is refused before the "
+                "model loads, with what to change. Cancel stops cleanly and saves the last good LoRA to output/loras/."
             ),
             is_output_node=True,
             inputs=[

@@ -32,6 +32,7 @@ from .losses import (
     outside_preservation_loss,
     patchdpo_paper_loss,
 )
+from .memory_check import MemoryEstimate, check_memory, estimate_training_memory
 from .pair_batches import MicroBatch, PairBatcher, default_beta
 from .progress import TrainingProgress
 from .timesteps import curriculum_pool, sample_percents
@@ -108,6 +109,7 @@ class DPOTrainingResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     steps_done: int = 0  # over every run that led here (a resumed run counts its state's steps)
     state: TrainingState | None = None  # the run's resumable state at its end
+    memory: MemoryEstimate | None = None  # the peak memory estimated before the model was loaded
 
 
 class NonFiniteLoss(InputError):
@@ -174,12 +176,16 @@ class DPOTrainer:
             logging.info("Gradient checkpointing: %d blocks at depth %d.", blocks, config.checkpoint_depth)
         if config.dtype != torch.float32:
             patcher.set_model_compute_dtype(config.dtype)
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         self.device = patcher.load_device
+        self.autocast = torch.autocast(
+            device_type=self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
+        )
         self._warn_about_references(has_joint_attention(patcher))
         self.batcher = PairBatcher(patcher, pairs)
         if self.batcher.joint:
             logging.info("Training in the joint batch with %d reference latents.", pairs.references.shape[0])
+        self.memory = self.check_memory()
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -189,11 +195,20 @@ class DPOTrainer:
         self.steps_before = 0  # steps of the runs this one continues
         if state is not None:
             self.restore(state)
-        self.autocast = torch.autocast(
-            device_type=self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
-        )
         self.history: dict[str, list[float]] = {name: [] for name in METRICS}
         self.steps_done = 0
+
+    def check_memory(self) -> MemoryEstimate:
+        """Estimate the run's peak memory before the model is loaded, and refuse a run that
+        does not fit the device (``memory_check``). The probe's micro-batch draws from its own
+        generator, so the run's random stream stays as it was."""
+        config = self.config
+        probe = self.batcher.batch(
+            [0] * config.batch_size, torch.full((config.batch_size,), 0.5), torch.Generator().manual_seed(0)
+        )
+        estimate = estimate_training_memory(self.lora, self.batcher, probe, config)
+        check_memory(estimate, self.device, self.lora.patcher.model, out_of_memory_advice(config))
+        return estimate
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {key: p for key, p in self.lora.parameters.items() if p.requires_grad}
@@ -282,6 +297,7 @@ class DPOTrainer:
             history=self.history,
             steps_done=self.steps_before + self.steps_done,
             state=state,
+            memory=self.memory,
         )
 
     def step(self, pool: list[int], step: int) -> dict[str, float]:

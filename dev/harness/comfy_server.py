@@ -71,7 +71,9 @@ class ComfyServer:
         port: int | None = None,
         cache_dir: str = DEFAULT_CACHE,
         log_path: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
+        self.extra_args = extra_args  # more of ComfyUI's command-line options
         self._own_base = base_directory is None
         self.base_directory = base_directory or tempfile.mkdtemp(prefix="comfy-base-")
         self.port = port or free_port()
@@ -168,6 +170,7 @@ class ComfyServer:
             "--disable-auto-launch",
             "--database-url",
             "sqlite:///:memory:",
+            *self.extra_args,
         ]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(

@@ -160,6 +160,33 @@ def test_each_preference_objective_learns(denoiser, objective):
     assert after >= 0.9, (after, result.history["accuracy"][-5:], result.history["margin"][-5:])
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        dict(gradient_checkpointing=True),
+        dict(gradient_checkpointing=True, checkpoint_depth=3),
+        dict(lora_mode="weight"),
+    ],
+    ids=["plain", "checkpointed", "checkpointed_depth3", "weight_mode"],
+)
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(tiny, settings):
+    """The estimate made before loading (a fake step) against the tensor memory a real run
+    holds at its peak (the same count CUDA's allocator reports), at 128 px, where activations
+    outweigh the LoRA. On CPU no weight is loaded, so neither counts the weights."""
+    from prefpersonalize.trainers.loop import train_dpo_lora
+    from prefpersonalize.trainers.memory_check import LiveTensorBytes
+
+    model, conditioning = tiny
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    measured = LiveTensorBytes()
+    with measured:
+        result = train_dpo_lora(model, make_pairs(conditioning, latents[:2], latents[2:]), config(steps=1, **settings))
+    estimate = result.memory
+    assert estimate.weights == 0 and estimate.activations > 4 * estimate.adapters, estimate
+    assert 0.75 <= estimate.total / measured.peak <= 1.25, (estimate, measured.peak)
+
+
 @pytest.mark.slow
 def test_fp16_weights_train_in_their_own_dtype_with_a_gradient_scaler(comfy_modules):
     """training_dtype ``model`` on an fp16 copy of the pre-trained denoiser: fp16 compute, the

@@ -129,6 +129,23 @@ def test_one_step_of_the_grid_weighted_loss_modes(full_size, mode):
     assert any(value.abs().sum() > 0 for key, value in result.lora.state_dict().items() if "lora_down" in key)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(full_size, checkpointing):
+    """As on the tiny model (test_dpo_training.py), on full-size SD1.5 (the issue's model; SDXL
+    would add minutes of CI for the same code path)."""
+    from prefpersonalize.trainers.loop import DPOTrainingConfig, train_dpo_lora
+    from prefpersonalize.trainers.memory_check import LiveTensorBytes
+
+    model, conditioning, px = full_size
+    if px != SD15_PX:
+        pytest.skip("the estimate is checked on full-size SD1.5")
+    config = DPOTrainingConfig(steps=1, rank=4, alpha=4.0, gradient_checkpointing=checkpointing)
+    measured = LiveTensorBytes()
+    with measured:
+        result = train_dpo_lora(model, random_pairs(conditioning, px), config)
+    assert 0.75 <= result.memory.total / measured.peak <= 1.25, (result.memory, measured.peak)
+
+
 def test_saved_lora_loads_with_the_stock_loader(full_size, tmp_path, caplog):
     import comfy.model_management
     import comfy.sd

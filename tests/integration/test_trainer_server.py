@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 from harness import REPO_ROOT
-from harness.comfy_server import PromptError, comfyui_path
+from harness.comfy_server import ComfyServer, PromptError, comfyui_path
 from harness.graphs import BUILTIN_BACKBONE as BUILTIN
 from harness.graphs import attention_node, generation
 
@@ -360,6 +360,21 @@ def test_bad_trainer_input_is_reported(comfy_server):
         )
     assert "nope.safetensors" in str(error.value.payload)
     comfy_server.assert_serving("PrefP_DPOLoraTrainer")
+
+
+def test_a_run_larger_than_the_free_memory_is_refused_before_it_loads():
+    """A server that keeps back more memory than the machine has (ComfyUI's --reserve-vram, in
+    GB) leaves no room: the trainer refuses with its estimate and what to change, before a step
+    or a file, and the server keeps serving."""
+    with ComfyServer(extra_args=("--reserve-vram", "100000")) as server:
+        server.provide_checkpoint("tiny_sd15.safetensors")
+        offset = server.log_offset()
+        with pytest.raises(PromptError, match=r"DPO LoRA Trainer: this run needs about [\d.]+ GiB") as error:
+            server.run({**candidates_and_pairs(), "11": trainer(steps=2, save_every=1, save_prefix="too_big")})
+        assert "To fit: " in str(error.value) and "gradient_checkpointing" in str(error.value)
+        assert "DPO LoRA Trainer: step" not in server.log_since(offset)
+        assert not glob.glob(os.path.join(server.base_directory, "output", "loras", "too_big*"))
+        server.assert_serving("PrefP_DPOLoraTrainer")
 
 
 def test_cancel_mid_training_saves_the_last_good_lora(comfy_server):
