@@ -218,8 +218,9 @@ OPTIONAL_TRAINING_OPTIONS = (
         max=100.0,
         step=0.5,
         optional=True,
-        tooltip="Pairs whose DPO margin is above this add no more gradient, so the loser's images are not "
-        "unlearned without end (0 = no cap; 5 is a safe start).",
+        tooltip="Caps the loser's share of the DPO margin: past it a pair stops pushing the loser's images "
+        "away, so they are not unlearned without end and the margin grows only by fitting the winner "
+        "(0 = no cap; 2 is a safe start).",
     ),
     io.Float.Input(
         "supervised_weight",

@@ -62,8 +62,10 @@ class PreferenceObjective:
 
     Attributes:
         loss: ``"sigmoid"`` (Diffusion-DPO, ``-log sigmoid(z)``) or ``"ipo"`` (``(z - 1/2)^2``).
-        margin_cap: z is clamped to at most this before the loss (no gradient beyond it), so
-            pairs already told apart stop pushing the loser's error up; 0 = no cap.
+        margin_cap: c > 0 caps the loser's share of z, ``0.5 * beta * (l_l - r_l)``, at c (no
+            gradient beyond it): a pair stops pushing the policy's error on its loser up once it
+            is that far above the reference's, and z grows further only by fitting the winner;
+            0 = no cap (``dpo_loss``).
         supervised_weight: s of the supervised term on the winners, ``0.5 * beta * s * l_w``.
         adaptive_beta: alpha of beta-DPO (``AdaptiveBeta``); 0 = a fixed beta.
     """
@@ -75,8 +77,6 @@ class PreferenceObjective:
 
     def per_sample(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B]`` logits z -> ``[B]`` losses."""
-        if self.margin_cap > 0:
-            logits = logits.clamp(max=self.margin_cap)
         if self.loss == "ipo":
             return (logits - IPO_TARGET) ** 2
         return -F.logsigmoid(logits)
@@ -144,10 +144,16 @@ def dpo_loss(
     objective = preference.objective
     l_w, l_l = weighted_mean(model_winner, winner_weights), weighted_mean(model_loser, loser_weights)
     r_w, r_l = weighted_mean(reference_winner, winner_weights), weighted_mean(reference_loser, loser_weights)
-    inside = -0.5 * beta * ((l_w - l_l) - (r_w - r_l).detach())
+    winner_side = 0.5 * beta * (l_w - r_w.detach())
+    loser_side = 0.5 * beta * (l_l - r_l.detach())
+    inside = loser_side - winner_side  # = -0.5 * beta * ((l_w - l_l) - (r_w - r_l))
+    logits = inside
+    if objective.margin_cap > 0:
+        logits = loser_side.clamp(max=objective.margin_cap) - winner_side
     if preference.adaptive is not None:
-        inside = inside * preference.adaptive(inside)
-    loss = objective.per_sample(inside).mean()
+        factor = preference.adaptive(inside)
+        inside, logits = inside * factor, logits * factor
+    loss = objective.per_sample(logits).mean()
     if objective.supervised_weight > 0:
         loss = loss + SUPERVISED_SCALE_PER_BETA * beta * objective.supervised_weight * l_w.mean()
     return DPOTerms(

@@ -102,18 +102,21 @@ def test_ipo_value_and_gradients():
     assert dpo_loss(ones, 2 * ones, 1.5 * ones, 1.5 * ones, 2.0, preference=ipo).loss.item() == pytest.approx(0.25)
 
 
-def test_margin_cap_clamps_the_logit_and_stops_its_gradient():
+def test_margin_cap_caps_the_losers_share_and_stops_its_gradient():
     ones = torch.ones(1, 1, 1, 1)
-    loser = (2 * ones).requires_grad_()
-    cap = PreferenceLoss(PreferenceObjective(margin_cap=2.0))
-    capped = dpo_loss(ones, loser, 1.5 * ones, 1.5 * ones, 6.0, preference=cap)
-    # z = -0.5 * 6 * (1 - 2) = 3 > 2: the loss is that of z = 2, with no pull on the loser
-    assert capped.loss.item() == pytest.approx(math.log(1 + math.exp(-2)))
+    winner, loser = ones.clone().requires_grad_(), (2 * ones).requires_grad_()
+    cap = PreferenceLoss(PreferenceObjective(margin_cap=1.0))
+    capped = dpo_loss(winner, loser, 1.5 * ones, 1.5 * ones, 6.0, preference=cap)
+    # by hand, beta 6: winner's share 3 * (1 - 1.5) = -1.5, loser's 3 * (2 - 1.5) = 1.5, z = 3;
+    # the loser's share capped at 1: the loss is that of 1 + 1.5 = 2.5
+    assert capped.loss.item() == pytest.approx(math.log(1 + math.exp(-2.5)))
     assert capped.margin.item() == pytest.approx(3.0)  # the diagnostics report the real margin
-    (gradient,) = torch.autograd.grad(capped.loss, loser)
-    assert gradient.abs().max() == 0
-    below = dpo_loss(ones, loser, 1.5 * ones, 1.5 * ones, 2.0, preference=cap)
-    assert below.loss.item() == pytest.approx(math.log(1 + math.exp(-1)))  # z = 1 < cap: unchanged
+    loser_gradient, winner_gradient = torch.autograd.grad(capped.loss, [loser, winner])
+    assert loser_gradient.abs().max() == 0 and winner_gradient.abs().max() > 0  # the winner still learns
+    below = PreferenceLoss(PreferenceObjective(margin_cap=2.0))  # loser's share 1.5 < 2: plain DPO
+    assert dpo_loss(winner, loser, 1.5 * ones, 1.5 * ones, 6.0, preference=below).loss.item() == pytest.approx(
+        math.log(1 + math.exp(-3))
+    )
 
 
 def test_supervised_term_on_the_winners():
