@@ -15,6 +15,8 @@ import functools
 import torch
 import torch.utils.checkpoint
 
+from ..pure.tensor_memory import storage_key
+
 CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
@@ -61,10 +63,10 @@ def saving_copies(forward):
         tensors = [value for value in (*args, *kwargs.values()) if torch.is_tensor(value)]
         if not torch.is_grad_enabled() or not tensors:
             return forward(*args, **kwargs)
-        storages = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+        storages = {storage_key(tensor) for tensor in tensors}
 
         def pack(saved: torch.Tensor) -> torch.Tensor:
-            return saved.clone() if saved.untyped_storage().data_ptr() in storages else saved
+            return saved.clone() if storage_key(saved) in storages else saved
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
             return forward(*args, **kwargs)

@@ -198,7 +198,7 @@ class DPOTrainer:
         self.history: dict[str, list[float]] = {name: [] for name in METRICS}
         self.steps_done = 0
 
-    def check_memory(self) -> MemoryEstimate:
+    def check_memory(self) -> MemoryEstimate | None:
         """Estimate the run's peak memory before the model is loaded, and refuse a run that
         does not fit the device (``memory_check``). The probe's micro-batch draws from its own
         generator, so the run's random stream stays as it was."""
@@ -207,7 +207,8 @@ class DPOTrainer:
             [0] * config.batch_size, torch.full((config.batch_size,), 0.5), torch.Generator().manual_seed(0)
         )
         estimate = estimate_training_memory(self.lora, self.batcher, probe, config)
-        check_memory(estimate, self.device, self.lora.patcher.model, out_of_memory_advice(config))
+        if estimate is not None:
+            check_memory(estimate, self.device, self.lora.patcher.model, out_of_memory_advice(config))
         return estimate
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 import comfy.model_management
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
 
 from ..pure.errors import InputError
 from ..pure.tensor_memory import LiveTensorBytes
@@ -32,6 +37,8 @@ from .pair_batches import MicroBatch
 # The LoRA's parameter, its gradient and AdamW's two moments, all fp32.
 ADAPTER_COPIES = 4
 GIB = 2**30
+# What a fake step cannot run: an op that reads a value, or whose output shape depends on one.
+FAKE_STEP_LIMITS = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,36 @@ def moved(micro: MicroBatch, device: torch.device) -> MicroBatch:
     )
 
 
+class WeightWrappers:
+    """While open, each layer's weight and bias functions are the ones ``patcher``'s weight
+    wrappers give it (weight mode's W + BA, the autograd-safe casts) and no others, as loading
+    ``patcher`` would make them; restored on exit."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.saved: list[tuple[torch.nn.Module, list, list]] = []
+
+    def __enter__(self):
+        wrappers = self.patcher.weight_wrapper_patches
+        for name, module in self.patcher.model.named_modules():
+            if not hasattr(module, "weight_function"):
+                continue
+            self.saved.append((module, module.weight_function, module.bias_function))
+            module.weight_function = list(wrappers.get(f"{name}.weight", []))
+            module.bias_function = list(wrappers.get(f"{name}.bias", []))
+        return self
+
+    def __exit__(self, *exc):
+        for module, weight_function, bias_function in self.saved:
+            module.weight_function, module.bias_function = weight_function, bias_function
+        self.saved = []
+
+
 def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> int:
     """The peak of what one training step on ``micro`` holds beyond the weights and the LoRA
-    (``LiveTensorBytes``): the reference's forward, the policy's forward with its adapters,
-    checkpointing and compute ``dtype`` as in training, and backward, run on fakes of the
+    (``LiveTensorBytes``): the reference's forward, the policy's forward with its adapters
+    (injected, or weight mode's wrappers), checkpointing and compute ``dtype`` as in training,
+    and backward, run on fakes of the
     model's weights and ``micro``'s inputs where the weights are now (on the offload device
     before loading, so no weight is counted as copied to the training device).
 
@@ -88,9 +121,22 @@ def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> in
     trainable = [p for p in lora.parameters.values() if p.requires_grad]
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     live = LiveTensorBytes(fake_mode)
+    # Another patcher of this model loaded before (the graph's MODEL, an earlier run) may have its
+    # injections on the shared modules: off while the probe runs, as loading would take them off.
+    others = [
+        loaded.model
+        for loaded in comfy.model_management.current_loaded_models
+        if loaded.model is not None
+        and loaded.model is not patcher
+        and loaded.model.model is patcher.model
+        and loaded.model.is_injected
+    ]
+    for other in others:
+        other.eject_model()
     patcher.inject_model()
+    wrappers = WeightWrappers(patcher)
     try:
-        with torch.inference_mode(False), torch.enable_grad(), fake_mode, live:
+        with torch.inference_mode(False), torch.enable_grad(), wrappers, fake_mode, live:
             with autocast:
                 with lora.switch.off(), torch.no_grad():
                     reference = batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
@@ -100,21 +146,23 @@ def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> in
             del reference, prediction, loss
     finally:
         patcher.eject_model()
+        for other in others:
+            other.inject_model()
         for parameter in trainable:
             parameter.grad = None
     return live.peak
 
 
-def estimate_training_memory(lora, batcher, micro: MicroBatch, config) -> MemoryEstimate:
+def estimate_training_memory(lora, batcher, micro: MicroBatch, config) -> MemoryEstimate | None:
     """The run's estimated peak on its device (see the module's docstring); ``config``: its
-    ``DPOTrainingConfig``, other arguments as ``activation_bytes``'s. Weight mode adds each
-    adapted layer's W + BA, which every forward builds in the compute dtype and keeps for
-    backward."""
+    ``DPOTrainingConfig``, other arguments as ``activation_bytes``'s. None, with a warning, for
+    a model whose forward reads tensor values, which a fake step cannot."""
     adapters = sum(p.numel() * p.element_size() for p in lora.parameters.values() if p.requires_grad)
-    activations = activation_bytes(lora, batcher, micro, config.dtype)
-    if config.lora_mode == "weight":
-        item = torch.empty((), dtype=config.dtype).element_size()
-        activations += sum(module.weight.numel() * item for module, _ in lora.layers.values())
+    try:
+        activations = activation_bytes(lora, batcher, micro, config.dtype)
+    except FAKE_STEP_LIMITS as error:
+        logging.warning("No memory check before training: a fake step of this model is not possible (%s).", error)
+        return None
     return MemoryEstimate(weight_bytes_to_load(lora.patcher), ADAPTER_COPIES * adapters, activations)
 
 

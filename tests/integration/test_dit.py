@@ -311,6 +311,7 @@ def test_joint_set_training_and_checkpointing_train_the_same_way(dit):
     pairs.references = latents(1, 8)
     joint_result = train_dpo_lora(with_joint_attention(model), pairs, config(steps=2))
     assert all(torch.isfinite(torch.tensor(values)).all() for values in joint_result.history.values())
+    assert joint_result.memory is not None  # the memory check's fake step ran the joint batch too
     joint_lora = joint_result.lora.state_dict()
     assert any((joint_lora[key] - plain[key]).abs().max() > 1e-7 for key in plain)  # the references count
 
