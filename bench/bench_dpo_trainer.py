@@ -4,6 +4,7 @@
         [--rank 8] [--checkpoint PATH | --unet PATH --clip CLIP_L,CLIP_G] [--modes bypass,weight]
         [--checkpoint-depth D] [--methods core,ours] [--devices cpu,cuda] [--dtype fp32|bf16] [--references N]
         [--model sd15|sd3|flux|flux2_klein|z_image|qwen_image|chroma|lumina2|auraflow|flux2] [--tokens 16]
+        [--objectives]
 
 One pair is two images, so the baseline is TrainLoraNode training on 2 * pairs latents with
 batch size 2 * pairs (plain supervised finetuning: one forward + backward of those images);
@@ -19,6 +20,10 @@ both (0: off). Each run trains 1 + ``steps`` steps and every step's seconds are 
 through ComfyUI's progress-bar hook), so a slow step cannot hide; the ratio compares the means
 of the steps after the first (which includes set-up). Peak memory is what the whole run adds
 over what was resident before it. Each device runs in a worker process of its own.
+
+``--objectives`` adds a step with the supervised term on the winners (weight 0.25) and a
+preview as the trainer node takes one (2 images, 8 euler steps, after step 2, timed apart from
+the steps), each as a ratio of a plain step of ours in the first mode.
 
 ``--references N`` adds a row for joint-set training: the same pairs carrying N reference
 latents, on the MODEL through Joint Attention (every forward then holds N more images).
@@ -75,6 +80,11 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default="core,ours", help="core, ours or both (a model too big for one)")
     parser.add_argument("--profile", type=int, default=0, help="also print each run's N costliest torch ops")
     parser.add_argument("--checkpoint-depth", type=int, default=0, help="gradient checkpointing depth (0: off)")
+    parser.add_argument(
+        "--objectives",
+        action="store_true",
+        help="also time the supervised term (weight 0.25) and a preview (2 images, 8 steps) against a plain step",
+    )
     add_model_options(parser, families=True)
     return parser.parse_args(argv)
 
@@ -174,7 +184,7 @@ def worker(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def time_ours(mode, steps, trained_model=model, pair_set=pairs):
+    def time_ours(mode, steps, trained_model=model, pair_set=pairs, previews=None, **objective):
         marks = []
         config = DPOTrainingConfig(
             loss_mode="patch_dpo",
@@ -186,15 +196,24 @@ def worker(args) -> dict:
             lora_mode=mode,
             gradient_checkpointing=depth > 0,
             checkpoint_depth=max(depth, 1),
+            **objective,
         )
 
         def mark(step, history, lora):
             synchronize()
             marks.append(time.perf_counter())
+            if previews is not None and previews.due(step):
+                # As the trainer node takes them: between steps, with the training patcher.
+                previews.take(lora.patcher, step)
+                synchronize()
+                marks.append(time.perf_counter())  # the next step starts here
+                preview_seconds.append(marks[-1] - marks[-2])
+                previews_at.add(len(marks) - 2)  # the interval that is the preview, not a step
 
+        previews_at = set()
         marks.append(time.perf_counter())
         train_dpo_lora(trained_model, pair_set, config, progress=TrainingProgress(steps, show=mark, log_every=0))
-        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return [b - a for i, (a, b) in enumerate(zip(marks, marks[1:], strict=False)) if i not in previews_at]
 
     def time_core(mode, steps):
         marks = [time.perf_counter()]
@@ -255,6 +274,23 @@ def worker(args) -> dict:
                 lambda mode, steps: time_ours(mode, steps, joint_model, joint_pairs),
             )
         )
+    preview_seconds = []
+    if args.objectives:
+        from prefpersonalize.trainers.previews import PreviewSettings, TrainingPreviews
+
+        mode = modes[0]
+        timers.append(
+            (
+                f"DPO LoRA Trainer, {mode}, supervised 0.25",
+                mode,
+                lambda mode, steps: time_ours(mode, steps, supervised_weight=0.25),
+            )
+        )
+        # A preview after step 2 (every=2), timed apart from the steps.
+        previews = TrainingPreviews(pairs, PreviewSettings(every=2, images=2, steps=8))
+        timers.append(
+            (f"DPO LoRA Trainer, {mode}, a preview", mode, lambda mode, steps: time_ours(mode, 3, previews=previews))
+        )
     results = {}
     for name, mode, timer in timers:
         profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
@@ -265,6 +301,8 @@ def worker(args) -> dict:
             results[name] = {"error": str(failure)}
             continue
         results[name] = {"steps": seconds, "peak_mib": peak.added_mib}
+        if name.endswith("a preview"):
+            results[name]["preview_seconds"] = preview_seconds[:1]
         if args.profile:
             averages = profiler.key_averages()
             results[name]["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.profile)
@@ -306,6 +344,18 @@ def report(result: dict, args) -> str:
             f"{name:44s} {mean:8.3f} {ratio(mean, base_mean)} {values['peak_mib']:10.1f} "
             f"{ratio(values['peak_mib'], base_peak)}  " + " ".join(f"{s:.2f}" for s in values["steps"])
         )
+    plain = results.get(f"DPO LoRA Trainer, {args.modes.split(',')[0]}")
+    for name, values in results.items():
+        if "preview_seconds" in values and plain:
+            step = statistics.mean(plain["steps"][1:])
+            preview = values["preview_seconds"][0]
+            lines.append(
+                f"{name}: {preview:.2f} s = {preview / step:.2f} plain steps; one every 25 steps costs "
+                f"{1 + preview / step / 25:.3f}x a plain step"
+            )
+        if name.endswith("supervised 0.25") and plain:
+            ratio_text = statistics.mean(values["steps"][1:]) / statistics.mean(plain["steps"][1:])
+            lines.append(f"{name}: {ratio_text:.3f}x a plain step")
     for name, values in results.items():
         if "profile" in values:
             lines += ["", f"{name}: the {args.profile} costliest ops (self CPU time, whole run)", values["profile"]]

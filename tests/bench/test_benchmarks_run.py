@@ -19,7 +19,7 @@ from harness import REPO_ROOT
 
 JOINT = ["--size", "64", "--steps", "1", "--images", "1", "--repeats", "1"]
 BENCHMARKS = {
-    "bench_dpo_trainer.py": ["--size", "64", "--steps", "1"],
+    "bench_dpo_trainer.py": ["--size", "64", "--steps", "1", "--objectives"],
     "bench_joint_sampler.py": JOINT,
     "bench_data_parallel.py": ["--size", "64", "--steps", "1", "--batch-size", "2"],
     # The DiT path of the benchmarks' shared loading; the joint one's DiT path is the same code.
@@ -45,6 +45,8 @@ def test_benchmark_runs_from_a_cold_cache(run, tmp_path):
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     assert os.listdir(cache), "the benchmark did not build its model in the cold cache"
     assert RATIO_COLUMN[script] in process.stdout, process.stdout  # the report with its ratios was printed
+    if "--objectives" in BENCHMARKS[run]:  # the supervised term's and a preview's cost, as plain steps
+        assert "x a plain step" in process.stdout and "plain steps; one every 25 steps" in process.stdout
     if "--model" in run:
         assert "tiny_sd3_dit" in process.stdout, process.stdout
         assert "cannot train" not in process.stdout, process.stdout  # core TrainLoraNode trains SD3
