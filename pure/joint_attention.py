@@ -213,7 +213,8 @@ class JointCall:
         mode: ``"joint"`` or ``"blend"``.
         adain_queries, adain_keys: AdaIN the targets' queries / keys to the references'.
         reference_keep: optional ``[references, Tk]`` bool, the reference tokens targets may
-            attend to (subject masks; ``token_attention``: of the image tokens); default all.
+            attend to (subject masks; ``token_attention``: of the image tokens), or a slice of
+            Tk, the same tokens of every reference; default all.
         key_scale: factor on the reference keys the targets see.
     """
 
@@ -223,7 +224,7 @@ class JointCall:
     mode: str = "joint"
     adain_queries: bool = False
     adain_keys: bool = False
-    reference_keep: torch.Tensor | None = None
+    reference_keep: torch.Tensor | slice | None = None
     key_scale: float = 1.0
 
     @property
@@ -358,7 +359,9 @@ def joint_attention(
     q_c, k_c, v_c = (rearrange(x, "(c n) t d -> c n t d", c=chunks) for x in (q, k, v))
     q_t, k_t, v_t = q_c[:, references:], k_c[:, references:], v_c[:, references:]
     k_r, v_r, q_r = k_c[:, :references], v_c[:, :references], q_c[:, :references]
-    if call.reference_keep is not None:
+    if isinstance(call.reference_keep, slice):  # the same tokens of every reference: views, no mask
+        k_r, v_r = (rearrange(x[:, :, call.reference_keep], "c r t d -> c (r t) d") for x in (k_r, v_r))
+    elif call.reference_keep is not None:
         keep = call.reference_keep.to(k.device)
         k_r, v_r = k_r[:, keep], v_r[:, keep]  # [chunks, kept tokens, C]
     else:
@@ -405,25 +408,47 @@ def joint_attention(
     return out
 
 
+def chunk_spans(batch: int, call: JointCall) -> list[tuple[slice, slice]]:
+    """Each chunk's rows as (references, targets) slices of the batch (``chunk_rows`` as
+    slices, so indexing with them gives views, not copies)."""
+    per_chunk = batch // call.chunks
+    return [
+        (slice(start, start + call.references), slice(start + call.references, start + per_chunk))
+        for start in range(0, batch, per_chunk)
+    ]
+
+
+def outside_of(image: slice, tokens: int) -> slice | torch.Tensor | None:
+    """The token positions not in ``image``: a slice where they are one run (text before or
+    after the image tokens), else their indices; None when there are none."""
+    start, stop, _ = image.indices(tokens)
+    if start == 0 and stop == tokens:
+        return None
+    if start == 0:
+        return slice(stop, tokens)
+    if stop == tokens:
+        return slice(0, start)
+    return torch.cat([torch.arange(0, start), torch.arange(stop, tokens)])
+
+
 def plain_outside_target_images(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ref_rows: torch.Tensor,
-    target_rows: torch.Tensor,
+    call: JointCall,
     image: slice,
     attention: BoundKernel,
 ) -> torch.Tensor:
     """Plain attention ``[B, T, H * D]`` of the references' rows and of the targets' queries
-    outside ``image``; the targets' image queries are left at 0 (joint attention fills them)."""
+    outside ``image``; the targets' image queries are left at 0 (joint attention fills them).
+    Chunk by chunk on views of q, k and v, so nothing of them is copied (at the peak of a
+    sampling step, such copies were the joint batch's extra memory)."""
     out = torch.zeros_like(q)
-    out[ref_rows] = attention(q[ref_rows], k[ref_rows], v[ref_rows])
-    outside = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
-    outside[image] = False
-    if outside.any():
-        queries = outside.nonzero().squeeze(1)
-        rows, columns = target_rows[:, None], queries[None, :]
-        out[rows, columns] = attention(q[rows, columns], k[target_rows], v[target_rows])
+    outside = outside_of(image, q.shape[1])
+    for references, targets in chunk_spans(q.shape[0], call):
+        out[references] = attention(q[references], k[references], v[references])
+        if outside is not None:
+            out[targets, outside] = attention(q[targets, outside], k[targets], v[targets])
     return out
 
 
@@ -461,12 +486,13 @@ def token_attention(
     batch, tokens, channels = k.shape
     references, chunks = call.references, call.chunks
     ref_rows, target_rows = chunk_rows(batch, call, q.device)
+    owned = plain is None  # made here, so written in place at the end
     if plain is None and call.mode == "joint":
-        plain = plain_outside_target_images(q, k, v, ref_rows, target_rows, image, kernels.attention)
+        plain = plain_outside_target_images(q, k, v, call, image, kernels.attention)
     elif plain is None:  # blend mixes the targets' own attention in
         plain = kernels.attention(q, k, v)
 
-    q_mod, k_mod, plain_mod = q, k.clone(), plain
+    q_mod, k_mod, plain_mod = q, k, plain
     if call.adain:
 
         def matched(x):  # targets' image tokens to their chunk's references' image-token statistics
@@ -482,9 +508,13 @@ def token_attention(
             plain_mod = plain.clone()
             plain_mod[target_rows] = kernels.attention(q_mod[target_rows], k_mod[target_rows], v[target_rows])
     if reference_k is not None:
+        k_mod = k_mod.clone() if k_mod is k else k_mod
         k_mod[ref_rows] = reference_k[ref_rows]
-    keep = torch.zeros(references, tokens, dtype=torch.bool, device=q.device)
-    keep[:, image] = True if call.reference_keep is None else call.reference_keep.to(q.device)
+    if call.reference_keep is None:
+        keep = image  # a slice: no data-dependent mask (a fake step, the memory check, can run it)
+    else:
+        keep = torch.zeros(references, tokens, dtype=torch.bool, device=q.device)
+        keep[:, image] = call.reference_keep.to(q.device)
     image_out = joint_attention(
         q_mod[:, image].contiguous(),
         k_mod,
@@ -493,6 +523,6 @@ def token_attention(
         kernels=kernels,
         plain=plain_mod[:, image].contiguous(),
     )
-    out = plain.clone()
+    out = plain if owned else plain.clone()
     out[target_rows, image] = image_out[target_rows]
     return out
