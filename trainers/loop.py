@@ -181,11 +181,12 @@ class DPOTrainer:
             device_type=self.device.type, dtype=config.dtype, enabled=config.dtype != torch.float32
         )
         self._warn_about_references(has_joint_attention(patcher))
+        self.memory = self.check_memory()
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        # After loading: the model then holds this patcher's object patches (its model_sampling).
         self.batcher = PairBatcher(patcher, pairs)
         if self.batcher.joint:
             logging.info("Training in the joint batch with %d reference latents.", pairs.references.shape[0])
-        self.memory = self.check_memory()
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         trainable = [p for p in self.lora.parameters.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -203,10 +204,13 @@ class DPOTrainer:
         does not fit the device (``memory_check``). The probe's micro-batch draws from its own
         generator, so the run's random stream stays as it was."""
         config = self.config
-        probe = self.batcher.batch(
+        # Before loading, the model may still hold another patcher's object patches (a sampling
+        # of another prediction space): shapes are right, values may not be, which memory ignores.
+        batcher = PairBatcher(self.lora.patcher, self.pairs)
+        probe = batcher.batch(
             [0] * config.batch_size, torch.full((config.batch_size,), 0.5), torch.Generator().manual_seed(0)
         )
-        estimate = estimate_training_memory(self.lora, self.batcher, probe, config)
+        estimate = estimate_training_memory(self.lora, batcher, probe, config)
         if estimate is not None:
             check_memory(estimate, self.device, self.lora.patcher.model, out_of_memory_advice(config))
         return estimate

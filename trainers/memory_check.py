@@ -156,12 +156,16 @@ def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> in
 def estimate_training_memory(lora, batcher, micro: MicroBatch, config) -> MemoryEstimate | None:
     """The run's estimated peak on its device (see the module's docstring); ``config``: its
     ``DPOTrainingConfig``, other arguments as ``activation_bytes``'s. None, with a warning, for
-    a model whose forward reads tensor values, which a fake step cannot."""
+    a model whose forward reads tensor values, which a fake step cannot, or where the fake step
+    fails otherwise (the training step then shows whether that error is real)."""
     adapters = sum(p.numel() * p.element_size() for p in lora.parameters.values() if p.requires_grad)
     try:
         activations = activation_bytes(lora, batcher, micro, config.dtype)
     except FAKE_STEP_LIMITS as error:
         logging.warning("No memory check before training: a fake step of this model is not possible (%s).", error)
+        return None
+    except Exception as error:  # noqa: BLE001  (a check must not stop a run the training itself may finish)
+        logging.warning("No memory check before training: its fake step failed (%s: %s).", type(error).__name__, error)
         return None
     return MemoryEstimate(weight_bytes_to_load(lora.patcher), ADAPTER_COPIES * adapters, activations)
 
