@@ -6,8 +6,8 @@ The estimate adds three parts:
 - **weights**: the diffusion model's weights that loading will add on the device (none where
   the device is where the weights already are, as on CPU);
 - **adapters**: the LoRA's parameters, their gradients and AdamW's two moments (fp32);
-- **activations**: the peak of the tensors one training step creates (the reference's
-  forward, the policy's forward, backward), found by running that step under
+- **activations**: the peak of the tensors one training step creates (the policy's forward
+  and backward, the reference's output), found by running that step under
   ``FakeTensorMode`` (shapes and dtypes: no arithmetic and no memory, so it costs the same at
   any image size) with the run's adapters, checkpointing, dtype and batch, and counting the
   storages live at once (``LiveTensorBytes``).
@@ -105,7 +105,7 @@ class WeightWrappers:
 
 def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> int:
     """The peak of what one training step on ``micro`` holds beyond the weights and the LoRA
-    (``LiveTensorBytes``): the reference's forward, the policy's forward with its adapters
+    (``LiveTensorBytes``): the reference's output, the policy's forward with its adapters
     (injected, or weight mode's wrappers), checkpointing and compute ``dtype`` as in training,
     and backward, run on fakes of the
     model's weights and ``micro``'s inputs where the weights are now (on the offload device
@@ -137,10 +137,11 @@ def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> in
     wrappers = WeightWrappers(patcher)
     try:
         with torch.inference_mode(False), torch.enable_grad(), wrappers, fake_mode, live:
+            # The reference's forward (no grad) is left out: it holds one layer's intermediates
+            # at a time, less than the policy's backward does; only its output outlives it.
             with autocast:
-                with lora.switch.off(), torch.no_grad():
-                    reference = batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
                 prediction = batcher.predict(micro.x_t, micro.sigma, micro.kwargs, micro)
+            reference = torch.zeros_like(prediction)
             loss = (micro.errors(prediction) - micro.errors(reference)).mean()
             loss.backward()
             del reference, prediction, loss
