@@ -23,12 +23,7 @@ from dataclasses import dataclass
 
 import comfy.model_management
 import torch
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-    UnsupportedOperatorException,
-)
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..pure.errors import InputError
 from ..pure.tensor_memory import LiveTensorBytes
@@ -37,8 +32,6 @@ from .pair_batches import MicroBatch
 # The LoRA's parameter, its gradient and AdamW's two moments, all fp32.
 ADAPTER_COPIES = 4
 GIB = 2**30
-# What a fake step cannot run: an op that reads a value, or whose output shape depends on one.
-FAKE_STEP_LIMITS = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 
 
 @dataclass(frozen=True)
@@ -156,15 +149,12 @@ def activation_bytes(lora, batcher, micro: MicroBatch, dtype: torch.dtype) -> in
 
 def estimate_training_memory(lora, batcher, micro: MicroBatch, config) -> MemoryEstimate | None:
     """The run's estimated peak on its device (see the module's docstring); ``config``: its
-    ``DPOTrainingConfig``, other arguments as ``activation_bytes``'s. None, with a warning, for
-    a model whose forward reads tensor values, which a fake step cannot, or where the fake step
-    fails otherwise (the training step then shows whether that error is real)."""
+    ``DPOTrainingConfig``, other arguments as ``activation_bytes``'s. None, with a warning, where
+    the fake step fails (an op that reads tensor values, which fakes have not; a patch that
+    raises): the training step then shows whether that error is real."""
     adapters = sum(p.numel() * p.element_size() for p in lora.parameters.values() if p.requires_grad)
     try:
         activations = activation_bytes(lora, batcher, micro, config.dtype)
-    except FAKE_STEP_LIMITS as error:
-        logging.warning("No memory check before training: a fake step of this model is not possible (%s).", error)
-        return None
     except Exception as error:  # noqa: BLE001  (a check must not stop a run the training itself may finish)
         logging.warning("No memory check before training: its fake step failed (%s: %s).", type(error).__name__, error)
         return None
